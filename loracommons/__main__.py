@@ -1,0 +1,3 @@
+from loracommons.cli import app
+
+app(prog_name="loracommons")

@@ -1,0 +1,97 @@
+"""The `loracommons` command: entry points only; the work lives in the packages.
+
+    loracommons identity new            # create your volunteer key
+    loracommons join HOST:PORT --data my.jsonl
+    loracommons coordinator init DIR --base-model PATH
+    loracommons download URL --out DIR
+    loracommons demo
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from loracommons import __version__
+from loracommons.paths import default_identity
+from loracommons.protocol import ProtocolError, PublicKey, SigningKey
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="LoRA Commons: train a shared LoRA adapter with a community, verifiably.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+identity_app = typer.Typer(help="Your volunteer identity (an ECDSA P-256 key).", no_args_is_help=True)
+app.add_typer(identity_app, name="identity")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one clear line and return the exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"loracommons {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@identity_app.command("new")
+def identity_new(
+    out: Path = typer.Option(None, "--out", help="Private key path (default: user config dir)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key."),
+) -> None:
+    """Create a volunteer identity: private key (mode 0600) and `.pub` beside it."""
+    path = out or default_identity()
+    key = SigningKey.generate("volunteer")
+    try:
+        key.save(path, force=force)
+    except FileExistsError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"identity written to {path} (public key {path}.pub)", highlight=False)
+    console.print(f"fingerprint: {key.public.fingerprint}", highlight=False)
+    console.print(f"short:       {key.public.short}", highlight=False)
+
+
+@identity_app.command("show")
+def identity_show(
+    key: Path = typer.Option(None, "--key", help="Private or public key file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print the fingerprint and public key of an identity."""
+    path = key or default_identity()
+    try:
+        if path.suffix == ".pub":
+            public = PublicKey.load(path)
+        elif path.with_name(path.name + ".pub").exists() or path.exists():
+            public = SigningKey.load(path).public
+        else:
+            raise fail(f"no identity at {path}; create one with `loracommons identity new`")
+    except ProtocolError as exc:
+        raise fail(str(exc)) from None
+    info = {"fingerprint": public.fingerprint, "short": public.short, "public_key": public.openssh,
+            "path": str(path)}
+    if as_json:
+        print(json.dumps(info))
+    else:
+        for name, value in info.items():
+            console.print(f"{name}: {value}", highlight=False)

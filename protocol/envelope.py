@@ -1,0 +1,183 @@
+"""The signed update envelope: what a volunteer sends, and its verification.
+
+An envelope is three byte strings that travel unchanged:
+
+    manifest   canonical JSON (fields of `UpdateManifest`)
+    payload    the update tensors as safetensors
+    signature  signer's signature over DOMAIN + sha256(manifest)
+
+The manifest carries sha256(payload), so one signature covers both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from loracommons.protocol.canonical import canonical_json, parse_json
+from loracommons.protocol.codec import TensorSpec, decode_tensors
+from loracommons.protocol.errors import (
+    DigestMismatch,
+    Malformed,
+    MissingField,
+    TooLarge,
+    UnknownField,
+    UnsupportedVersion,
+    WrongBase,
+    WrongNonce,
+    WrongProject,
+    WrongRound,
+)
+from loracommons.protocol.identity import PublicKey, SigningKey
+
+FORMAT_VERSION = 1
+DOMAIN = b"loracommons/update/v1\x00"
+MAX_MANIFEST_BYTES = 16 * 1024
+MAX_SIGNATURE_BYTES = 256
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class UpdateManifest:
+    """What an update claims about itself. Every field is signed."""
+
+    format_version: int
+    project_id: str
+    round: int
+    nonce: str  # hex, fresh per round, chosen by the coordinator
+    base_adapter_digest: str  # sha256 of the global adapter payload it started from
+    base_model_id: str
+    base_model_revision: str
+    lora_config_digest: str
+    examples: int
+    steps: int
+    train_loss: float
+    payload_sha256: str
+    payload_bytes: int
+    payload_dtype: str
+    signer: str  # OpenSSH public key line
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> UpdateManifest:
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(obj) - set(known))
+        if unknown:
+            raise UnknownField(f"unknown manifest field {unknown[0]!r}")
+        missing = sorted(set(known) - set(obj))
+        if missing:
+            raise MissingField(f"manifest lacks field {missing[0]!r}")
+        for name, kind in known.items():
+            value = obj[name]
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise Malformed(f"manifest field {name!r} must be an integer")
+            if kind == "str" and not isinstance(value, str):
+                raise Malformed(f"manifest field {name!r} must be a string")
+            if kind == "float" and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise Malformed(f"manifest field {name!r} must be a finite number")
+        if obj["format_version"] != FORMAT_VERSION:
+            raise UnsupportedVersion(f"envelope format {obj['format_version']}, this reads {FORMAT_VERSION}")
+        for name in ("round", "examples", "steps", "payload_bytes"):
+            if obj[name] < 0:
+                raise Malformed(f"manifest field {name!r} is negative")
+        return cls(**{**obj, "train_loss": float(obj["train_loss"])})
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(asdict(self))
+
+
+@dataclass(frozen=True)
+class Envelope:
+    manifest: bytes
+    payload: bytes
+    signature: bytes
+
+    @property
+    def digest(self) -> str:
+        """Identity of this update: sha256 of its manifest (which pins the payload)."""
+        return sha256_hex(self.manifest)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the coordinator expects of updates in one round."""
+
+    project_id: str
+    round: int
+    nonce: str
+    base_adapter_digest: str
+    base_model_id: str
+    base_model_revision: str
+    lora_config_digest: str
+    spec: TensorSpec
+    max_payload_bytes: int
+
+
+def _signed_message(manifest: bytes) -> bytes:
+    return DOMAIN + hashlib.sha256(manifest).digest()
+
+
+def sign_update(key: SigningKey, payload: bytes, **claims: object) -> Envelope:
+    """Build and sign an envelope; `claims` are the manifest fields set by the sender."""
+    manifest = UpdateManifest(
+        format_version=FORMAT_VERSION,
+        payload_sha256=sha256_hex(payload),
+        payload_bytes=len(payload),
+        signer=key.public.openssh,
+        **claims,  # type: ignore[arg-type]
+    )
+    raw = manifest.to_bytes()
+    return Envelope(raw, payload, key.sign(_signed_message(raw)))
+
+
+def open_envelope(env: Envelope, *, max_payload_bytes: int) -> tuple[UpdateManifest, PublicKey]:
+    """Size limits, manifest parse and signature; returns the claims and the signer."""
+    if len(env.payload) > max_payload_bytes:
+        raise TooLarge(f"payload is {len(env.payload)} bytes, limit {max_payload_bytes}")
+    if len(env.signature) > MAX_SIGNATURE_BYTES:
+        raise TooLarge(f"signature is {len(env.signature)} bytes, limit {MAX_SIGNATURE_BYTES}")
+    obj = parse_json(env.manifest, max_bytes=MAX_MANIFEST_BYTES, what="update manifest")
+    manifest = UpdateManifest.from_dict(obj)
+    signer = PublicKey.from_openssh(manifest.signer)
+    signer.verify(env.signature, _signed_message(env.manifest))
+    return manifest, signer
+
+
+def check_claims(manifest: UpdateManifest, expected: Expected) -> None:
+    """Project, round, nonce and starting point, in that order."""
+    if manifest.project_id != expected.project_id:
+        raise WrongProject(f"update is for project {manifest.project_id!r}, not {expected.project_id!r}")
+    if manifest.round != expected.round:
+        raise WrongRound(f"update is for round {manifest.round}, current round is {expected.round}")
+    if manifest.nonce != expected.nonce:
+        raise WrongNonce(f"update carries a stale or foreign nonce for round {manifest.round}")
+    if manifest.base_adapter_digest != expected.base_adapter_digest:
+        raise WrongBase("update started from another version of the global adapter")
+    if (manifest.base_model_id, manifest.base_model_revision) != (
+        expected.base_model_id,
+        expected.base_model_revision,
+    ):
+        raise WrongBase(f"update was trained on base model {manifest.base_model_id!r}")
+    if manifest.lora_config_digest != expected.lora_config_digest:
+        raise WrongBase("update was trained with another LoRA configuration")
+
+
+def check_payload(env: Envelope, manifest: UpdateManifest, expected: Expected) -> dict[str, np.ndarray]:
+    """Payload digest, then tensor names, shapes, dtypes and finiteness."""
+    if len(env.payload) != manifest.payload_bytes or sha256_hex(env.payload) != manifest.payload_sha256:
+        raise DigestMismatch("payload does not match the sha256 its manifest signs")
+    return decode_tensors(env.payload, max_bytes=expected.max_payload_bytes, spec=expected.spec)
+
+
+def verify_update(env: Envelope, expected: Expected) -> tuple[UpdateManifest, dict[str, np.ndarray]]:
+    """Every check of an envelope against `expected`; raises a `ProtocolError` subclass."""
+    manifest, _ = open_envelope(env, max_payload_bytes=expected.max_payload_bytes)
+    check_claims(manifest, expected)
+    return manifest, check_payload(env, manifest, expected)
