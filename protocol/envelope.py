@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from loracommons.protocol.canonical import canonical_json, parse_json
-from loracommons.protocol.codec import TensorSpec, decode_tensors
+from loracommons.protocol.codec import DTYPES, TensorSpec, decode_tensors
 from loracommons.protocol.errors import (
     DigestMismatch,
     Malformed,
@@ -87,6 +87,8 @@ class UpdateManifest:
         for name in ("round", "examples", "steps", "payload_bytes"):
             if obj[name] < 0:
                 raise Malformed(f"manifest field {name!r} is negative")
+        if obj["payload_dtype"] not in DTYPES:
+            raise Malformed(f"manifest payload_dtype {obj['payload_dtype']!r} not one of {sorted(DTYPES)}")
         return cls(**{**obj, "train_loss": float(obj["train_loss"])})
 
     def to_bytes(self) -> bytes:
@@ -145,6 +147,13 @@ def open_envelope(env: Envelope, *, max_payload_bytes: int) -> tuple[UpdateManif
         raise TooLarge(f"signature is {len(env.signature)} bytes, limit {MAX_SIGNATURE_BYTES}")
     obj = parse_json(env.manifest, max_bytes=MAX_MANIFEST_BYTES, what="update manifest")
     manifest = UpdateManifest.from_dict(obj)
+    # The manifest's sha256 names the update, so one content must have one byte form.
+    try:
+        canonical = canonical_json(obj)
+    except ValueError:  # a lone surrogate escaped in a string has no UTF-8 form
+        canonical = b""
+    if canonical != env.manifest:
+        raise Malformed("update manifest is not canonical JSON")
     signer = PublicKey.from_openssh(manifest.signer)
     signer.verify(env.signature, _signed_message(env.manifest))
     return manifest, signer
@@ -173,7 +182,9 @@ def check_payload(env: Envelope, manifest: UpdateManifest, expected: Expected) -
     """Payload digest, then tensor names, shapes, dtypes and finiteness."""
     if len(env.payload) != manifest.payload_bytes or sha256_hex(env.payload) != manifest.payload_sha256:
         raise DigestMismatch("payload does not match the sha256 its manifest signs")
-    return decode_tensors(env.payload, max_bytes=expected.max_payload_bytes, spec=expected.spec)
+    # Every tensor must be in the dtype the manifest signs (and the round allows).
+    spec = TensorSpec(expected.spec.shapes, expected.spec.dtypes & {manifest.payload_dtype})
+    return decode_tensors(env.payload, max_bytes=expected.max_payload_bytes, spec=spec)
 
 
 def verify_update(env: Envelope, expected: Expected) -> tuple[UpdateManifest, dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -28,6 +28,9 @@ KEY_TYPES = {"volunteer": _ECDSA, "coordinator": _ED25519}
 
 _PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 _PublicKeyObj = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+#: What cryptography's OpenSSH loaders raise on bad input: besides ValueError, a
+#: compressed EC point raises NotImplementedError and an unknown key type UnsupportedAlgorithm.
+_LOAD_ERRORS = (ValueError, TypeError, NotImplementedError, UnsupportedAlgorithm)
 
 
 def fingerprint_display(fingerprint: str) -> str:
@@ -56,7 +59,7 @@ class PublicKey:
         canonical = f"{parts[0]} {parts[1]}"
         try:
             key = serialization.load_ssh_public_key(canonical.encode("ascii"))
-        except (ValueError, TypeError) as exc:
+        except _LOAD_ERRORS as exc:
             raise BadKey(f"cannot parse public key: {exc}") from None
         if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name != "secp256r1":
             raise BadKey(f"ECDSA key must be on P-256, got {key.curve.name}")
@@ -115,7 +118,7 @@ class SigningKey:
             raise BadKey(f"cannot read key file {path}: {exc.strerror}") from None
         try:
             key = serialization.load_ssh_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
+        except _LOAD_ERRORS as exc:
             raise BadKey(f"{path} is not an unencrypted OpenSSH private key: {exc}") from None
         if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
             return cls(key)

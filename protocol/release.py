@@ -38,7 +38,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def check_file_name(name: str) -> None:
     """Refuse anything but a plain file name with an allowed suffix."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise Malformed(f"release file name {str(name)[:80]!r} is not a plain file name")
     if not name.endswith(ALLOWED_SUFFIXES):
         raise Malformed(f"release file {name!r}: only {', '.join(ALLOWED_SUFFIXES)} files are allowed")
@@ -71,8 +71,9 @@ class ReleaseManifest:
             raise UnknownField(f"unknown release field {sorted(set(obj) - known)[0]!r}")
         if known - set(obj):
             raise MissingField(f"release lacks field {sorted(known - set(obj))[0]!r}")
-        if obj["format_version"] != FORMAT_VERSION:
-            raise UnsupportedVersion(f"release format {obj['format_version']!r}")
+        version = obj["format_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+            raise UnsupportedVersion(f"release format {version!r}")
         for name in ("version", "round"):
             value = obj[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -129,7 +130,11 @@ class SignedRelease:
             signature = base64.b64decode(obj["signature"], validate=True)
         except (binascii.Error, ValueError):
             raise Malformed("release signature is not base64") from None
-        return cls(obj["manifest"].encode("utf-8"), signature)
+        try:
+            manifest = obj["manifest"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON text
+            raise Malformed("release manifest is not valid UTF-8 text") from None
+        return cls(manifest, signature)
 
 
 def sign_release(key: SigningKey, manifest: ReleaseManifest) -> SignedRelease:

@@ -9,14 +9,30 @@ are refused.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from loracommons.protocol.canonical import canonical_json, parse_json
+from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.envelope import sha256_hex
 from loracommons.protocol.errors import Malformed, MissingField, UnknownField
 
 MODES = ("ffa", "exact", "fedavg")
 MAX_TASK_BYTES = 64 * 1024
+
+
+def _check_fields(cls: type, obj: object, what: str) -> dict:
+    """Refuse a non-object, unknown fields and missing fields without a default."""
+    if not isinstance(obj, dict):
+        raise Malformed(f"{what} must be a JSON object, got {type(obj).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(obj) - set(names))
+    if unknown:
+        raise UnknownField(f"unknown {what} field {unknown[0]!r}")
+    required = {n for n, f in names.items() if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(obj))
+    if missing:
+        raise MissingField(f"{what} lacks field {missing[0]!r}")
+    return obj
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,15 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
+    def __post_init__(self) -> None:
+        # One configuration, one digest: alpha 32 and 32.0, or the modules in another
+        # order, must not make the coordinator refuse an honest update as WrongBase.
+        if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+            raise ValueError(f"target_modules must be a list of names, got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": sorted(self.target_modules)}
 
@@ -34,7 +59,11 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, obj: dict) -> LoraSettings:
-        return cls(**{**obj, "target_modules": tuple(obj["target_modules"])})
+        obj = _check_fields(cls, obj, "lora settings")
+        try:
+            return cls(**obj)
+        except (TypeError, ValueError) as exc:
+            raise Malformed(f"lora settings: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -51,7 +80,7 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, obj: dict) -> TrainSettings:
-        return cls(**obj)
+        return cls(**_check_fields(cls, obj, "train settings"))
 
 
 @dataclass(frozen=True)
@@ -76,20 +105,16 @@ class RoundTask:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundTask:
-        obj = parse_json(data, max_bytes=MAX_TASK_BYTES, what="round task")
-        known = {f.name for f in fields(cls)}
-        if set(obj) - known:
-            raise UnknownField(f"unknown round task field {sorted(set(obj) - known)[0]!r}")
-        try:
-            obj["lora"] = LoraSettings.from_dict(obj["lora"])
-            obj["train"] = TrainSettings.from_dict(obj["train"])
-            task = cls(**obj)
-        except KeyError as exc:
-            raise MissingField(f"round task lacks {exc}") from None
-        except TypeError as exc:
-            raise Malformed(f"round task: {exc}") from None
+        obj = _check_fields(cls, parse_json(data, max_bytes=MAX_TASK_BYTES, what="round task"), "round task")
+        obj["lora"] = LoraSettings.from_dict(obj["lora"])
+        obj["train"] = TrainSettings.from_dict(obj["train"])
+        task = cls(**obj)
         if task.mode not in MODES:
             raise Malformed(f"round task mode {task.mode!r} not one of {MODES}")
+        if not isinstance(task.payload_dtype, str) or task.payload_dtype not in DTYPES:
+            raise Malformed(f"round task payload_dtype {task.payload_dtype!r} not one of {sorted(DTYPES)}")
+        if not isinstance(task.round, int) or isinstance(task.round, bool) or task.round < 0:
+            raise Malformed(f"round task round {task.round!r} must be a non-negative integer")
         return task
 
     def claims(self) -> dict:
