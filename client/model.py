@@ -1,0 +1,277 @@
+"""The base model and the LoRA adapter around it, as a volunteer holds them across rounds.
+
+One base model stays loaded for the life of the node (`load_base` caches it);
+each round `apply_adapter` loads the global adapter's factors into one PEFT
+wrapper kept on that base, and `extract_update` reads back the factors the
+update carries. LoRA weights are never initialized here except by
+`init_adapter`, which is what the coordinator runs once for version 0.
+
+    W x + (alpha / r) * B A x        A: r x in_features, B: out_features x r
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from loracommons.protocol.task import MODES, LoraSettings, update_tensor_names
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_ID = "loracommons/demo-tiny"
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+PAYLOAD_DTYPES = ("float32", "float16", "bfloat16")
+_WRAPPER_ATTR = "_loracommons_peft"  # (PeftModel, LoraSettings) kept on the base module
+
+
+class ModelError(RuntimeError):
+    """The base model or adapter cannot be set up as asked; the message says why."""
+
+
+def resolve_base_model(model_id: str) -> str:
+    """Hub id or local folder to load; the demo id maps to the embedded demo model."""
+    if model_id == DEMO_MODEL_ID:
+        demo = importlib.import_module("loracommons.demo")
+        return str(demo.base_model_path())
+    return model_id
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """``auto`` prefers CUDA, then MPS, then CPU; an explicit device must exist."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelError("--device mps: Apple MPS is not available on this machine")
+        return torch.device("mps")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {spec}: CUDA is not available (torch {torch.__version__})")
+        index_text = spec.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise ModelError(f"--device {spec}: expected cuda:N with N a GPU number")
+        index, count = int(index_text), torch.cuda.device_count()
+        if index >= count:
+            raise ModelError(f"--device {spec}: this machine has {count} CUDA device(s), 0..{count - 1}")
+        return torch.device("cuda", index)
+    raise ModelError(f"--device {spec!r}: expected one of {', '.join(DEVICE_CHOICES)}")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs that support it, else float16 on CUDA; float32 elsewhere."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+_BASE_CACHE: dict[tuple, tuple[Any, Any]] = {}
+
+
+def load_base(
+    model_id: str,
+    revision: str | None = None,
+    device: torch.device | str = "auto",
+    dtype: torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a base model, loaded once per process for the same arguments.
+
+    Only one base stays cached: loading another releases the previous one.
+    """
+    device = pick_device(device) if isinstance(device, str) else device
+    dtype = dtype or pick_dtype(device)
+    path = resolve_base_model(model_id)
+    key = (path, revision, str(device), str(dtype), load_in_4bit, gradient_checkpointing)
+    if key in _BASE_CACHE:
+        return _BASE_CACHE[key]
+    clear_cache()
+    if load_in_4bit:
+        _check_4bit(device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    log.info("loading base model %s (revision %s) on %s as %s", path, revision, device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = " (HF_HUB_OFFLINE=1 is set: the model must be in the local cache)" if _offline() else ""
+        raise ModelError(f"cannot load base model {model_id!r}{hint}: {exc}") from exc
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    else:
+        model.to(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    model.eval()
+    _BASE_CACHE[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def clear_cache() -> None:
+    """Drop the cached base model (and its adapter wrapper) so its memory can be freed."""
+    _BASE_CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+def _check_4bit(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ModelError(f"4-bit loading (QLoRA) needs a CUDA GPU; the device is {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("4-bit loading (QLoRA) needs the bitsandbytes package: pip install bitsandbytes")
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """The project's PEFT configuration; the coordinator builds the same one."""
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=sorted(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def init_adapter(base_model: Any, settings: Any, seed: int) -> dict[str, np.ndarray]:
+    """Version 0 of a global adapter: A kaiming-initialized from `seed`, B zero.
+
+    Self-contained (torch, numpy, peft only) so the coordinator can copy it
+    verbatim. `base_model` loses its LoRA layers again (its parameters stay frozen).
+    Load it in float32 so that A is not rounded to the base's dtype. The CPU RNG
+    is left as it was.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    if any("lora_A" in name for name, _ in base_model.named_modules()):
+        raise ValueError("init_adapter needs a base model without LoRA layers")
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=sorted(settings.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = get_peft_model(base_model, config)
+    try:
+        state = get_peft_model_state_dict(wrapped)
+        return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
+    finally:
+        wrapped.unload()
+
+
+def _wrapper(base: Any, settings: LoraSettings) -> PeftModel:
+    """The one PEFT wrapper on `base` for `settings`, built on first use."""
+    if isinstance(base, PeftModel):
+        raise ModelError("apply_adapter expects the base model, not a PeftModel")
+    held = getattr(base, _WRAPPER_ATTR, None)
+    if held is not None and held[1] == settings:
+        return held[0]
+    if held is not None:  # the project changed its LoRA settings: strip the old layers
+        held[0].unload()
+        object.__delattr__(base, _WRAPPER_ATTR)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten right away
+        wrapped = get_peft_model(base, lora_config(settings))
+    object.__setattr__(base, _WRAPPER_ATTR, (wrapped, settings))  # not a registered submodule
+    return wrapped
+
+
+def adapter_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
+    """Names (PEFT saved names) and shapes of every adapter tensor."""
+    return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
+
+
+def apply_adapter(base: Any, settings: LoraSettings, tensors: dict[str, np.ndarray], mode: str) -> PeftModel:
+    """The base wrapped with LoRA holding exactly `tensors`, ready to train in `mode`.
+
+    The wrapper is built once per base and reused: each round only the factor
+    values change, so nothing accumulates across rounds. In ``ffa`` mode A is
+    frozen; otherwise A and B train.
+    """
+    if mode not in MODES:
+        raise ModelError(f"mode {mode!r} not one of {', '.join(MODES)}")
+    model = _wrapper(base, settings)
+    expected = adapter_shapes(model)
+    if set(tensors) != set(expected):
+        extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        raise ModelError(
+            f"global adapter does not fit this base model and LoRA settings: "
+            f"unexpected {extra[:2]}, missing {missing[:2]}"
+        )
+    for name, shape in expected.items():
+        if tuple(np.shape(tensors[name])) != shape:
+            raise ModelError(
+                f"global adapter tensor {name!r} has shape {np.shape(tensors[name])}, expected {shape}"
+            )
+    state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in tensors.items()}
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ModelError(f"PEFT did not place adapter tensors {result.unexpected_keys[:2]}")
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(mode != "ffa")
+        elif ".lora_B." in name:
+            param.requires_grad_(True)
+        else:
+            param.requires_grad_(False)
+        param.grad = None
+    return model
+
+
+def extract_update(model: PeftModel, mode: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The tensors an update carries (`update_tensor_names`), rounded to the payload dtype.
+
+    ``float16`` comes back as float16 arrays; ``bfloat16`` as float32 arrays holding
+    bfloat16-representable values (numpy has no bfloat16; the codec narrows them exactly).
+    """
+    if dtype not in PAYLOAD_DTYPES:
+        raise ModelError(f"payload dtype {dtype!r} not one of {', '.join(PAYLOAD_DTYPES)}")
+    state = get_peft_model_state_dict(model)
+    out = {}
+    for name in update_tensor_names(list(state), mode):
+        tensor = state[name].detach().to("cpu")
+        if dtype == "float16":
+            out[name] = tensor.to(torch.float16).numpy().copy()
+        else:
+            out[name] = tensor.to(getattr(torch, dtype)).to(torch.float32).numpy().copy()
+    return out
+

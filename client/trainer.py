@@ -1,0 +1,226 @@
+"""The local training loop of one round: plain PyTorch, bounded by steps and minutes.
+
+AdamW over the trainable LoRA factors, linear warmup then cosine decay to a
+tenth of the peak rate, gradient accumulation, gradient clipping at 1.0. One
+optimizer step = `grad_accum` micro-batches of `batch_size` examples, drawn
+without replacement from a seeded shuffle (a new shuffle each epoch). The
+loss is the mean over every labelled token of the step. Training stops at
+`max_steps` or once `max_minutes` have passed (checked after every step; at
+least one step always runs). On CPU, the same inputs, seed and thread count
+give a bit-identical update.
+
+    result = train(model, tokenizer, data, TrainSettings(max_steps=30), "ffa", on_step=print)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from loracommons.client.data import IGNORE_INDEX, TokenizedData
+from loracommons.client.evaluate import lm_loss, tokenized_loss
+from loracommons.client.model import extract_update
+from loracommons.protocol.task import TrainSettings
+
+log = logging.getLogger(__name__)
+
+OnStep = Callable[[int, int, float, float], None]
+"""on_step(step, max_steps, loss, tokens_per_s), called after every optimizer step."""
+MAX_GRAD_NORM = 1.0
+MIN_LR_FRACTION = 0.1
+LOSS_WINDOW = 10
+"""`train_loss` is the mean loss of this many last steps."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    update: dict[str, np.ndarray]
+    """Tensors the update carries (names per `update_tensor_names`), payload dtype."""
+    examples: int
+    """Training examples (records) available to this round."""
+    steps: int
+    """Optimizer steps taken."""
+    train_loss: float
+    """Mean loss per labelled token over the last `LOSS_WINDOW` steps."""
+    eval_loss: float | None
+    """Loss on the held-out data after training, or None without held-out data."""
+    tokens: int
+    """Non-padding tokens processed."""
+    seconds: float
+    """Wall time of the training steps (evaluation excluded)."""
+    tokens_per_s: float
+    stopped_by: str
+    """``max_steps`` or ``max_minutes``."""
+    losses: list[float] = field(default_factory=list, repr=False)
+    """Loss of every step."""
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate at 0-based `step`."""
+    warmup = min(warmup, total - 1) if total > 1 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _index_stream(n: int, generator: torch.Generator) -> Iterator[int]:
+    while True:
+        yield from torch.randperm(n, generator=generator).tolist()
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    if not count:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    data: TokenizedData,
+    settings: TrainSettings,
+    mode: str,
+    heldout: TokenizedData | None = None,
+    on_step: OnStep | None = None,
+    payload_dtype: str = "float32",
+    threads: int | None = None,
+) -> TrainResult:
+    """Train the model's trainable parameters on `data` and return the update.
+
+    `model` is what `apply_adapter` returned (its requires_grad flags pick what
+    trains); `tokenizer` is unused beyond API symmetry (padding comes with
+    `data`). `threads` sets torch's CPU threads for this call only.
+    """
+    del tokenizer
+    if len(data) == 0:
+        raise ValueError("no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; call apply_adapter first")
+    device = params[0].device
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with _threads(threads), torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(settings.seed)  # LoRA dropout draws from the global generator
+        steps, losses, tokens, seconds, stopped_by = _loop(model, params, data, settings, on_step, device)
+        eval_loss = tokenized_loss(model, heldout, settings.batch_size) if heldout is not None else None
+    window = losses[-LOSS_WINDOW:]
+    return TrainResult(
+        update=extract_update(model, mode, payload_dtype),
+        examples=data.examples,
+        steps=steps,
+        train_loss=float(sum(window) / len(window)),
+        eval_loss=eval_loss,
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        stopped_by=stopped_by,
+        losses=losses,
+    )
+
+
+def _loop(
+    model: Any,
+    params: list[torch.Tensor],
+    data: TokenizedData,
+    settings: TrainSettings,
+    on_step: OnStep | None,
+    device: torch.device,
+) -> tuple[int, list[float], int, float, str]:
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, settings.warmup_steps, settings.max_steps)
+    )
+    fp16 = device.type == "cuda" and any(p.dtype == torch.float16 for p in model.parameters())
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    generator = torch.Generator().manual_seed(settings.seed)
+    indices = _index_stream(len(data), generator)
+    accum = max(1, settings.grad_accum)
+    losses: list[float] = []
+    tokens, step, stopped_by = 0, 0, "max_steps"
+    start = time.monotonic()
+    deadline = start + settings.max_minutes * 60.0
+    model.train()
+    try:
+        while step < settings.max_steps:
+            batches = [data.batch([next(indices) for _ in range(settings.batch_size)], device)
+                       for _ in range(accum)]
+            targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                loss_sum, _ = lm_loss(model, batch)
+                loss = loss_sum / max(targets, 1)
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            losses.append(step_loss)
+            elapsed = time.monotonic() - start
+            if on_step is not None:
+                on_step(step, settings.max_steps, step_loss, tokens / elapsed if elapsed > 0 else 0.0)
+            if time.monotonic() >= deadline and step < settings.max_steps:
+                stopped_by = "max_minutes"
+                log.info("stopping at step %d of %d: %.2f minutes reached", step, settings.max_steps,
+                         settings.max_minutes)
+                break
+    finally:
+        model.eval()
+        optimizer.zero_grad(set_to_none=True)
+    return step, losses, tokens, time.monotonic() - start, stopped_by
+
+
+@contextmanager
+def rich_progress(
+    description: str = "training", console: Any = None, transient: bool = False
+) -> Iterator[OnStep]:
+    """A Rich progress bar; yields an `on_step` callback that drives it.
+
+        with rich_progress("round 3") as on_step:
+            result = train(..., on_step=on_step)
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
+    task = progress.add_task(description, total=None, loss="-", rate="-")
+
+    def on_step(step: int, max_steps: int, loss: float, tokens_per_s: float) -> None:
+        progress.update(
+            task, completed=step, total=max_steps, loss=f"{loss:.4f}", rate=f"{tokens_per_s:,.0f}"
+        )
+
+    with progress:
+        yield on_step

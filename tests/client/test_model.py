@@ -1,0 +1,180 @@
+"""Base model loading, device and dtype choice, and the LoRA adapter round trip."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+
+from loracommons.client import model as M
+from loracommons.protocol.task import LoraSettings, update_tensor_names
+
+from . import build_tiny_model
+
+SETTINGS = LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache_one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to busy neighbours
+    yield
+    M.clear_cache()
+    torch.set_num_threads(threads)
+
+
+def test_resolve_base_model(monkeypatch, tmp_path):
+    fake = types.SimpleNamespace(base_model_path=lambda: tmp_path / "base")
+    monkeypatch.setitem(__import__("sys").modules, "loracommons.demo", fake)
+    assert M.resolve_base_model("loracommons/demo-tiny") == str(tmp_path / "base")
+    assert M.resolve_base_model("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    assert M.resolve_base_model("/models/mine") == "/models/mine"
+
+
+def test_pick_device_and_dtype():
+    assert M.pick_device("cpu") == torch.device("cpu")
+    assert M.pick_device(" CPU ") == torch.device("cpu")
+    assert M.pick_dtype(torch.device("cpu")) == torch.float32
+    auto = M.pick_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                         else "cpu")
+    with pytest.raises(M.ModelError, match="expected one of auto, cpu, cuda, cuda:N, mps"):
+        M.pick_device("gpu")
+    with pytest.raises(M.ModelError, match="cuda:x"):
+        M.pick_device("cuda:x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_pick_device_without_cuda():
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(M.ModelError, match=f"--device {spec}: CUDA is not available"):
+            M.pick_device(spec)
+
+
+def test_load_base_offline_and_cached(model_dir):
+    base, tokenizer = M.load_base(str(model_dir), device="cpu")
+    assert not any(p.requires_grad for p in base.parameters())
+    assert tokenizer.chat_template and tokenizer.eos_token == "</s>"
+    assert M.load_base(str(model_dir), device="cpu")[0] is base
+    other, _ = M.load_base(str(model_dir), device="cpu", gradient_checkpointing=True)
+    assert other is not base and any(getattr(m, "gradient_checkpointing", False) for m in other.modules())
+    assert len(M._BASE_CACHE) == 1  # one base at a time: the previous one is released
+
+
+def test_load_base_errors(model_dir, tmp_path):
+    with pytest.raises(M.ModelError, match="cannot load base model .*HF_HUB_OFFLINE"):
+        M.load_base(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(M.ModelError, match="4-bit loading .*needs a CUDA GPU"):
+        M.load_base(str(model_dir), device="cpu", load_in_4bit=True)
+
+
+def test_lora_config_is_the_project_settings():
+    config = M.lora_config(LoraSettings(r=8, alpha=16.0, dropout=0.1, target_modules=("v_proj", "q_proj")))
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16.0, 0.1)
+    assert set(config.target_modules) == {"q_proj", "v_proj"}
+    assert config.bias == "none" and config.task_type == "CAUSAL_LM"
+
+
+def _expected_shapes(settings: LoraSettings, layers: int = 2, hidden: int = 32) -> dict:
+    out = {}
+    for layer in range(layers):
+        for module in settings.target_modules:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            out[f"{prefix}.lora_A.weight"] = (settings.r, hidden)
+            out[f"{prefix}.lora_B.weight"] = (hidden, settings.r)
+    return out
+
+
+def test_init_adapter_is_bit_identical_across_nodes(model_dir, tmp_path):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    rng_before = torch.random.get_rng_state()
+    first = M.init_adapter(base, SETTINGS, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert not any("lora" in name for name, _ in base.named_modules())  # the base is left bare
+    assert {k: v.shape for k, v in first.items()} == _expected_shapes(SETTINGS)
+    assert all(v.dtype == np.float32 for v in first.values())
+    assert all(not v.any() for k, v in first.items() if ".lora_B." in k)
+    assert all(v.std() > 0 for k, v in first.items() if ".lora_A." in k)
+    # another node: its own process state, even another base checkpoint of the same architecture
+    M.clear_cache()
+    torch.manual_seed(12345)
+    other_base, _ = M.load_base(str(build_tiny_model(tmp_path / "other", seed=1)), device="cpu")
+    second = M.init_adapter(other_base, SETTINGS, seed=7)
+    assert all(first[k].tobytes() == second[k].tobytes() for k in first)
+    third = M.init_adapter(other_base, SETTINGS, seed=8)
+    assert any(first[k].tobytes() != third[k].tobytes() for k in first if ".lora_A." in k)
+
+
+def _random_adapter(settings: LoraSettings, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in _expected_shapes(settings).items()}
+
+
+@pytest.mark.parametrize(("mode", "a_trains"), [("ffa", False), ("exact", True), ("fedavg", True)])
+def test_apply_adapter_loads_exactly_and_freezes_per_mode(model_dir, mode, a_trains):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    tensors = _random_adapter(SETTINGS)
+    model = M.apply_adapter(base, SETTINGS, tensors, mode)
+    state = get_peft_model_state_dict(model)
+    assert all(np.array_equal(state[k].numpy(), v) for k, v in tensors.items())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if ".lora_B." in n or (a_trains and ".lora_A." in n)}
+
+
+def test_zero_b_adapter_leaves_the_base_output(model_dir):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    ids = torch.tensor([[1, 10, 20, 30]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        model = M.apply_adapter(base, SETTINGS, M.init_adapter(base, SETTINGS, 0), "ffa")
+        assert torch.equal(model(input_ids=ids).logits, before)
+        model = M.apply_adapter(base, SETTINGS, _random_adapter(SETTINGS), "ffa")
+        assert not torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_apply_adapter_reuses_one_wrapper_across_rounds(model_dir):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    models = [M.apply_adapter(base, SETTINGS, _random_adapter(SETTINGS, seed=i), "ffa") for i in range(3)]
+    assert models[0] is models[1] is models[2]
+    assert sum(1 for n, _ in base.named_modules() if n.endswith("lora_A")) == 4
+    wider = LoraSettings(r=2, alpha=4.0, target_modules=("q_proj", "k_proj", "v_proj"))
+    model = M.apply_adapter(base, wider, _random_adapter(wider), "exact")
+    assert model is not models[0]
+    assert sum(1 for n, _ in base.named_modules() if n.endswith("lora_A")) == 6
+    assert set(M.adapter_shapes(model)) == set(_expected_shapes(wider))
+
+
+def test_apply_adapter_refuses_what_does_not_fit(model_dir):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    tensors = _random_adapter(SETTINGS)
+    name = sorted(tensors)[0]
+    with pytest.raises(M.ModelError, match="missing"):
+        M.apply_adapter(base, SETTINGS, {k: v for k, v in tensors.items() if k != name}, "ffa")
+    with pytest.raises(M.ModelError, match="has shape"):
+        M.apply_adapter(base, SETTINGS, {**tensors, name: tensors[name].T}, "ffa")
+    with pytest.raises(M.ModelError, match="mode 'avg'"):
+        M.apply_adapter(base, SETTINGS, tensors, "avg")
+
+
+@pytest.mark.parametrize("mode", ["ffa", "exact"])
+def test_extract_update_names_and_dtypes(model_dir, mode):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    tensors = _random_adapter(SETTINGS)
+    model = M.apply_adapter(base, SETTINGS, tensors, mode)
+    update = M.extract_update(model, mode)
+    assert list(update) == update_tensor_names(list(tensors), mode)
+    assert all(np.array_equal(update[k], tensors[k]) for k in update)
+    assert all(v.dtype == np.float16 for v in M.extract_update(model, mode, "float16").values())
+    bf16 = M.extract_update(model, mode, "bfloat16")
+    assert all(v.dtype == np.float32 and not (v.view(np.uint32) & 0xFFFF).any() for v in bf16.values())
+    with pytest.raises(M.ModelError, match="payload dtype 'int8'"):
+        M.extract_update(model, mode, "int8")
