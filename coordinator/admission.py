@@ -1,0 +1,209 @@
+"""Admission: decide, before touching a number, whether one update envelope may be aggregated.
+
+Checks run cheapest first and stop at the first failure:
+
+    size -> manifest + signature -> signer allowed (bans, allowlist, one per round)
+    -> project, round, nonce, base adapter, base model, LoRA config -> dtype, examples
+    -> payload digest -> tensor names/shapes/dtypes -> finite values -> delta norm bound
+
+`admit` is pure and never raises for a peer's bytes: every failure is a `Verdict`
+with a stable reason code (a `ProtocolError.reason`, or one of REASONS below).
+Signature comes before the signer checks so that a forged manifest naming someone
+else's key is recorded as a bad signature, not against that key.
+
+    ctx = AdmissionContext(expected, mode, global_tensors, admitted=admitted_this_round)
+    verdict = admit(envelope, ctx)
+    if verdict.accepted: admitted_this_round.add(verdict.signer)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from loracommons.coordinator.config import ProjectConfig
+from loracommons.coordinator.robust import delta_norm, sent_names
+from loracommons.protocol.codec import TensorSpec
+from loracommons.protocol.envelope import (
+    MAX_MANIFEST_BYTES,
+    Envelope,
+    Expected,
+    UpdateManifest,
+    check_claims,
+    check_payload,
+    open_envelope,
+)
+from loracommons.protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+#: Reason codes admission adds to those of protocol.errors.
+REASONS = {
+    "accepted": "passed every check",
+    "banned": "signer's key is banned from the project",
+    "not_registered": "allowlist project and the signer's key is not registered",
+    "duplicate_signer": "signer already has an update admitted this round",
+    "wrong_dtype": "manifest claims a payload dtype the round does not use",
+    "no_examples": "update reports zero training examples",
+    "norm_too_large": "delta norm above the project's absolute max_norm",
+    "internal_error": "admission itself failed (a bug): logged with its traceback",
+}
+
+
+@dataclass(frozen=True)
+class AdmissionContext:
+    """Everything one round's admission needs. `admitted` may be a set the caller grows."""
+
+    expected: Expected
+    mode: str
+    global_tensors: Mapping[str, np.ndarray]
+    payload_dtype: str = "float32"
+    membership: str = "open"
+    allowlist: Collection[str] = frozenset()  # fingerprints (hex sha256)
+    banned: Collection[str] = frozenset()
+    admitted: Collection[str] = frozenset()  # signers already admitted this round
+    max_norm: float = 0.0  # 0 = no absolute bound
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str  # stable code: "accepted", a ProtocolError.reason, or a key of REASONS
+    message: str
+    update_digest: str  # sha256 of the manifest bytes (also for rejected envelopes)
+    signer: str | None = None  # fingerprint, once the signature verified
+    manifest: UpdateManifest | None = None
+    tensors: dict[str, np.ndarray] | None = None  # only when accepted: read-only views of the payload
+    delta_norm: float | None = None
+
+    def without_tensors(self) -> Verdict:
+        """The record to keep once the tensors are aggregated (they pin the payload bytes)."""
+        return replace(self, tensors=None)
+
+    def record(self) -> dict:
+        """Plain fields for a state store."""
+        m = self.manifest
+        return {
+            "update_digest": self.update_digest,
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "message": self.message,
+            "signer": self.signer,
+            "examples": m.examples if m else None,
+            "steps": m.steps if m else None,
+            "train_loss": m.train_loss if m else None,
+            "payload_bytes": m.payload_bytes if m else None,
+            "delta_norm": self.delta_norm,
+        }
+
+
+def update_spec(global_tensors: Mapping[str, np.ndarray], mode: str, dtype: str) -> TensorSpec:
+    """Names and shapes an update must carry in `mode`, in exactly `dtype`."""
+    names = sent_names(global_tensors, mode)
+    return TensorSpec({n: tuple(global_tensors[n].shape) for n in names}, frozenset({dtype}))
+
+
+def expected_for(
+    config: ProjectConfig,
+    round: int,
+    nonce: str,
+    global_tensors: Mapping[str, np.ndarray],
+    base_adapter_digest: str,
+) -> Expected:
+    """The round's `Expected`; the payload limit is the tighter of the config's and the spec's size."""
+    dtype = config.limits.payload_dtype
+    spec = update_spec(global_tensors, config.aggregation.mode, dtype)
+    task = config.task(round, nonce, base_adapter_digest)
+    claims = task.claims()
+    return Expected(
+        project_id=claims["project_id"],
+        round=round,
+        nonce=nonce,
+        base_adapter_digest=base_adapter_digest,
+        base_model_id=claims["base_model_id"],
+        base_model_revision=claims["base_model_revision"],
+        lora_config_digest=claims["lora_config_digest"],
+        spec=spec,
+        max_payload_bytes=min(config.limits.max_payload_bytes, spec.payload_bytes(dtype)),
+    )
+
+
+def context_for(
+    config: ProjectConfig,
+    expected: Expected,
+    global_tensors: Mapping[str, np.ndarray],
+    *,
+    allowlist: Collection[str] = frozenset(),
+    banned: Collection[str] = frozenset(),
+    admitted: Collection[str] = frozenset(),
+) -> AdmissionContext:
+    return AdmissionContext(
+        expected=expected,
+        mode=config.aggregation.mode,
+        global_tensors=global_tensors,
+        payload_dtype=config.limits.payload_dtype,
+        membership=config.project.membership,
+        allowlist=allowlist,
+        banned=banned,
+        admitted=admitted,
+        max_norm=config.aggregation.max_norm,
+    )
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _digest(env: Envelope) -> str:
+    try:
+        return env.digest
+    except TypeError:
+        return ""
+
+
+def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
+    """Run every check on one envelope; a rejection is a Verdict, never an exception."""
+    digest = _digest(env)
+    signer: str | None = None
+    manifest: UpdateManifest | None = None
+    try:
+        if not all(isinstance(x, bytes) for x in (env.manifest, env.payload, env.signature)):
+            raise _Reject("malformed", "envelope parts must be bytes")
+        if len(env.manifest) > MAX_MANIFEST_BYTES:
+            raise _Reject("too_large", f"manifest is {len(env.manifest)} bytes, limit {MAX_MANIFEST_BYTES}")
+        manifest, key = open_envelope(env, max_payload_bytes=ctx.expected.max_payload_bytes)
+        signer = key.fingerprint
+        _check_signer(signer, ctx)
+        check_claims(manifest, ctx.expected)
+        if manifest.payload_dtype != ctx.payload_dtype:
+            raise _Reject(
+                "wrong_dtype", f"payload dtype {manifest.payload_dtype!r}, round uses {ctx.payload_dtype!r}"
+            )
+        if manifest.examples < 1:
+            raise _Reject("no_examples", "update reports 0 training examples")
+        tensors = check_payload(env, manifest, ctx.expected)
+        norm = delta_norm(tensors, ctx.global_tensors, ctx.mode)
+        if ctx.max_norm and not norm <= ctx.max_norm:
+            raise _Reject("norm_too_large", f"delta norm {norm:.4g} exceeds max_norm {ctx.max_norm:.4g}")
+    except ProtocolError as exc:
+        return Verdict(False, exc.reason, str(exc), digest, signer, manifest)
+    except _Reject as exc:
+        return Verdict(False, exc.reason, str(exc), digest, signer, manifest)
+    except Exception as exc:  # a bug must not stop the round; it is logged and recorded
+        log.exception("admission failed on update %s", digest[:16])
+        return Verdict(False, "internal_error", f"{type(exc).__name__}: {exc}", digest, signer, manifest)
+    return Verdict(True, "accepted", f"delta norm {norm:.4g}", digest, signer, manifest, tensors, norm)
+
+
+def _check_signer(fingerprint: str, ctx: AdmissionContext) -> None:
+    if fingerprint in ctx.banned:
+        raise _Reject("banned", f"key {fingerprint[:16]} is banned")
+    if ctx.membership == "allowlist" and fingerprint not in ctx.allowlist:
+        raise _Reject("not_registered", f"key {fingerprint[:16]} is not registered with this project")
+    if fingerprint in ctx.admitted:
+        raise _Reject("duplicate_signer", f"key {fingerprint[:16]} already has an update in this round")

@@ -1,0 +1,486 @@
+"""Aggregation: fold admitted updates into the next global adapter, one update at a time.
+
+Modes (ΔW = alpha/r · B @ A; every mode returns A and B for every module):
+
+    ffa      B' = Σ w_i B_i / Σ w_i exactly; A passed through from the global (frozen)
+    exact    B' A' = rank-r truncated SVD of Σ w_i B_i A_i / Σ w_i, split B' = U √S, A' = √S Vᵀ
+    fedavg   A' and B' averaged separately (the common baseline; not the mean of the ΔW_i)
+
+`exact` keeps, per module, the running sum Σ w_i B_i A_i as U diag(s) Vᵀ of rank <= K
+(K = sketch rank, default 4r) plus pending factor columns, and never forms a d x k
+matrix. When more than K columns are pending it absorbs them by an incremental SVD:
+the new B columns are orthogonalized against U (the new A rows against V), QR'd, and
+only a small (j + b) x (j + b) core goes through an SVD; singular values below 1e-12 of
+the largest are dropped, and at most K are kept. That is lossless while the sum's rank
+stays within K; beyond it the dropped singular values are summed into the metric
+`exact_truncation_bound` (by the triangle inequality an upper bound on the Frobenius
+error of the mean before its final rank-r cut, relative to the mean's norm; the final
+rank-r factors are then within best_rank_r_error + 2 x bound of the true mean).
+Memory per module: (d + k) x 2K numbers, whatever N.
+
+Clipping enters every mode as a scale s_i in [0, 1] on the update's delta:
+contribution = global + s_i (update - global); in `exact`, B_g A_g + s_i (B_i A_i - B_g A_g).
+
+`RoundAggregator` runs one round's rules on top (see its doc): streaming when no rule
+needs the round's median, buffering the round's updates otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loracommons.coordinator import privacy
+from loracommons.coordinator.config import ConfigError, ProjectConfig
+from loracommons.coordinator.robust import (
+    HeldUpdates,
+    clip_scale,
+    module_pairs,
+    multi_krum,
+    sent_names,
+    trimmed_mean_deltas,
+)
+
+if TYPE_CHECKING:
+    from loracommons.coordinator.admission import Verdict
+
+log = logging.getLogger(__name__)
+ZERO_RTOL = 1e-12
+
+
+class AggregationError(RuntimeError):
+    """An aggregation asked of an impossible state (no updates, zero total weight)."""
+
+
+class Aggregator(ABC):
+    """Streaming aggregator: `add` folds one update; `result` returns the full new global adapter."""
+
+    mode: str
+
+    def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
+        self.global_tensors = dict(global_tensors)
+        self.pairs = module_pairs(self.global_tensors)
+        self.names = sent_names(self.global_tensors, self.mode)
+        self.count = 0
+        self.total_weight = 0.0
+
+    def add(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float = 1.0) -> None:
+        """Fold one update; `scale` shrinks its delta toward the global (clipping)."""
+        if not (weight > 0 and math.isfinite(weight)) or not 0 <= scale <= 1:
+            raise ValueError(f"weight must be positive and scale in [0, 1], got {weight}, {scale}")
+        self._fold(tensors, float(weight), float(scale))
+        self.count += 1
+        self.total_weight += weight
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.count == 0:
+            raise AggregationError("no update was added")
+        return self._result()
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    @abstractmethod
+    def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None: ...
+
+    @abstractmethod
+    def _result(self) -> dict[str, np.ndarray]: ...
+
+
+class MeanAggregator(Aggregator):
+    """Weighted mean of each sent tensor, kept as a float64 running sum of weighted deltas."""
+
+    def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
+        super().__init__(global_tensors)
+        self._sum = {n: np.zeros(self.global_tensors[n].shape) for n in self.names}
+
+    def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        for name, acc in self._sum.items():
+            diff = np.asarray(tensors[name], dtype=np.float64) - self.global_tensors[name]
+            acc += (weight * scale) * diff
+
+    def mean_delta(self) -> dict[str, np.ndarray]:
+        return {n: s / self.total_weight for n, s in self._sum.items()}
+
+    def _result(self) -> dict[str, np.ndarray]:
+        out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}
+        for name, delta in self.mean_delta().items():
+            out[name] = (self.global_tensors[name] + delta).astype(np.float32)
+        return out
+
+
+class FfaAggregator(MeanAggregator):
+    mode = "ffa"
+
+
+class FedAvgAggregator(MeanAggregator):
+    mode = "fedavg"
+
+
+class _LowRank:
+    """A d x k sum kept as U diag(s) Vᵀ (U, V orthonormal) plus pending blocks P Q not yet folded in."""
+
+    def __init__(self, d: int, k: int) -> None:
+        self.u, self.s, self.v = np.zeros((d, 0)), np.zeros(0), np.zeros((k, 0))
+        self.p: list[tuple[np.ndarray, float]] = []  # (B block as sent, its coefficient w_i s_i)
+        self.q: list[np.ndarray] = []
+        self.pending = 0
+        self.dropped = 0.0  # Σ over absorptions of the Frobenius norm of what was dropped
+        self.spare = np.zeros((k, 0))  # unit row directions of zero energy, for padding
+
+    def push(self, p: np.ndarray, q: np.ndarray, coef: float) -> None:
+        """Queue coef * p @ q; the blocks are copied (float32 when sent so), releasing the payload."""
+        dtype = np.float64 if p.dtype == np.float64 else np.float32
+        self.p.append((np.array(p, dtype=dtype), coef))
+        self.q.append(np.array(q, dtype=dtype))
+        self.pending += p.shape[1]
+
+    def absorb(self, keep: int, spare: int = 0) -> np.ndarray:
+        """Fold the pending blocks in, keeping at most `keep` singular values; returns the full spectrum.
+
+        `spare`: also keep that many unit directions of the row space beyond the kept ones.
+        """
+        if not self.pending:
+            return self.s
+        p = np.hstack([block.astype(np.float64) * coef for block, coef in self.p])
+        q = np.vstack(self.q).astype(np.float64)
+        self.p, self.q = [], []
+        j, b = self.s.size, p.shape[1]
+        if j + b > min(self.u.shape[0], self.v.shape[0]):
+            # [U, P] cannot have j + b orthonormal columns: factor the stack directly.
+            left, core, right = _direct_core(np.hstack([self.u * self.s, p]), np.vstack([self.v.T, q]))
+        else:
+            c, qa, ra = _orthogonalize(self.u, p)
+            dq, qb, rb = _orthogonalize(self.v, q.T)
+            lower = np.block([[np.eye(j), c], [np.zeros((b, j)), ra]])
+            upper = np.block([[np.eye(j), dq], [np.zeros((b, j)), rb]])
+            core = (lower * np.concatenate([self.s, np.ones(b)])) @ upper.T
+            left, right = np.hstack([self.u, qa]), np.hstack([self.v, qb])
+        uc, sc, vct = np.linalg.svd(core, full_matrices=False)
+        rank = int(np.sum(sc > ZERO_RTOL * sc[0])) if sc.size and sc[0] > 0 else 0
+        kept = min(rank, keep)
+        self.dropped += math.sqrt(float(np.sum(sc[kept:] ** 2)))
+        self.u, self.s, self.v = left @ uc[:, :kept], sc[:kept], right @ vct[:kept].T
+        self.spare = right @ vct[kept : kept + spare].T
+        self.pending = 0
+        return sc
+
+
+def _orthogonalize(basis: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """block = basis @ c + qa @ ra, qa orthonormal and orthogonal to basis (Gram-Schmidt twice, then QR)."""
+    c = basis.T @ block
+    rest = block - basis @ c
+    c2 = basis.T @ rest
+    rest -= basis @ c2
+    qa, ra = np.linalg.qr(rest)
+    return c + c2, qa, ra
+
+
+def _direct_core(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P Q = left @ core @ rightᵀ with orthonormal left and right (QR of each factor)."""
+    qp, rp = np.linalg.qr(p)
+    qq, rq = np.linalg.qr(q.T)
+    return qp, rp @ rq.T, qq
+
+
+class ExactAggregator(Aggregator):
+    """Rank-r SVD of the weighted mean of B_i A_i, folded from factors (see the module doc).
+
+    Each module's running sum is U diag(s) Vᵀ of rank <= K plus up to K pending columns
+    (w_i s_i B_i, A_i). Absorbing them is an incremental SVD (Brand 2006): the new
+    columns are orthogonalized against U (and the new rows against V), and only a
+    (j + b) x (j + b) core is decomposed: no d x k matrix, no QR wider than the pending block.
+    """
+
+    mode = "exact"
+
+    def __init__(self, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> None:
+        super().__init__(global_tensors)
+        a0 = self.global_tensors[next(iter(self.pairs.values()))[0]]
+        self.r = a0.shape[0]
+        self.keep = sketch_rank or 4 * self.r
+        if self.keep < self.r:
+            raise ConfigError(f"exact sketch rank {self.keep} is below the adapter rank {self.r}")
+        self._sums = {
+            m: _LowRank(self.global_tensors[b].shape[0], self.global_tensors[a].shape[1])
+            for m, (a, b) in self.pairs.items()
+        }
+        self._global_coef = 0.0  # Σ w_i (1 - s_i): clipped mass that stays at B_g A_g
+        self.compressions = 0
+        self._stats: dict[str, float] = {}
+        self._out: dict[str, np.ndarray] | None = None
+
+    def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        if self._out is not None:
+            raise AggregationError("result() was already taken")
+        for module, (a_name, b_name) in self.pairs.items():
+            acc = self._sums[module]
+            acc.push(tensors[b_name], tensors[a_name], weight * scale)
+            if acc.pending > self.keep:
+                acc.absorb(self.keep)
+                self.compressions += 1
+        self._global_coef += weight * (1.0 - scale)
+
+    def _result(self) -> dict[str, np.ndarray]:
+        if self._out is not None:  # the final absorption consumed the state: answer the same again
+            return {n: v.copy() for n, v in self._out.items()}
+        out: dict[str, np.ndarray] = {}
+        total_sq = dropped_sq = residual_sq = 0.0
+        w = self.total_weight
+        for module, (a_name, b_name) in self.pairs.items():
+            acc = self._sums[module]
+            b0, a0 = (np.asarray(self.global_tensors[n], dtype=np.float64) for n in (b_name, a_name))
+            if self._global_coef:
+                acc.push(b0, a0, self._global_coef)
+            dropped = acc.dropped  # the last absorption keeps every nonzero value: the cut to r is next
+            spectrum = acc.absorb(keep=acc.pending + acc.s.size, spare=self.r) / w
+            b, a = self._factors(acc, a0)
+            out[b_name], out[a_name] = b.astype(np.float32), a.astype(np.float32)
+            total_sq += float(np.sum(spectrum**2))
+            residual_sq += float(np.sum(spectrum[self.r :] ** 2))
+            dropped_sq += (dropped / w) ** 2
+        norm = math.sqrt(total_sq) or 1.0
+        self._stats = {
+            "exact_truncation_bound": math.sqrt(dropped_sq) / norm,
+            "exact_rank_r_residual": math.sqrt(residual_sq) / norm,
+            "exact_compressions": float(self.compressions),
+        }
+        self._out = out
+        return {n: v.copy() for n, v in out.items()}
+
+    def _factors(self, acc: _LowRank, a0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Balanced rank-r factors of the mean; zero-energy directions keep a usable A row."""
+        r, w = self.r, self.total_weight
+        rank = min(acc.s.size, r)
+        root = np.sqrt(acc.s[:rank] / w)
+        b = np.zeros((acc.u.shape[0], r))
+        a = np.zeros((r, acc.v.shape[0]))
+        b[:, :rank] = acc.u[:, :rank] * root
+        a[:rank] = (acc.v[:, :rank] * root).T
+        # B = 0 columns with A = 0 rows would never train again (each factor's gradient
+        # goes through the other): give them unit directions scaled like the global A.
+        spare = acc.spare[:, : r - rank].T if rank < r else np.zeros((0, a.shape[1]))
+        a[rank : rank + spare.shape[0]] = spare * float(np.median(np.linalg.norm(a0, axis=1)))
+        return b, a
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self._stats)
+
+
+def make_aggregator(
+    mode: str, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None
+) -> Aggregator:
+    if mode == "ffa":
+        return FfaAggregator(global_tensors)
+    if mode == "fedavg":
+        return FedAvgAggregator(global_tensors)
+    if mode == "exact":
+        return ExactAggregator(global_tensors, sketch_rank)
+    raise ConfigError(f"[aggregation] mode = {mode!r}: expected one of ffa, exact, fedavg")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An admitted update the round's rules excluded at the end (free rider, Krum outlier)."""
+
+    update_digest: str
+    signer: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    tensors: dict[str, np.ndarray] | None  # the new global adapter; None = keep the previous version
+    aggregated: tuple[str, ...]  # update digests folded in
+    rejected: tuple[Rejection, ...]
+    clip_scales: dict[str, float]  # digest -> scale applied (< 1 where clipped)
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # why tensors is None ("too_few")
+    message: str = ""
+
+
+@dataclass
+class _Pending:
+    digest: str
+    signer: str
+    weight: float
+    norm: float
+
+
+class RoundAggregator:
+    """One round: `offer` each accepted verdict as it arrives, then `finish` once.
+
+    Streaming (memory flat in N) when no rule needs the whole round: the plain modes,
+    and dp (a fixed clip bound). Median clipping, free-rider rejection, trimmed mean
+    and Krum need every norm (or update) of the round first: those updates are held
+    until `finish` (`buffers` is True), in memory, or with `spill_dir` in files on disk,
+    read back one update (or one tensor) at a time. At `finish`:
+    free riders are rejected (norm < free_rider_ratio x median of all admitted norms),
+    Multi-Krum drops f, the clip bound is clip_factor x median of the remaining norms,
+    then the mean (or trimmed mean) is taken, and under dp Gaussian noise is added.
+    """
+
+    def __init__(
+        self,
+        config: ProjectConfig,
+        global_tensors: Mapping[str, np.ndarray],
+        *,
+        spill_dir: str | Path | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.cfg = config
+        self.agg = config.aggregation
+        self.dp = config.privacy if config.privacy.dp else None
+        self.global_tensors = dict(global_tensors)
+        self.aggregator = make_aggregator(self.agg.mode, self.global_tensors, config.sketch_rank)
+        self.buffers = self.agg.clip != "none" or self.agg.free_rider_ratio > 0 or self.agg.robust != "none"
+        self._held = HeldUpdates(spill_dir) if self.buffers else None
+        self._pending: list[_Pending] = []
+        self._scales: dict[str, float] = {}  # digest -> clip scale of each update aggregated
+        self._weight = 0.0
+        self._signers: set[str] = set()
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._finished = False
+        self._note = ""
+
+    def weight(self, examples: int) -> float:
+        """Examples reported, capped; uniform under dp (each volunteer's sensitivity is the same)."""
+        return 1.0 if self.dp else float(min(examples, self.agg.max_examples_weight))
+
+    def offer(self, verdict: Verdict) -> None:
+        """Take an accepted verdict; fold it now or hold it for `finish`. Drop the verdict afterwards."""
+        if self._finished:
+            raise RuntimeError("round already finished")
+        if not verdict.accepted or verdict.tensors is None or verdict.manifest is None:
+            raise ValueError(f"only accepted verdicts can be aggregated (got {verdict.reason!r})")
+        if verdict.signer in self._signers:
+            raise ValueError(f"signer {verdict.signer[:16]} already offered an update this round")
+        self._signers.add(verdict.signer)
+        weight, norm = self.weight(verdict.manifest.examples), float(verdict.delta_norm)
+        if self._held is not None:
+            self._held.add(verdict.update_digest, verdict.tensors)
+            self._pending.append(_Pending(verdict.update_digest, verdict.signer, weight, norm))
+            return
+        scale = clip_scale(norm, self.dp.clip_norm) if self.dp else 1.0
+        self.aggregator.add(verdict.tensors, weight, scale)
+        self._record(verdict.update_digest, weight, scale)
+
+    def _record(self, digest: str, weight: float, scale: float) -> None:
+        self._scales[digest] = scale
+        self._weight += weight
+
+    def finish(self) -> RoundOutcome:
+        """Apply the round's rules and return the new global adapter (or why there is none)."""
+        if self._finished:
+            raise RuntimeError("round already finished")
+        self._finished = True
+        metrics: dict[str, float] = {"admitted": float(len(self._signers))}
+        rejected: list[Rejection] = []
+        trimmed = None
+        try:
+            if self._held is not None:
+                keep = self._apply_rules(metrics, rejected)
+                trimmed = self._fold_held(keep, metrics)
+        finally:
+            if self._held is not None:
+                self._held.close()
+        need = self.cfg.round.min_volunteers
+        if len(self._scales) < need:
+            message = (
+                f"{len(self._scales)} of {len(self._signers)} admitted updates usable, {need} required"
+                f"{self._note}: keeping the previous version"
+            )
+            log.info("round not aggregated: %s", message)
+            return RoundOutcome(None, (), tuple(rejected), {}, metrics, "too_few", message)
+        tensors = self.aggregator.result() if trimmed is None else self._apply_delta(trimmed)
+        metrics.update(
+            aggregated=float(len(self._scales)),
+            total_weight=self._weight,
+            clipped=float(sum(s < 1 for s in self._scales.values())),
+            **self.aggregator.metrics(),
+        )
+        if self.dp:
+            std = self.dp.noise_multiplier * self.dp.clip_norm / len(self._scales)
+            privacy.add_gaussian_noise(tensors, self.aggregator.names, std, self._rng)
+            metrics["dp_noise_std"] = std
+        return RoundOutcome(tensors, tuple(self._scales), tuple(rejected), dict(self._scales), metrics)
+
+    def _apply_rules(self, metrics: dict[str, float], rejected: list[Rejection]) -> list[_Pending]:
+        """Free riders, then Multi-Krum; returns the updates to aggregate (possibly too few)."""
+        pending = self._pending
+        if not pending:
+            return []
+        median = float(np.median([p.norm for p in pending]))
+        metrics["median_norm"] = median
+        if self.agg.free_rider_ratio > 0:
+            floor = self.agg.free_rider_ratio * median
+            for p in pending:
+                if p.norm < floor:
+                    rejected.append(
+                        Rejection(
+                            p.digest,
+                            p.signer,
+                            "free_rider",
+                            f"delta norm {p.norm:.4g} is below {self.agg.free_rider_ratio} x "
+                            f"the round median {median:.4g}",
+                        )
+                    )
+            pending = [p for p in pending if p.norm >= floor]
+        if self.agg.robust == "krum":
+            f = self.agg.krum_f
+            if len(pending) <= 2 * f + 2:  # Krum cannot run: aggregate nothing rather than unprotected
+                self._note = f"; Multi-Krum with f = {f} needs more than {2 * f + 2} updates"
+                return []
+            kept = set(
+                multi_krum(
+                    self._held, [p.digest for p in pending], self.aggregator.names, self.global_tensors, f
+                )
+            )
+            for p in pending:
+                if p.digest not in kept:
+                    rejected.append(
+                        Rejection(
+                            p.digest,
+                            p.signer,
+                            "krum_outlier",
+                            f"among the {f} updates farthest from the others (Multi-Krum)",
+                        )
+                    )
+            pending = [p for p in pending if p.digest in kept]
+        return pending
+
+    def _fold_held(self, keep: list[_Pending], metrics: dict[str, float]) -> dict[str, np.ndarray] | None:
+        """Clip with the median bound and fold (or trimmed-mean) the kept updates."""
+        if len(keep) < self.cfg.round.min_volunteers:
+            return None
+        scales = [1.0] * len(keep)
+        if self.agg.clip == "median":
+            bound = self.agg.clip_factor * float(np.median([p.norm for p in keep]))
+            metrics["clip_bound"] = bound
+            scales = [clip_scale(p.norm, bound) for p in keep]
+        trimmed = None
+        if self.agg.robust == "trimmed_mean":
+            trim = math.floor(self.agg.trim_fraction * len(keep))
+            trimmed = trimmed_mean_deltas(
+                self._held, [p.digest for p in keep], self.aggregator.names, self.global_tensors, trim, scales
+            )
+            metrics["trimmed_per_side"] = float(trim)
+        for p, scale in zip(keep, scales, strict=True):
+            if trimmed is None:
+                self.aggregator.add(self._held.tensors(p.digest), p.weight, scale)
+            self._record(p.digest, p.weight, scale)
+        return trimmed
+
+    def _apply_delta(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}
+        for name, value in delta.items():
+            out[name] = (self.global_tensors[name] + value).astype(np.float32)
+        return out

@@ -1,0 +1,485 @@
+"""A project's configuration: `DIR/project.toml` read once into frozen, validated dataclasses.
+
+Every key has a default, a unit and a one-line doc (field metadata), which
+`render_toml` writes as comments, so `coordinator init` produces a file that
+documents itself. A bad value fails with `ConfigError` naming the key and the
+value; so do unknown keys and combinations where a robustness option would
+silently do nothing.
+
+    cfg = init_project("myproj", "loracommons/demo-tiny")   # writes project.toml + keys/release_key
+    cfg = load_config("myproj")
+    task = cfg.task(round=1, nonce=..., base_adapter_digest=...)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from loracommons.protocol.codec import DTYPES
+from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.task import MODES, LoraSettings, RoundTask, TrainSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILE = "project.toml"
+RELEASE_KEY = Path("keys") / "release_key"
+MEMBERSHIPS = ("open", "allowlist")
+CLIP_RULES = ("none", "median")
+ROBUST_RULES = ("none", "trimmed_mean", "krum")
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A project configuration that cannot be used; the message names the key and value."""
+
+
+def _key(default: Any, doc: str, unit: str = "", **checks: Any) -> Any:
+    """A config field: default, one-line doc, unit, and checks (choices, ge, gt, le, lt, nonempty)."""
+    return field(default=default, metadata={"doc": doc, "unit": unit, **checks})
+
+
+@dataclass(frozen=True)
+class ProjectSection:
+    id: str = _key(
+        "loracommons",
+        "project id signed in every update and release (init makes a unique one)",
+        pattern=_ID_RE,
+    )
+    name: str = _key(
+        "LoRA Commons project", "display name shown on the dashboard and model cards", nonempty=True
+    )
+    base_model: str = _key(
+        "loracommons/demo-tiny", "Hugging Face model id or local folder of the base model", nonempty=True
+    )
+    base_model_revision: str = _key(
+        "main", "revision (branch, tag or commit) of the base model", nonempty=True
+    )
+    seed: int = _key(0, "seed of the initial global adapter (A factors are identical everywhere)", ge=0)
+    membership: str = _key(
+        "open", "open: any key may contribute; allowlist: only registered keys", choices=MEMBERSHIPS
+    )
+
+
+@dataclass(frozen=True)
+class RoundSection:
+    volunteers_per_round: int = _key(3, "volunteers sampled and sent the task each round", "volunteers", ge=1)
+    min_volunteers: int = _key(
+        2, "admitted updates needed to aggregate; fewer keeps the previous version", "updates", ge=1
+    )
+    timeout_s: float = _key(600.0, "how long a round waits for replies", "seconds", gt=0)
+    rounds: int = _key(0, "total rounds to run; 0 = run until stopped", "rounds", ge=0)
+    publish_every: int = _key(1, "publish a signed release every k aggregated rounds", "rounds", ge=1)
+
+
+@dataclass(frozen=True)
+class AggregationSection:
+    mode: str = _key(
+        "ffa",
+        "ffa: mean of B, A frozen; exact: rank-r SVD of mean B_i A_i; fedavg: separate means",
+        choices=MODES,
+    )
+    max_examples_weight: int = _key(10_000, "cap on the examples an update's weight counts", "examples", ge=1)
+    clip: str = _key(
+        "none",
+        "none, or median: scale down deltas above clip_factor x the round's median norm",
+        choices=CLIP_RULES,
+    )
+    clip_factor: float = _key(
+        2.0, "clip bound as a multiple of the round's median delta norm", "x median", gt=0
+    )
+    robust: str = _key(
+        "none",
+        "none, trimmed_mean (coordinate-wise) or krum (Multi-Krum on flattened deltas)",
+        choices=ROBUST_RULES,
+    )
+    trim_fraction: float = _key(
+        0.2, "trimmed_mean: fraction of updates dropped at each end, per coordinate", "fraction", ge=0, lt=0.5
+    )
+    krum_f: int = _key(
+        1, "krum: number of Byzantine updates tolerated (the f worst-scored are dropped)", "updates", ge=0
+    )
+    free_rider_ratio: float = _key(
+        0.0,
+        "reject deltas with norm below this fraction of the round median; 0 = off",
+        "fraction",
+        ge=0,
+        lt=1,
+    )
+    max_norm: float = _key(
+        0.0, "absolute bound on an update's delta norm, checked at admission; 0 = off", "L2 norm", ge=0
+    )
+    exact_sketch_rank: int = _key(
+        0, "exact: rank kept while folding (lossless below it); 0 = 4 x lora r", "rank", ge=0
+    )
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    dp: bool = _key(False, "central differential privacy: clip each delta to clip_norm, add Gaussian noise")
+    noise_multiplier: float = _key(
+        1.0, "noise std on the sum of deltas, in units of clip_norm", "x clip_norm", gt=0
+    )
+    clip_norm: float = _key(1.0, "L2 bound on each update's delta under dp", "L2 norm", gt=0)
+    delta: float = _key(1e-5, "delta of the (epsilon, delta) guarantee reported", gt=0, lt=1)
+    max_epsilon: float = _key(
+        0.0, "stop training before epsilon would exceed this; 0 = no limit", "epsilon", ge=0
+    )
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_payload_bytes: int = _key(64 << 20, "largest update payload accepted", "bytes", ge=1024)
+    payload_dtype: str = _key("float32", "dtype volunteers send their factors in", choices=tuple(DTYPES))
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    host: str = _key("0.0.0.0", "address the SuperLink listens on", nonempty=True)
+    fleet_port: int = _key(9092, "Flower Fleet API port volunteers connect to", "port", ge=1, le=65535)
+    serverappio_port: int = _key(9091, "Flower ServerAppIo API port (local)", "port", ge=1, le=65535)
+    control_port: int = _key(9093, "Flower Control API port (local)", "port", ge=1, le=65535)
+    http_host: str = _key("0.0.0.0", "address the read-only HTTP API and dashboard listen on", nonempty=True)
+    http_port: int = _key(8000, "HTTP API and dashboard port", "port", ge=1, le=65535)
+
+
+# protocol.task's dataclasses carry no metadata: their docs live here.
+_LORA_KEYS = {
+    "r": {"doc": "rank of the factors A (r x in) and B (out x r)", "unit": "rank", "ge": 1, "le": 4096},
+    "alpha": {"doc": "scale numerator: the update is (alpha / r) x B @ A", "gt": 0},
+    "dropout": {"doc": "dropout on the LoRA input during training", "unit": "probability", "ge": 0, "lt": 1},
+    "target_modules": {"doc": "module names that get LoRA factors", "nonempty": True},
+}
+_TRAIN_KEYS = {
+    "max_steps": {
+        "doc": "optimizer steps per volunteer per round (whichever limit comes first)",
+        "unit": "steps",
+        "ge": 1,
+    },
+    "max_minutes": {"doc": "wall-clock limit of local training per round", "unit": "minutes", "gt": 0},
+    "batch_size": {"doc": "sequences per micro-batch", "unit": "sequences", "ge": 1},
+    "grad_accum": {"doc": "micro-batches per optimizer step", "unit": "micro-batches", "ge": 1},
+    "learning_rate": {"doc": "peak AdamW learning rate", "gt": 0},
+    "warmup_steps": {"doc": "linear warmup at the start of each round", "unit": "steps", "ge": 0},
+    "weight_decay": {"doc": "AdamW weight decay", "ge": 0},
+    "seq_len": {"doc": "tokens per training sequence (longer ones are truncated)", "unit": "tokens", "ge": 8},
+    "seed": {"doc": "seed of local data order and dropout", "ge": 0},
+}
+
+SECTIONS: dict[str, type] = {
+    "project": ProjectSection,
+    "lora": LoraSettings,
+    "train": TrainSettings,
+    "round": RoundSection,
+    "aggregation": AggregationSection,
+    "privacy": PrivacySection,
+    "limits": LimitsSection,
+    "network": NetworkSection,
+}
+_EXTERNAL = {LoraSettings: _LORA_KEYS, TrainSettings: _TRAIN_KEYS}
+
+
+def key_info(section_cls: type) -> dict[str, dict]:
+    """name -> metadata (doc, unit, checks) plus its default, for one section class."""
+    out = {}
+    for f in fields(section_cls):
+        meta = dict(_EXTERNAL[section_cls][f.name] if section_cls in _EXTERNAL else f.metadata)
+        meta["default"] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = meta
+    return out
+
+
+def _fail(section: str, key: str, value: Any, problem: str) -> ConfigError:
+    return ConfigError(f"[{section}] {key} = {value!r}: {problem}")
+
+
+def _check_value(section: str, key: str, value: Any, meta: dict) -> None:
+    default = meta["default"]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        kind = "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "a finite number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple | list) and all(isinstance(v, str) and v for v in value)
+        kind = "a list of names"
+    else:
+        ok = isinstance(value, str)
+        kind = "a string"
+    if not ok:
+        raise _fail(section, key, value, f"expected {kind}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise _fail(section, key, value, f"expected one of {', '.join(meta['choices'])}")
+    if meta.get("nonempty") and not value:
+        raise _fail(section, key, value, "must not be empty")
+    if "pattern" in meta and not meta["pattern"].match(value):
+        raise _fail(section, key, value, "expected 1-64 of a-z 0-9 . _ - starting with a letter or digit")
+    for check, holds, words in (
+        ("ge", lambda v, b: v >= b, "at least"),
+        ("gt", lambda v, b: v > b, "greater than"),
+        ("le", lambda v, b: v <= b, "at most"),
+        ("lt", lambda v, b: v < b, "less than"),
+    ):
+        if check in meta and not holds(value, meta[check]):
+            raise _fail(section, key, value, f"expected {words} {meta[check]}")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    project: ProjectSection = field(default_factory=ProjectSection)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    round: RoundSection = field(default_factory=RoundSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+
+    def __post_init__(self) -> None:
+        for section, cls in SECTIONS.items():
+            obj = getattr(self, section)
+            if not isinstance(obj, cls):
+                raise ConfigError(f"[{section}] must be a {cls.__name__}, got {type(obj).__name__}")
+            for key, meta in key_info(cls).items():
+                _check_value(section, key, getattr(obj, key), meta)
+        _check_combinations(self)
+
+    @property
+    def sketch_rank(self) -> int:
+        """Rank the exact aggregator keeps while folding."""
+        return self.aggregation.exact_sketch_rank or 4 * self.lora.r
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for section in SECTIONS:
+            values = asdict(getattr(self, section))
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> ProjectConfig:
+        """Build from parsed TOML; unknown sections or keys are refused."""
+        unknown = sorted(set(obj) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+        built = {}
+        for section, section_cls in SECTIONS.items():
+            values = obj.get(section, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{section}] must be a table, got {values!r}")
+            info = key_info(section_cls)
+            extra = sorted(set(values) - set(info))
+            if extra:
+                raise ConfigError(f"[{section}] unknown key {extra[0]!r} (known: {', '.join(info)})")
+            for key, value in values.items():
+                _check_value(section, key, value, info[key])
+            if "target_modules" in values:
+                values = {**values, "target_modules": tuple(values["target_modules"])}
+            built[section] = section_cls(**values)
+        return cls(**built)
+
+    def task(self, round: int, nonce: str, base_adapter_digest: str) -> RoundTask:
+        """The round task volunteers receive for `round`."""
+        return RoundTask(
+            project_id=self.project.id,
+            round=round,
+            nonce=nonce,
+            base_adapter_digest=base_adapter_digest,
+            base_model_id=self.project.base_model,
+            base_model_revision=self.project.base_model_revision,
+            mode=self.aggregation.mode,
+            lora=self.lora,
+            train=self.train,
+            payload_dtype=self.limits.payload_dtype,
+            max_payload_bytes=self.limits.max_payload_bytes,
+        )
+
+
+def _check_combinations(cfg: ProjectConfig) -> None:
+    """Refuse settings that contradict each other or where a rule would silently do nothing."""
+    rnd, agg, dp = cfg.round, cfg.aggregation, cfg.privacy
+    low = rnd.min_volunteers
+    if low > rnd.volunteers_per_round:
+        raise _fail(
+            "round", "min_volunteers", low, f"exceeds volunteers_per_round = {rnd.volunteers_per_round}"
+        )
+    if agg.robust == "trimmed_mean":
+        if agg.mode == "exact":
+            raise _fail(
+                "aggregation",
+                "robust",
+                agg.robust,
+                "not defined for mode = 'exact' (trimming factors coordinate-wise is not a mean of "
+                "B_i A_i); use krum or clip",
+            )
+        if math.floor(agg.trim_fraction * low) < 1:
+            raise _fail(
+                "aggregation",
+                "trim_fraction",
+                agg.trim_fraction,
+                f"trims floor({agg.trim_fraction} x {low}) = 0 updates at min_volunteers = {low}: "
+                "trimmed_mean would do nothing",
+            )
+    if agg.robust == "krum":
+        if agg.krum_f < 1:
+            raise _fail("aggregation", "krum_f", agg.krum_f, "krum with f = 0 keeps every update")
+        if low <= 2 * agg.krum_f + 2:
+            raise _fail(
+                "aggregation",
+                "krum_f",
+                agg.krum_f,
+                f"krum needs more than 2f+2 = {2 * agg.krum_f + 2} updates; min_volunteers = {low}",
+            )
+    if agg.clip == "median" and low < 3:
+        raise _fail(
+            "aggregation",
+            "clip",
+            agg.clip,
+            f"a median of fewer than 3 updates bounds nothing; min_volunteers = {low}",
+        )
+    if agg.free_rider_ratio > 0 and low < 2:
+        raise _fail(
+            "aggregation",
+            "free_rider_ratio",
+            agg.free_rider_ratio,
+            "one update is always its own median; needs min_volunteers >= 2",
+        )
+    if agg.exact_sketch_rank and agg.exact_sketch_rank < cfg.lora.r:
+        raise _fail(
+            "aggregation",
+            "exact_sketch_rank",
+            agg.exact_sketch_rank,
+            f"must be 0 or at least lora r = {cfg.lora.r}",
+        )
+    if dp.dp:
+        if agg.mode == "exact":
+            raise _fail("privacy", "dp", True, "not supported with mode = 'exact' (use ffa or fedavg)")
+        if agg.robust != "none":
+            raise _fail("privacy", "dp", True, f"cannot be combined with robust = {agg.robust!r}")
+        if agg.clip != "none":
+            raise _fail(
+                "privacy",
+                "dp",
+                True,
+                "clips to [privacy] clip_norm; a median bound depends on private data: set clip = 'none'",
+            )
+    net = cfg.network
+    ports = {
+        "fleet_port": net.fleet_port,
+        "serverappio_port": net.serverappio_port,
+        "control_port": net.control_port,
+        "http_port": net.http_port,
+    }
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port in seen:
+            raise _fail("network", key, port, f"already used by {seen[port]}")
+        seen[port] = key
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text) + '"'
+
+
+def render_toml(cfg: ProjectConfig | None = None) -> str:
+    """The whole configuration as TOML, every key preceded by its doc, unit and allowed values."""
+    cfg = cfg or ProjectConfig()
+    lines = [
+        "# LoRA Commons project configuration. Every key is optional; shown values are this",
+        "# project's settings (defaults where not given). Units in brackets.",
+        "",
+    ]
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for key, meta in key_info(cls).items():
+            note = f"# {meta['doc']}"
+            if meta.get("unit"):
+                note += f" [{meta['unit']}]"
+            if "choices" in meta:
+                note += f" (one of: {', '.join(meta['choices'])})"
+            note += f" (default {_toml_value(meta['default'])})"
+            lines += [note, f"{key} = {_toml_value(getattr(getattr(cfg, section), key))}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_default_toml(path: str | Path, cfg: ProjectConfig | None = None) -> Path:
+    """Write `render_toml(cfg)` to `path` (a file)."""
+    path = Path(path)
+    path.write_text(render_toml(cfg), encoding="utf-8")
+    return path
+
+
+def load_config(directory: str | Path) -> ProjectConfig:
+    """Read and validate `DIR/project.toml`."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        obj = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return ProjectConfig.from_dict(obj)
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:48] or "project"
+
+
+def init_project(
+    directory: str | Path,
+    base_model: str,
+    name: str | None = None,
+    mode: str = "ffa",
+    membership: str = "open",
+    revision: str | None = None,
+    **overrides: dict[str, Any],
+) -> ProjectConfig:
+    """Create a project folder: `project.toml` (documented) and the coordinator release key.
+
+    `overrides` maps a section to key values, e.g. `round={"min_volunteers": 1}`.
+    Refuses a folder that already holds a project.
+    """
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).exists() or (directory / RELEASE_KEY).exists():
+        raise ConfigError(f"{directory} already holds a project; refusing to overwrite it")
+    name = name or f"{Path(base_model.rstrip('/')).name or base_model} community adapter"
+    obj: dict[str, dict[str, Any]] = {section: dict(values) for section, values in overrides.items()}
+    project = {
+        "id": f"{_slug(name)}-{secrets.token_hex(4)}",
+        "name": name,
+        "base_model": base_model,
+        "base_model_revision": revision or "main",
+        "membership": membership,
+    }
+    obj["project"] = {**project, **obj.get("project", {})}
+    obj["aggregation"] = {"mode": mode, **obj.get("aggregation", {})}
+    cfg = ProjectConfig.from_dict(obj)
+    directory.mkdir(parents=True, exist_ok=True)
+    SigningKey.generate("coordinator").save(directory / RELEASE_KEY)
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    write_default_toml(tmp, cfg)
+    tmp.replace(directory / CONFIG_FILE)
+    return cfg
