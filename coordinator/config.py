@@ -144,9 +144,10 @@ class LimitsSection:
 @dataclass(frozen=True)
 class NetworkSection:
     host: str = _key("0.0.0.0", "address the SuperLink listens on", nonempty=True)
-    fleet_port: int = _key(9092, "Flower Fleet API port volunteers connect to", "port", ge=1, le=65535)
-    serverappio_port: int = _key(9091, "Flower ServerAppIo API port (local)", "port", ge=1, le=65535)
-    control_port: int = _key(9093, "Flower Control API port (local)", "port", ge=1, le=65535)
+    fleet_port: int = _key(
+        9092, "Flower SuperLink port volunteers connect to (Fleet API; Flower 1.42 serves all its APIs here)",
+        "port", ge=1, le=65535,
+    )
     http_host: str = _key("0.0.0.0", "address the read-only HTTP API and dashboard listen on", nonempty=True)
     http_port: int = _key(8000, "HTTP API and dashboard port", "port", ge=1, le=65535)
 
@@ -378,8 +379,6 @@ def _check_combinations(cfg: ProjectConfig) -> None:
     net = cfg.network
     ports = {
         "fleet_port": net.fleet_port,
-        "serverappio_port": net.serverappio_port,
-        "control_port": net.control_port,
         "http_port": net.http_port,
     }
     seen: dict[int, str] = {}
