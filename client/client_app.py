@@ -1,0 +1,55 @@
+"""The installed Flower ClientApp of a volunteer node.
+
+The node runner (`client/node.py`) calls this object in its own long-lived
+process, so the base model stays loaded between rounds. The message carries
+the round task and the global adapter; the reply carries the signed envelope
+(message layout in `protocol/flower_app.py`).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from loracommons.client.volunteer import OnStatus, Volunteer, load_volunteer
+from loracommons.protocol.flower_app import envelope_content, read_task
+from loracommons.protocol.task import RoundTask
+
+app = ClientApp()
+
+_lock = threading.Lock()
+_volunteers: dict[tuple, Volunteer] = {}
+_on_status: list[OnStatus] = []
+
+
+def set_status_callback(callback: OnStatus | None) -> None:
+    """Where this process's volunteer reports progress (the `join` view)."""
+    _on_status[:] = [callback] if callback else []
+
+
+def _status(state: str, details: dict) -> None:
+    for callback in _on_status:
+        callback(state, details)
+
+
+def volunteer_for(node_config: dict) -> Volunteer:
+    """One `Volunteer` per node config, kept for the life of the process."""
+    key = tuple(sorted((k, str(v)) for k, v in node_config.items()))
+    with _lock:
+        if key not in _volunteers:
+            _volunteers.clear()
+            _volunteers[key] = load_volunteer(dict(node_config), _status)
+        return _volunteers[key]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    volunteer = volunteer_for(dict(context.node_config))
+    task_json, adapter, note = read_task(msg.content)
+    task = RoundTask.from_bytes(task_json)
+    if note:
+        _status("note", {"round": task.round, **note})
+    envelope = volunteer.run_round(task, adapter)
+    return Message(envelope_content(envelope.manifest, envelope.payload, envelope.signature), reply_to=msg)

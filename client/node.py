@@ -1,0 +1,252 @@
+"""A volunteer's node: a Flower SuperNode plus our own runner of the installed ClientApp.
+
+`flower-supernode --isolation process` keeps the connection to the coordinator's
+SuperLink (and reconnects by itself) but starts no app process. This module's
+`NodeRunner` takes each task from the SuperNode's local Runtime API, checks that
+the run's app bundle is exactly the installed loracommons app
+(`protocol.flower_app.check_fab`), and only then calls the installed ClientApp
+in this process; a foreign app gets an error reply and none of its code runs.
+`run_node` supervises both: restarts the SuperNode if it exits, stops it on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loracommons.protocol.flower_app import ForeignApp, check_fab, safe_retry_invoker
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def installed_version() -> str:
+    from loracommons import __version__
+
+    return __version__
+
+
+def toml_string(value: str) -> str:
+    """A TOML literal string for --node-config (paths with spaces, quotes, backslashes)."""
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+class NodeRunner:
+    """Runs ClientApp tasks from a local SuperNode's Runtime API, one at a time."""
+
+    def __init__(self, runtime_address: str, secret: bytes | None = None,
+                 on_event: Callable[[str, dict], None] | None = None):
+        self.runtime_address = runtime_address
+        self.secret = secret
+        self.on_event = on_event or (lambda event, details: None)
+        self.stopping = threading.Event()
+
+    def _client(self, token: str | None = None):  # noqa: ANN202
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+            SuperExecAuthHttpInterceptor,
+        )
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        if token is None:
+            interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+            if self.secret:
+                interceptors.append(SuperExecAuthHttpInterceptor(
+                    master_secret=self.secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+        else:
+            interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                            RuntimeTokenHttpInterceptor(token)]
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address, insecure=True, root_certificates=None,
+            interceptors=interceptors, retry_invoker=safe_retry_invoker(max_time=30.0))
+
+    def serve(self) -> None:
+        """Poll for tasks until `stopping` is set."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: I001
+        from flwr.supercore.constant import TaskType
+
+        acquirer = None
+        while not self.stopping.is_set():
+            try:
+                acquirer = acquirer or self._client()
+                res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # the SuperNode may be restarting
+                log.debug("acquire failed: %s", exc)
+                acquirer = None
+                self.stopping.wait(2.0)
+                continue
+            if res.HasField("task") and res.token:
+                self.run_task(res.token)
+            else:
+                self.stopping.wait(POLL_SECONDS)
+
+    def run_task(self, token: str) -> str:
+        """Pull one task, check its app, run the installed ClientApp or refuse; push the reply."""
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        from loracommons.client.client_app import app as client_app
+
+        client = self._client(token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context, sub_status, details, outcome = None, SubStatus.FAILED, "unknown", "failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            try:
+                check_fab(fab.content, fab.hash_str, run.fab_id, run.fab_version, installed_version())
+            except ForeignApp as exc:
+                log.error("refusing run %s: %s", run.run_id, exc)
+                self.on_event("refused", {"run": run.run_id, "reason": str(exc)})
+                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=f"loracommons node: {exc}"),
+                                reply_to=message)
+                details, outcome = str(exc), "refused"
+            else:
+                try:
+                    reply = client_app(message=message, context=context)
+                    sub_status, details, outcome = SubStatus.COMPLETED, "", "completed"
+                except Exception as exc:  # every failure goes back as a reason, never a hang
+                    log.exception("round failed")
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self.on_event("failed", {"reason": reason})
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason[:500]),
+                                    reply_to=message)
+                    details = reason
+            push_message(client, reply, context)
+            return outcome
+        except Exception as exc:
+            log.warning("task could not be completed: %s", exc)
+            self.on_event("failed", {"reason": f"task lost: {exc}"})
+            return "lost"
+        finally:
+            try:
+                push_task_output(client, context, sub_status, details)
+            except Exception as exc:
+                log.debug("push_task_output failed: %s", exc)
+            heartbeat.stop()
+            client.close()
+
+
+@dataclass
+class NodeOptions:
+    superlink: str
+    node_config: dict[str, str]
+    insecure: bool = False
+    root_certificates: str | None = None
+    auth_key: str | None = None
+    """Identity file for SuperNode authentication (allowlist projects)."""
+    flwr_home: Path = field(default_factory=lambda: Path(os.environ.get("FLWR_HOME", "")) or Path.home())
+    log_path: Path | None = None
+
+
+def supernode_command(opts: NodeOptions, runtime_port: int, secret_file: Path) -> list[str]:
+    node_config = " ".join(f"{key}={toml_string(value)}" for key, value in opts.node_config.items())
+    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", opts.superlink,
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--superexec-auth-secret-file", str(secret_file), "--node-config", node_config]
+    if opts.insecure:
+        cmd.append("--insecure")
+    elif opts.root_certificates:
+        cmd += ["--root-certificates", opts.root_certificates]
+    if opts.auth_key:
+        cmd += ["--auth-supernode-private-key", opts.auth_key]
+    return cmd
+
+
+def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = None,
+             stop: threading.Event | None = None) -> None:
+    """Run SuperNode + runner until `stop` is set, SIGINT or SIGTERM."""
+    on_event = on_event or (lambda event, details: None)
+    opts.flwr_home.mkdir(parents=True, exist_ok=True)
+    secret_file = opts.flwr_home / "runtime.secret"
+    secret = os.urandom(32)
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    runtime_port = free_port()
+    runner = NodeRunner(f"127.0.0.1:{runtime_port}", secret, on_event)
+    stop = stop or threading.Event()
+    env = {**os.environ, "FLWR_HOME": str(opts.flwr_home)}
+    log_file = open(opts.log_path or opts.flwr_home / "supernode.log", "ab")  # noqa: SIM115
+    proc: subprocess.Popen | None = None
+
+    def start_supernode() -> subprocess.Popen:
+        cmd = supernode_command(opts, runtime_port, secret_file)
+        log.info("starting %s", shlex.join(cmd))
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+        runner.stopping.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+    worker = threading.Thread(target=runner.serve, name="node-runner", daemon=True)
+    try:
+        proc = start_supernode()
+        on_event("connecting", {"superlink": opts.superlink})
+        worker.start()
+        restarts = 0
+        while not stop.wait(1.0):
+            if proc.poll() is not None:
+                restarts += 1
+                delay = min(30.0, 2.0 * restarts)
+                on_event("reconnecting", {"exit_code": proc.returncode, "in_seconds": delay})
+                if stop.wait(delay):
+                    break
+                proc = start_supernode()
+    finally:
+        runner.stopping.set()
+        if proc is not None and proc.poll() is None:
+            stop_process(proc)
+        worker.join(timeout=10)
+        log_file.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        on_event("stopped", {})
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, for a child we started in its own session (and its group)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout)
+    try:  # children the SuperNode may have left in its group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    time.sleep(0)

@@ -1,0 +1,114 @@
+"""One volunteer's side of a round: global adapter + task in, signed envelope out.
+
+The node runner calls `Volunteer.run_round` for every training message. Data is
+read and validated once, when the node starts (a malformed file stops `join`
+before any model loads); the base model is loaded on the first round and kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loracommons.client.data import load_records, split_heldout, tokenize
+from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.envelope import Envelope, sign_update
+from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.task import RoundTask
+
+log = logging.getLogger(__name__)
+
+#: Status callback: (state, details). States: training, sent, failed.
+OnStatus = Callable[[str, dict], None]
+
+
+class VolunteerError(RuntimeError):
+    """A round cannot be done as asked; the reason goes back to the coordinator."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    data_path: str
+    identity_path: str
+    device: str = "auto"
+    max_minutes: float | None = None
+    """This volunteer's own cap on minutes of training per round (None: the project's)."""
+    heldout_fraction: float = 0.1
+    threads: int | None = None
+    """torch CPU threads while training (None: torch's default)."""
+
+
+class Volunteer:
+    def __init__(self, settings: NodeSettings, on_status: OnStatus | None = None):
+        self.settings = settings
+        self.key = SigningKey.load(settings.identity_path)
+        self.records = load_records(settings.data_path)  # fails fast on a malformed file
+        self.on_status = on_status or (lambda state, details: None)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key.public.fingerprint
+
+    def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:
+        """Train on local data from the global adapter and sign the update."""
+        from loracommons.client.model import apply_adapter, load_base
+        from loracommons.client.trainer import train
+
+        if hashlib.sha256(adapter_bytes).hexdigest() != task.base_adapter_digest:
+            raise VolunteerError("global adapter bytes do not match the digest in the round task")
+        global_adapter = decode_tensors(adapter_bytes, max_bytes=task.max_payload_bytes * 2 + (1 << 20))
+        base, tokenizer = load_base(task.base_model_id, device=self.settings.device)
+        model = apply_adapter(base, task.lora, dict(global_adapter), task.mode)
+        train_records, heldout_records = split_heldout(
+            self.records, self.settings.heldout_fraction, task.train.seed
+        )
+        data = tokenize(train_records, tokenizer, task.train.seq_len)
+        heldout = tokenize(heldout_records, tokenizer, task.train.seq_len) if heldout_records else None
+        settings = task.train
+        if self.settings.max_minutes is not None:
+            settings = dataclasses.replace(settings, max_minutes=min(settings.max_minutes,
+                                                                     self.settings.max_minutes))
+        # A different sample order per volunteer and round, reproducible from the task.
+        settings = dataclasses.replace(
+            settings, seed=settings.seed + 1000 * task.round + int(self.fingerprint[:4], 16)
+        )
+        started = time.monotonic()
+
+        def on_step(step: int, max_steps: int, loss: float, tokens_per_s: float) -> None:
+            self.on_status("training", {"round": task.round, "step": step, "max_steps": max_steps,
+                                        "loss": loss, "tokens_per_s": tokens_per_s})
+
+        self.on_status("training", {"round": task.round, "step": 0, "max_steps": settings.max_steps})
+        result = train(model, tokenizer, data, settings, task.mode, heldout=heldout, on_step=on_step,
+                       payload_dtype=task.payload_dtype, threads=self.settings.threads)
+        payload = encode_tensors(result.update, dtype=task.payload_dtype)
+        envelope = sign_update(
+            self.key, payload, **task.claims(),
+            examples=result.examples, steps=result.steps, train_loss=result.train_loss,
+        )
+        self.on_status("sent", {"round": task.round, "steps": result.steps, "train_loss": result.train_loss,
+                                "eval_loss": result.eval_loss, "seconds": time.monotonic() - started,
+                                "bytes": len(payload) + len(envelope.manifest), "digest": envelope.digest})
+        return envelope
+
+
+def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volunteer:
+    """Build a `Volunteer` from the SuperNode's node config (set by `loracommons join`)."""
+    try:
+        max_minutes = float(node_config["max-minutes"]) if node_config.get("max-minutes") else None
+        threads = int(node_config["threads"]) if node_config.get("threads") else None
+        settings = NodeSettings(
+            data_path=str(Path(str(node_config["data-path"])).expanduser()),
+            identity_path=str(Path(str(node_config["identity"])).expanduser()),
+            device=str(node_config.get("device", "auto")),
+            max_minutes=max_minutes,
+            threads=threads,
+        )
+    except KeyError as exc:
+        raise VolunteerError(f"node config lacks {exc}; start the node with `loracommons join`") from None
+    return Volunteer(settings, on_status)

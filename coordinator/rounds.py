@@ -1,0 +1,271 @@
+"""The coordinator's round loop: sample, send, admit as replies arrive, aggregate, publish.
+
+State lives in the project folder (SQLite + blobs + release folders), so the
+loop can be killed at any point and `resume` picks up from the last published
+release: an interrupted round is run again under a fresh nonce (updates signed
+for the old nonce are refused as stale), an aggregated round whose release was
+not yet written is published, and nothing is published twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loracommons.coordinator.admission import admit, context_for, expected_for
+from loracommons.coordinator.aggregation import RoundAggregator
+from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
+from loracommons.coordinator.initial import decode_adapter, initial_adapter
+from loracommons.coordinator.releases import peft_adapter_config, publish_release, reconcile
+from loracommons.coordinator.store import Store, new_nonce
+from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.envelope import Envelope, sha256_hex
+from loracommons.protocol.errors import ProtocolError
+from loracommons.protocol.flower_app import read_envelope, task_content
+from loracommons.protocol.identity import SigningKey
+
+log = logging.getLogger(__name__)
+
+OnEvent = Callable[[str, dict], None]
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class GlobalAdapter:
+    data: bytes
+    tensors: dict[str, np.ndarray]
+    digest: str
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GlobalAdapter:
+        return cls(data, decode_adapter(data), sha256_hex(data))
+
+
+@dataclass
+class Coordinator:
+    project_dir: Path
+    cfg: ProjectConfig
+    store: Store
+    key: SigningKey
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_event: OnEvent = lambda event, details: None  # noqa: E731
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    global_adapter: GlobalAdapter | None = None
+    _notes: dict[int, dict] = field(default_factory=dict)  # node id -> outcome of its last update
+    _late: dict[str, tuple[int, int]] = field(default_factory=dict)  # message id -> (round, node)
+
+    @classmethod
+    def open(cls, project_dir: str | Path, **kwargs) -> Coordinator:  # noqa: ANN003
+        project_dir = Path(project_dir)
+        cfg = load_config(project_dir)
+        return cls(project_dir, cfg, Store(project_dir), SigningKey.load(project_dir / RELEASE_KEY), **kwargs)
+
+    # -- resume --------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Bring state in line after any crash; returns the next round number."""
+        report = reconcile(self.project_dir, self.store, self.key)
+        if report.adopted or report.removed:
+            log.warning("reconciled releases: adopted %s, removed %s", report.adopted, report.removed)
+        last = self.store.last_aggregated_round()
+        if last is not None and last.get("adapter_digest"):
+            data = self.store.blobs.get(last["adapter_digest"])
+        else:
+            data = initial_adapter(self.project_dir, self.cfg, self.store)
+        self.global_adapter = GlobalAdapter.from_bytes(data)
+        if self._publish_due(final=False):
+            self.publish()
+        open_round = self.store.current_round()
+        next_round = open_round["round"] if open_round else self.store.last_closed_round() + 1
+        if open_round:
+            self.on_event("resume", {"round": next_round, "note": "interrupted round will run again"})
+        return next_round
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self, grid) -> None:  # noqa: ANN001 (flwr Grid)
+        r = self.resume()
+        total = self.cfg.round.rounds
+        while not self.stop.is_set() and (total == 0 or r <= total):
+            nodes = self.wait_for_nodes(grid)
+            if nodes is None:
+                break
+            self.run_round(grid, r, nodes)
+            r += 1
+        if self._publish_due(final=True):
+            self.publish()
+        self.on_event("finished", {"rounds": r - 1})
+
+    def wait_for_nodes(self, grid) -> list[int] | None:  # noqa: ANN001
+        need = self.cfg.round.min_volunteers
+        announced = False
+        while not self.stop.is_set():
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= need:
+                return nodes
+            if not announced:
+                self.on_event("waiting", {"connected": len(nodes), "needed": need})
+                announced = True
+            self.stop.wait(1.0)
+        return None
+
+    def run_round(self, grid, r: int, nodes: list[int]) -> dict:  # noqa: ANN001
+        from flwr.app import Message
+
+        cfg, current = self.cfg, self.global_adapter
+        assert current is not None
+        sampled = self.rng.sample(nodes, min(len(nodes), cfg.round.volunteers_per_round))
+        nonce = new_nonce()
+        latest = self.store.latest_release()
+        self.store.open_round(r, nonce, base_version=latest["version"] if latest else 0,
+                              sampled=len(sampled), base_adapter_digest=current.digest)
+        self.on_event("round_open", {"round": r, "sampled": len(sampled), "connected": len(nodes)})
+        task_json = cfg.task(r, nonce, current.digest).to_bytes()
+        expected = expected_for(cfg, r, nonce, current.tensors, current.digest)
+        admitted: set[str] = set()
+        membership = cfg.project.membership
+        ctx = context_for(
+            cfg, expected, current.tensors,
+            allowlist=self.store.registered_fingerprints() if membership == "allowlist" else frozenset(),
+            banned=self.store.banned_fingerprints(), admitted=admitted,
+        )
+        aggregator = RoundAggregator(cfg, current.tensors, spill_dir=self.project_dir / "tmp")
+        messages = [
+            Message(task_content(task_json, current.data, self._notes.pop(node, None)),
+                    dst_node_id=node, message_type="train", group_id=str(r))
+            for node in sampled
+        ]
+        waiting = {mid: node for mid, node in zip(grid.push_messages(messages), sampled, strict=True) if mid}
+        deadline = time.monotonic() + cfg.round.timeout_s
+        while waiting and time.monotonic() < deadline:
+            if self.stop.is_set():
+                return {"round": r, "status": "interrupted"}
+            for reply in grid.pull_messages(set(waiting) | set(self._late)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in self._late:
+                    self._record_late(r, reply, *self._late.pop(mid))
+                elif mid in waiting:
+                    self._handle(r, waiting.pop(mid), reply, ctx, aggregator, admitted)
+            if waiting:
+                self.stop.wait(POLL_SECONDS)
+        for mid, node in waiting.items():  # stragglers: their replies are refused if they come
+            self._late[mid] = (r, node)
+            self._notes[node] = {"round": r, "outcome": "missed", "reason": "no reply before the timeout"}
+        return self._close(r, aggregator)
+
+    def _handle(self, r: int, node: int, reply, ctx, aggregator: RoundAggregator,  # noqa: ANN001
+                admitted: set[str]) -> None:
+        """Admit one reply; whatever it holds, the round goes on."""
+        try:
+            if reply.has_error():
+                reason = reply.error.reason or f"error code {reply.error.code}"
+                self.store.record_update(r, None, "rejected", reason="volunteer_error", message=reason[:500])
+                self._notes[node] = {"round": r, "outcome": "failed", "reason": reason[:200]}
+                self.on_event("update", {"round": r, "accepted": False, "reason": "volunteer_error"})
+                return
+            try:
+                envelope = Envelope(*read_envelope(reply.content))
+            except ProtocolError as exc:
+                self.store.record_update(r, None, "rejected", reason=exc.reason, message=str(exc))
+                self.on_event("update", {"round": r, "accepted": False, "reason": exc.reason})
+                return
+            verdict = admit(envelope, ctx)
+            manifest = verdict.manifest
+            self.store.record_update(
+                r, verdict.signer, "admitted" if verdict.accepted else "rejected",
+                reason="" if verdict.accepted else verdict.reason, message=verdict.message,
+                update_digest=verdict.update_digest,
+                examples=manifest.examples if manifest else 0,
+                train_loss=manifest.train_loss if manifest else None,
+                nbytes=len(envelope.payload), public_key=manifest.signer if manifest else None,
+            )
+            self._notes[node] = {"round": r, "outcome": "admitted" if verdict.accepted else "rejected",
+                                 "reason": verdict.reason, "digest": verdict.update_digest[:16]}
+            self.on_event("update", {"round": r, "accepted": verdict.accepted, "reason": verdict.reason,
+                                     "signer": (verdict.signer or "")[:16]})
+            if verdict.accepted:
+                admitted.add(verdict.signer)
+                aggregator.offer(verdict)
+        except Exception as exc:  # a bug must not end the round for everyone else
+            log.exception("handling a reply of round %d failed", r)
+            try:
+                self.store.record_update(r, None, "rejected", reason="internal_error", message=str(exc)[:500])
+            except Exception:
+                log.exception("could not record the failure")
+
+    def _record_late(self, r: int, reply, old_round: int, node: int) -> None:  # noqa: ANN001
+        signer = None
+        if not reply.has_error():
+            try:
+                from loracommons.protocol.envelope import open_envelope
+
+                manifest, public = open_envelope(Envelope(*read_envelope(reply.content)),
+                                                 max_payload_bytes=self.cfg.limits.max_payload_bytes)
+                signer = public.fingerprint
+            except ProtocolError:
+                signer = None
+        self.store.record_update(r, signer, "rejected", reason="late",
+                                 message=f"update for round {old_round} arrived after that round closed")
+        self.on_event("update", {"round": r, "accepted": False, "reason": "late"})
+
+    def _close(self, r: int, aggregator: RoundAggregator) -> dict:
+        outcome = aggregator.finish()
+        for rejection in outcome.rejected:
+            self.store.reject_admitted(r, rejection.update_digest, rejection.reason, rejection.message)
+        if outcome.tensors is None:
+            row = self.store.close_round(r, "skipped", note=outcome.message)
+            self.on_event("round_closed", {"round": r, "status": "skipped", "note": outcome.message})
+            return row
+        data = encode_tensors(outcome.tensors)
+        digest = self.store.blobs.put(data)
+        note = ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.metrics.items()))
+        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=note)
+        self.global_adapter = GlobalAdapter.from_bytes(data)
+        self.on_event("round_closed", {"round": r, "status": "aggregated", "admitted": row["admitted"],
+                                       "rejected": row["rejected"], "train_loss": row["train_loss"]})
+        if self._publish_due(final=False):
+            self.publish()
+        return row
+
+    # -- releases --------------------------------------------------------------
+
+    def _unreleased_rounds(self) -> list[dict]:
+        latest = self.store.latest_release()
+        since = latest["round"] if latest else 0
+        return [row for row in self.store.rounds() if row["status"] == "aggregated" and row["round"] > since]
+
+    def _publish_due(self, final: bool) -> bool:
+        pending = self._unreleased_rounds()
+        return bool(pending) and (final or len(pending) >= self.cfg.round.publish_every)
+
+    def publish(self) -> None:
+        """Publish the latest aggregated adapter as the next signed release."""
+        pending = self._unreleased_rounds()
+        last = pending[-1]
+        data = self.store.blobs.get(last["adapter_digest"])
+        digests, contributors = [], {}
+        for row in pending:
+            for update in self.store.round_updates(row["round"]):
+                if update["outcome"] == "admitted":
+                    digests.append(update["update_digest"])
+                    fp = update["fingerprint"]
+                    contributors[fp] = contributors.get(fp, 0) + int(update["examples"] or 0)
+        latest = self.store.latest_release()
+        version = (latest["version"] if latest else 0) + 1
+        metrics = {"round": last["round"], "train_loss": last["train_loss"], "admitted": last["admitted"],
+                   "rejected": last["rejected"], "rounds_aggregated": len(pending)}
+        project = self.cfg.project
+        publish_release(
+            self.project_dir, self.store, self.key, project, version, last["round"],
+            decode_adapter(data), peft_adapter_config(self.cfg.lora, project.base_model,
+                                                      project.base_model_revision),
+            metrics=metrics, update_digests=digests, contributors=contributors,
+        )
+        self.on_event("published", {"version": version, "round": last["round"]})

@@ -1,0 +1,205 @@
+"""`loracommons coordinator ...`: run a community project's coordinator."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from loracommons.cli_common import fail
+
+console = Console()
+app = typer.Typer(help="Run the coordinator of a community project.", no_args_is_help=True)
+
+
+@app.command("init")
+def init(
+    directory: Path = typer.Argument(..., help="Project folder to create."),
+    base_model: str = typer.Option(..., "--base-model", help="Hugging Face id or local folder."),
+    name: str = typer.Option(None, "--name", help="Display name of the project."),
+    mode: str = typer.Option("ffa", "--mode", help="Aggregation: ffa | exact | fedavg."),
+    membership: str = typer.Option("open", "--membership", help="open | allowlist."),
+    revision: str = typer.Option(None, "--revision", help="Base model revision (default: main)."),
+) -> None:
+    """Write DIR/project.toml (every key documented) and the coordinator's release key."""
+    from loracommons.coordinator.config import RELEASE_KEY, ConfigError, init_project
+    from loracommons.protocol.identity import SigningKey
+
+    try:
+        cfg = init_project(directory, base_model, name=name, mode=mode, membership=membership,
+                           revision=revision)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    key = SigningKey.load(directory / RELEASE_KEY)
+    console.print(f"project [bold]{cfg.project.id}[/] created in {directory}", highlight=False)
+    config_path = directory / "project.toml"
+    console.print(f"  config:      {config_path} (edit before the first start)", highlight=False)
+    console.print(f"  release key: {directory / RELEASE_KEY} (keep it secret; back it up)", highlight=False)
+    console.print(f"  fingerprint: {key.public.fingerprint}", highlight=False)
+    console.print("  downloaders pin this fingerprint: loracommons download URL --pin <fingerprint>",
+                  highlight=False)
+
+
+def _status_table(status: dict, ready: dict, events: list[str]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    rounds, updates = status["rounds"], status["updates"]
+    latest = status["latest_release"]
+    table.add_row("volunteers", f"fleet {ready.get('fleet', '?')}")
+    table.add_row("dashboard", ready.get("http", "?"))
+    current = f"round {rounds['open']} open" if rounds["open"] else "between rounds"
+    table.add_row("rounds", f"{rounds['by_status'].get('aggregated', 0)} aggregated, "
+                  f"{rounds['by_status'].get('skipped', 0)} skipped; {current}")
+    reasons = ", ".join(f"{k}: {v}" for k, v in updates["rejected_by_reason"].items()) or "none"
+    table.add_row("updates", f"{updates['admitted']} admitted, {updates['rejected']} rejected ({reasons})")
+    release = f"v{latest['version']} (round {latest['round']})" if latest else "none yet"
+    table.add_row("latest release", release)
+    for line in events[-6:]:
+        table.add_row("", line)
+    return table
+
+
+@app.command("start")
+def start(
+    directory: Path = typer.Argument(..., help="Project folder (from `coordinator init`)."),
+    host: str = typer.Option(None, "--host", help="SuperLink address (default: [network] host)."),
+    port: int = typer.Option(None, "--port", help="SuperLink port volunteers connect to."),
+    http_host: str = typer.Option(None, "--http-host", help="HTTP API address."),
+    http_port: int = typer.Option(None, "--http-port", help="HTTP API and dashboard port."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS: for a local test only."),
+    ssl_ca_certfile: Path = typer.Option(None, "--ssl-ca-certfile", help="CA certificate (PEM)."),
+    ssl_certfile: Path = typer.Option(None, "--ssl-certfile", help="Server certificate (PEM)."),
+    ssl_keyfile: Path = typer.Option(None, "--ssl-keyfile", help="Server private key (PEM)."),
+    plain: bool = typer.Option(False, "--plain", help="Log lines instead of the live view."),
+) -> None:
+    """Start the SuperLink, the round loop and the HTTP API; resume where the project left off."""
+    from loracommons.coordinator.config import ConfigError
+    from loracommons.coordinator.service import CoordinatorBusy, StartOptions, run_coordinator
+    from loracommons.coordinator.superlink import Tls
+
+    tls_files = (ssl_ca_certfile, ssl_certfile, ssl_keyfile)
+    if insecure == any(tls_files):
+        raise fail("give either --insecure (local tests) or all of --ssl-ca-certfile, --ssl-certfile, "
+                   "--ssl-keyfile")
+    if not insecure and not all(tls_files):
+        raise fail("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
+    if not insecure:
+        for path in tls_files:
+            if not path.exists():
+                raise fail(f"{path} does not exist")
+    tls = None if insecure else Tls(*(str(p.resolve()) for p in tls_files))
+    opts = StartOptions(host=host, port=port, http_host=http_host, http_port=http_port, tls=tls)
+    events: list[str] = []
+    ready: dict = {}
+    live_view = not plain and console.is_terminal
+
+    def on_event(event: str, details: dict) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {event} " + " ".join(f"{k}={v}" for k, v in details.items())
+        events.append(line)
+        if not live_view:
+            print(line, flush=True)
+
+    def on_ready(info: dict) -> None:
+        ready.update(info)
+        mode = "INSECURE (plain HTTP, local use only)" if insecure else "TLS"
+        print(f"coordinator ready: fleet {info['fleet']} ({mode}), dashboard {info['http']}, "
+              f"release key {info['fingerprint']}", flush=True)
+
+    live = Live(console=console, refresh_per_second=2, transient=False) if live_view else None
+    store_holder: list = []
+
+    def tick() -> None:
+        if live is None:
+            return
+        from loracommons.coordinator.store import Store
+
+        if not store_holder:
+            store_holder.append(Store(directory))
+        live.update(_status_table(store_holder[0].status(), ready, events))
+
+    try:
+        if live is not None:
+            live.start()
+        outcome = run_coordinator(directory, opts, on_event=on_event, on_ready=on_ready, tick=tick)
+    except (ConfigError, CoordinatorBusy, RuntimeError, TimeoutError, OSError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if live is not None:
+            live.stop()
+        for store in store_holder:
+            store.close()
+    console.print(f"coordinator stopped: {outcome}", highlight=False)
+
+
+@app.command("register")
+def register(
+    directory: Path = typer.Argument(..., help="Project folder."),
+    pubkey_file: Path = typer.Argument(..., help="The volunteer's public key (.pub)."),
+    name: str = typer.Option(None, "--name", help="Display name for the leaderboard."),
+) -> None:
+    """Allow a volunteer's key (allowlist projects); takes effect at the next round."""
+    from loracommons.coordinator.store import Store
+    from loracommons.protocol import ProtocolError, PublicKey
+
+    try:
+        public = PublicKey.load(pubkey_file)
+    except (ProtocolError, OSError) as exc:
+        raise fail(f"{pubkey_file}: {exc}") from None
+    store = _store(directory, Store)
+    try:
+        store.register_volunteer(public, name)
+    finally:
+        store.close()
+    console.print(f"registered {public.short} ({public.fingerprint})"
+                  + (f" as {name!r}" if name else ""), highlight=False)
+    console.print("restart the coordinator for SuperNode authentication to admit the new key",
+                  highlight=False)
+
+
+@app.command("ban")
+def ban(
+    directory: Path = typer.Argument(..., help="Project folder."),
+    fingerprint: str = typer.Argument(..., help="Fingerprint or a unique prefix of it."),
+) -> None:
+    """Refuse every further update signed by this key."""
+    from loracommons.coordinator.store import Store, StoreError
+
+    store = _store(directory, Store)
+    try:
+        full = store.ban(fingerprint)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        store.close()
+    console.print(f"banned {full}", highlight=False)
+
+
+@app.command("status")
+def status(
+    directory: Path = typer.Argument(..., help="Project folder."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Rounds, volunteers, admitted/rejected updates with reasons, latest release."""
+    from loracommons.coordinator.store import Store
+
+    store = _store(directory, Store)
+    try:
+        info = store.status()
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    console.print(_status_table(info, {"fleet": "(see project.toml)", "http": "(see project.toml)"}, []))
+
+
+def _store(directory: Path, store_cls):  # noqa: ANN001, ANN202
+    if not (directory / "project.toml").exists():
+        raise fail(f"{directory} is not a project folder (no project.toml); see `coordinator init`")
+    return store_cls(directory)

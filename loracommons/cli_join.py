@@ -1,0 +1,148 @@
+"""`loracommons join`: contribute to a community adapter with your GPU (or CPU) and private data."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from loracommons.cli_common import fail
+from loracommons.paths import data_dir, default_identity
+
+console = Console()
+
+
+class JoinView:
+    """One status line per round, a live line while training; optionally a JSON status file."""
+
+    def __init__(self, status_file: Path | None, live: bool):
+        self.status_file = status_file
+        self.state: dict = {"state": "starting", "rounds_sent": 0, "updated": time.time()}
+        self.lock = threading.Lock()
+        self.live = Live(console=console, refresh_per_second=4, transient=True) if live else None
+
+    def _write(self) -> None:
+        if self.status_file is None:
+            return
+        tmp = self.status_file.with_name(self.status_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.state, default=str))
+        os.replace(tmp, self.status_file)
+
+    def say(self, line: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False)
+
+    def event(self, state: str, details: dict) -> None:
+        with self.lock:
+            self.state.update(details, state=state, updated=time.time())
+            if state == "sent":
+                self.state["rounds_sent"] += 1
+            self._write()
+        if state == "training":
+            step, total = details.get("step", 0), details.get("max_steps", "?")
+            loss = details.get("loss")
+            text = f"round {details['round']}: training step {step}/{total}"
+            if loss is not None:
+                text += f"  loss {loss:.3f}  {details.get('tokens_per_s', 0):.0f} tok/s"
+            if self.live is not None:
+                self.live.update(Text(text))
+            return
+        if state == "sent":
+            eval_loss = details.get("eval_loss")
+            held = f", held-out loss {eval_loss:.3f}" if eval_loss else ""
+            self.say(f"round {details['round']}: update sent ({details['steps']} steps, train loss "
+                     f"{details['train_loss']:.3f}{held}, {details['bytes'] / 1024:.0f} KiB, "
+                     f"{details['seconds']:.1f} s)")
+        elif state == "note":
+            outcome = details.get("outcome")
+            if outcome:
+                self.say(f"round {details.get('round')}: your update was {outcome}"
+                         + (f" ({details['reason']})" if outcome != "admitted" else ""))
+                with self.lock:
+                    self.state["last_outcome"] = details
+                    self._write()
+        elif state == "connecting":
+            self.say(f"connecting to {details['superlink']}; waiting for a round")
+        elif state == "reconnecting":
+            self.say(f"connection lost (SuperNode exit {details['exit_code']}); "
+                     f"reconnecting in {details['in_seconds']:.0f} s")
+        elif state == "refused":
+            self.say(f"refused a run whose app differs from the installed loracommons: {details['reason']}")
+        elif state == "failed":
+            self.say(f"round failed: {details['reason']}")
+        elif state == "stopped":
+            self.say("stopped")
+
+
+def join(
+    coordinator: str = typer.Argument(..., help="The coordinator's SuperLink address, HOST:PORT."),
+    data: Path = typer.Option(..., "--data", help="Your private training data (JSONL, CSV, Parquet, "
+                              "text, or a `datasets` folder). It never leaves this machine."),
+    identity: Path = typer.Option(None, "--identity", help="Your key (created on first use)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps."),
+    max_minutes: float = typer.Option(None, "--max-minutes-per-round", help="Your cap on training time."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS: only for a local test coordinator."),
+    root_certificates: Path = typer.Option(None, "--root-certificates", help="CA certificate (PEM) "
+                                           "of the coordinator."),
+    name: str = typer.Option(None, "--name", help="Display name (kept on this machine for now)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for training."),
+    status_file: Path = typer.Option(None, "--status-file", help="Also write status as JSON here."),
+    node_auth: bool = typer.Option(None, "--node-auth/--no-node-auth",
+                                   help="Authenticate the SuperNode with your key (allowlist projects; "
+                                   "default: on with TLS)."),
+) -> None:
+    """Join a community project: train on your data each round, send signed LoRA updates."""
+    from loracommons.client.data import DataError, load_records
+    from loracommons.protocol import SigningKey
+
+    if insecure == (root_certificates is not None):
+        raise fail("give either --root-certificates CA.pem (the coordinator's CA) or --insecure "
+                   "(local test coordinators only)")
+    if root_certificates is not None and not root_certificates.exists():
+        raise fail(f"{root_certificates} does not exist")
+    try:
+        records = load_records(data)  # a malformed file stops here, before any model loads
+    except (DataError, OSError) as exc:
+        raise fail(str(exc)) from None
+    identity = identity or default_identity()
+    if not identity.exists():
+        key = SigningKey.generate("volunteer")
+        key.save(identity)
+        console.print(f"created your volunteer identity {identity} (fingerprint {key.public.short}); "
+                      "keep it: it is how the project credits your work", highlight=False)
+    try:
+        public = SigningKey.load(identity).public
+    except Exception as exc:
+        raise fail(str(exc)) from None
+    from loracommons.client import client_app
+    from loracommons.client.node import NodeOptions, run_node
+
+    node_config = {"data-path": str(data.resolve()), "identity": str(identity.resolve()), "device": device}
+    if max_minutes is not None:
+        node_config["max-minutes"] = str(max_minutes)
+    if threads is not None:
+        node_config["threads"] = str(threads)
+    home = Path(os.environ.get("FLWR_HOME") or data_dir() / "node" / public.fingerprint[:16])
+    use_auth = node_auth if node_auth is not None else not insecure
+    opts = NodeOptions(superlink=coordinator, node_config=node_config, insecure=insecure,
+                       root_certificates=str(root_certificates.resolve()) if root_certificates else None,
+                       auth_key=str(identity.resolve()) if use_auth else None, flwr_home=home)
+    view = JoinView(status_file, live=console.is_terminal)
+    console.print(f"volunteer {public.short}{f' ({name})' if name else ''}: {len(records)} examples in "
+                  f"{data} (stay on this machine); coordinator {coordinator}"
+                  + (" [INSECURE: local test only]" if insecure else ""), highlight=False)
+    client_app.set_status_callback(view.event)
+    try:
+        if view.live is not None:
+            view.live.start()
+        run_node(opts, on_event=view.event)
+    finally:
+        if view.live is not None:
+            view.live.stop()
+        client_app.set_status_callback(None)

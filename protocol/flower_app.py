@@ -1,0 +1,191 @@
+"""The one Flower app a LoRA Commons node will run, defined as data.
+
+Flower ships app code to nodes as a FAB (a zip). Ours holds no code: only a
+`pyproject.toml` whose components name modules of the *installed* loracommons
+package. A coordinator sends this FAB with run-config overrides; a volunteer's
+node accepts a run only if the FAB holds exactly these files with this content
+(`check_fab`), and then calls its own installed ClientApp, so nothing from the
+coordinator is ever imported or executed. Pure Python: no flwr needed to check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import zipfile
+
+from loracommons.protocol.errors import ProtocolError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+APP_PUBLISHER = "loracommons"
+APP_NAME = "loracommons-app"
+MAX_FAB_BYTES = 1 << 20
+FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+
+
+class ForeignApp(ProtocolError):
+    """The run's app is not the one this installed loracommons defines."""
+
+    reason = "foreign_app"
+
+
+def app_pyproject(version: str) -> str:
+    return f"""\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "{version}"
+description = "LoRA Commons federated app: references installed loracommons code only"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "{APP_PUBLISHER}"
+
+[tool.flwr.app.components]
+serverapp = "loracommons.coordinator.server_app:app"
+clientapp = "loracommons.client.client_app:app"
+
+[tool.flwr.app.config]
+project-dir = ""
+"""
+
+
+def check_fab(content: bytes, claimed_sha256: str, fab_id: str, fab_version: str, version: str) -> None:
+    """Raise `ForeignApp` unless the FAB is exactly our app at `version`.
+
+    Compares the parsed `pyproject.toml` rather than zip bytes, so differences in
+    how two machines zip the same text do not matter. Reads the zip directory
+    and one small member; extracts, imports and installs nothing.
+    """
+    if len(content) > MAX_FAB_BYTES:
+        raise ForeignApp(f"app bundle is {len(content)} bytes; ours is a few hundred")
+    if hashlib.sha256(content).hexdigest() != claimed_sha256:
+        raise ForeignApp("app bundle does not match its announced sha256")
+    if fab_id != f"{APP_PUBLISHER}/{APP_NAME}" or fab_version != version:
+        raise ForeignApp(f"run uses app {fab_id!r} {fab_version!r}, this node runs "
+                         f"{APP_PUBLISHER}/{APP_NAME} {version}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            names = set(bundle.namelist())
+            if names != FAB_FILES:
+                extra = sorted(names - FAB_FILES)
+                raise ForeignApp(f"app bundle carries files this node did not install: {extra[:5]}")
+            info = bundle.getinfo("pyproject.toml")
+            if info.file_size > 64 * 1024:
+                raise ForeignApp("app bundle's pyproject.toml is too large")
+            got = tomllib.loads(bundle.read(info).decode("utf-8"))
+    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, OSError) as exc:
+        raise ForeignApp(f"app bundle is unreadable: {exc}") from None
+    if got != tomllib.loads(app_pyproject(version)):
+        raise ForeignApp("app bundle's pyproject.toml differs from the installed loracommons app")
+
+
+def safe_retry_invoker(max_time: float | None = None):  # noqa: ANN201 (flwr type, imported lazily)
+    """Retry policy for long-lived clients of Flower's HTTP APIs (needs flwr).
+
+    Flower's default invoker answers HTTP 401 by sending SIGINT to its own
+    process, which suits its throw-away app processes but would kill a node
+    runner or a coordinator whenever a run is stopped. This one retries
+    transport errors and 502/503/504, and raises any other HTTP error.
+    """
+    import httpx
+    from flwr.common.constant import MAX_RETRY_DELAY
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    transport = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
+                 httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)
+
+    def give_up(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code not in {502, 503, 504}
+        return any(word in str(exc).lower() for word in ("certificate", "ssl", "tls"))
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=MAX_RETRY_DELAY),
+        recoverable_exceptions=(*transport, httpx.HTTPStatusError),
+        max_tries=None, max_time=max_time, should_giveup=give_up,
+    )
+
+
+# --- The two Flower messages of a round (flwr is imported only when they are built or read) ---
+# Task:  ConfigRecord "lc" {task: RoundTask JSON, note: JSON}; ArrayRecord "lc-adapter" {adapter: raw bytes}
+# Reply: ConfigRecord "lc" {manifest, signature};              ArrayRecord "lc-payload" {payload: raw bytes}
+# Large byte strings travel as raw uint8 Arrays, which Flower sends in chunks.
+
+
+def _bytes_array(data: bytes):  # noqa: ANN202
+    from flwr.app import Array
+
+    return Array("uint8", (len(data),), "raw", data)
+
+
+def _raw_bytes(content, record: str, name: str) -> bytes:  # noqa: ANN001
+    try:
+        array = content[record][name]
+    except KeyError:
+        raise ProtocolError(f"message lacks {record}/{name}") from None
+    if getattr(array, "dtype", None) != "uint8" or array.stype != "raw" or len(array.shape) != 1:
+        raise ProtocolError(f"{record}/{name} is not a raw byte array")
+    return bytes(array.data)
+
+
+def _config_bytes(content, name: str) -> bytes:  # noqa: ANN001
+    try:
+        value = content["lc"][name]
+    except KeyError:
+        raise ProtocolError(f"message lacks lc/{name}") from None
+    if not isinstance(value, bytes):
+        raise ProtocolError(f"lc/{name} is not bytes")
+    return value
+
+
+def task_content(task_json: bytes, adapter: bytes, note: dict | None = None):  # noqa: ANN201
+    import json
+
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({
+        "lc": ConfigRecord({"task": task_json, "note": json.dumps(note or {}).encode()}),
+        "lc-adapter": ArrayRecord({"adapter": _bytes_array(adapter)}),
+    })
+
+
+def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
+    """(task JSON, global adapter bytes, note) from a task message's content."""
+    import json
+
+    note_raw = _config_bytes(content, "note") if "note" in content["lc"] else b"{}"
+    try:
+        note = json.loads(note_raw) if len(note_raw) < 4096 else {}
+    except ValueError:
+        note = {}
+    return _config_bytes(content, "task"), _raw_bytes(content, "lc-adapter", "adapter"), note
+
+
+def envelope_content(manifest: bytes, payload: bytes, signature: bytes):  # noqa: ANN201
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({
+        "lc": ConfigRecord({"manifest": manifest, "signature": signature}),
+        "lc-payload": ArrayRecord({"payload": _bytes_array(payload)}),
+    })
+
+
+def read_envelope(content) -> tuple[bytes, bytes, bytes]:  # noqa: ANN001
+    """(manifest, payload, signature) from a reply's content; `ProtocolError` if malformed."""
+    try:
+        return (_config_bytes(content, "manifest"), _raw_bytes(content, "lc-payload", "payload"),
+                _config_bytes(content, "signature"))
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a peer's records can be shaped any way at all
+        raise ProtocolError(f"reply is not an update envelope: {exc}") from None
