@@ -16,7 +16,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from loracommons import __version__
+from loracommons import __version__, cli_download, cli_join  # none imports torch or flwr at import
+from loracommons.cli_common import fail
+from loracommons.cli_coordinator import app as coordinator_app
 from loracommons.paths import default_identity
 from loracommons.protocol import ProtocolError, PublicKey, SigningKey
 
@@ -31,12 +33,6 @@ app = typer.Typer(
 )
 identity_app = typer.Typer(help="Your volunteer identity (an ECDSA P-256 key).", no_args_is_help=True)
 app.add_typer(identity_app, name="identity")
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print one clear line and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -95,3 +91,8 @@ def identity_show(
     else:
         for name, value in info.items():
             console.print(f"{name}: {value}", highlight=False)
+
+
+app.command("download")(cli_download.download)
+app.command("join")(cli_join.join)
+app.add_typer(coordinator_app, name="coordinator")
