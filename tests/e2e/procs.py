@@ -1,0 +1,112 @@
+"""Real processes on 127.0.0.1 for end-to-end tests: start, wait, stop by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+LC = [sys.executable, "-m", "loracommons"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5,
+             procs: list[subprocess.Popen] | None = None) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for proc in procs or []:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: process {proc.args[:4]} exited with {proc.returncode}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Processes:
+    """Starts processes in their own sessions and stops every one of them (and its group)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.pid_files: list[Path] = []  # children our processes started (a SuperLink after kill -9)
+
+    def start(self, args: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+        logfile = open(self.workdir / log, "ab")  # noqa: SIM115
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, env=full_env,
+                                cwd=self.workdir, start_new_session=True)
+        logfile.close()
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, project: Path, port: int, http_port: int, log: str = "coordinator.log"):
+        self.pid_files.append(project / "flower" / "superlink.pid")
+        return self.start([*LC, "coordinator", "start", str(project), "--host", "127.0.0.1",
+                           "--port", str(port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
+                           "--insecure", "--plain"], log)
+
+    def join(self, port: int, data: Path, identity: Path, name: str, extra: list[str] | None = None):
+        home = self.workdir / f"flwr-{name}"
+        status = self.workdir / f"{name}.json"
+        return self.start([*LC, "join", f"127.0.0.1:{port}", "--data", str(data), "--identity", str(identity),
+                           "--insecure", "--threads", "1", "--status-file", str(status), *(extra or [])],
+                          f"{name}.log", env={"FLWR_HOME": str(home)})
+
+    def kill9(self, proc: subprocess.Popen) -> None:
+        """kill -9 of the process alone, as a crash would (its children survive)."""
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            proc.wait(timeout)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+        for pid_file in self.pid_files:  # a SuperLink orphaned by a kill -9 of its coordinator
+            try:
+                pid = int(pid_file.read_text())
+                if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.killpg(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+    def log(self, name: str) -> str:
+        path = self.workdir / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*LC, *args], capture_output=True, text=True, cwd=cwd, check=check, timeout=300)

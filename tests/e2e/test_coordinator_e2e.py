@@ -1,0 +1,89 @@
+"""Coordinator and volunteers as real processes on 127.0.0.1: rounds, releases, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loracommons.protocol import PublicKey, SignedRelease, verify_chain
+from tests.e2e.conftest import FAST_ROUNDS, make_project, volunteer_data
+from tests.e2e.procs import cli, free_port, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+def status(project: Path) -> dict:
+    return json.loads(cli("coordinator", "status", str(project), "--json").stdout)
+
+
+def release_chain(project: Path) -> list:
+    pinned = PublicKey.load(project / "keys" / "release_key.pub")
+    versions = sorted(int(p.name[1:]) for p in (project / "releases").glob("v*"))
+    signed = [SignedRelease.from_json((project / "releases" / f"v{v}" / "release.json").read_bytes())
+              for v in versions]
+    return verify_chain(signed, pinned)
+
+
+def heldout_loss(base: Path, adapter: Path | None, data: Path) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loracommons.client.data import load_records
+    from loracommons.client.evaluate import heldout_loss as loss_of
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return loss_of(model, tokenizer, load_records(data), 64)
+
+
+def test_three_volunteers_three_rounds_three_releases(tmp_path, procs, tiny_base):
+    project = make_project(tmp_path, tiny_base, round={"rounds": 3, "volunteers_per_round": 3,
+                                                        "min_volunteers": 3, "timeout_s": 120.0},
+                           **FAST_ROUNDS)
+    port, http_port = free_port(), free_port()
+    coordinator = procs.coordinator(project, port, http_port)
+    for i, data in enumerate(volunteer_data(tmp_path, 3)):
+        procs.join(port, data, tmp_path / f"id{i}", f"vol{i}")
+    wait_for(lambda: coordinator.poll() is not None, 240, "three rounds to finish")
+    assert coordinator.returncode == 0, procs.log("coordinator.log")
+    info = status(project)
+    assert info["rounds"]["by_status"]["aggregated"] == 3
+    assert info["updates"]["admitted"] == 9 and info["updates"]["rejected"] == 0
+    assert info["volunteers"]["contributed"] == 3
+    chain = release_chain(project)
+    assert [m.version for m in chain] == [1, 2, 3] and [m.round for m in chain] == [1, 2, 3]
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text((tmp_path / "data0.jsonl").read_text())
+    base_loss = heldout_loss(tiny_base, None, held_out)
+    community_loss = heldout_loss(tiny_base, project / "releases" / "v3", held_out)
+    assert community_loss < base_loss, (community_loss, base_loss)
+    # each volunteer saw its updates admitted
+    notes = [json.loads((tmp_path / f"vol{i}.json").read_text()) for i in range(3)]
+    assert all(n["rounds_sent"] == 3 for n in notes)
+
+
+def test_kill9_mid_round_then_resume(tmp_path, procs, tiny_base):
+    project = make_project(tmp_path, tiny_base, round={"rounds": 3, "volunteers_per_round": 2,
+                                                        "min_volunteers": 2, "timeout_s": 120.0},
+                           **{**FAST_ROUNDS, "train": {**FAST_ROUNDS["train"], "max_steps": 40}})
+    port, http_port = free_port(), free_port()
+    first = procs.coordinator(project, port, http_port, log="coordinator1.log")
+    for i, data in enumerate(volunteer_data(tmp_path, 2)):
+        procs.join(port, data, tmp_path / f"id{i}", f"vol{i}")
+    wait_for(lambda: status(project)["rounds"]["open"] == 2, 180, "round 2 to open", procs=[first])
+    procs.kill9(first)
+    interrupted = status(project)
+    assert interrupted["rounds"]["open"] == 2 and interrupted["latest_release"]["version"] == 1
+    second = procs.coordinator(project, port, http_port, log="coordinator2.log")
+    wait_for(lambda: second.poll() is not None, 240, "the resumed run to finish")
+    assert second.returncode == 0, procs.log("coordinator2.log")
+    chain = release_chain(project)
+    assert [m.version for m in chain] == [1, 2, 3]
+    assert [m.round for m in chain] == [1, 2, 3]
+    info = status(project)
+    assert info["rounds"]["by_status"] == {"open": 0, "aggregated": 3, "skipped": 0, "failed": 0}
+    assert "resume" in procs.log("coordinator2.log")
