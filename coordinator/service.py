@@ -80,8 +80,13 @@ def run_coordinator(
     on_ready: Callable[[dict], None] | None = None,
     stop: threading.Event | None = None,
     tick: Callable[[], None] | None = None,
+    serve_after: bool = False,
 ) -> str:
-    """Run until the project's rounds are done or a stop is requested; returns the outcome."""
+    """Run until the project's rounds are done or a stop is requested; returns the outcome.
+
+    With `serve_after`, the HTTP API keeps serving releases after the last round
+    until a stop is requested.
+    """
     from loracommons.coordinator import server_app
     from loracommons.coordinator.http_api import create_app
 
@@ -132,6 +137,11 @@ def run_coordinator(
                 raise RuntimeError(f"the SuperLink exited with code {superlink.returncode}; see "
                                    f"{project_dir / 'flower' / 'superlink.log'}")
             worker.join(0.5)
+        if serve_after and not stop.is_set():
+            log.info("rounds finished; the HTTP API stays up until stopped")
+            while not stop.wait(0.5):
+                if tick:
+                    tick()
         return outcome[0] if outcome else "stopped"
     finally:
         stop.set()

@@ -93,6 +93,25 @@ def identity_show(
             console.print(f"{name}: {value}", highlight=False)
 
 
+@app.command("demo")
+def demo(
+    volunteers: int = typer.Option(3, "--volunteers", min=2, max=8, help="Volunteers in the community."),
+    rounds: int = typer.Option(5, "--rounds", min=1, max=50, help="Federated rounds."),
+    out: Path = typer.Option(Path("loracommons-demo"), "--out", help="Output folder (new or empty)."),
+    keep_running: bool = typer.Option(False, "--keep-running", help="Keep the coordinator, volunteers "
+                                      "and dashboard running after the report, until Ctrl-C."),
+) -> None:
+    """A whole community on this machine: coordinator + volunteers on an embedded tiny model."""
+    from loracommons.demo.community import DemoError, DemoSettings, run_demo
+
+    try:
+        run_demo(out, DemoSettings(volunteers=volunteers, rounds=rounds), console, keep_running)
+    except DemoError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; every process the demo started was stopped", 130) from None
+
+
 app.command("download")(cli_download.download)
 app.command("join")(cli_join.join)
 app.add_typer(coordinator_app, name="coordinator")

@@ -77,6 +77,8 @@ def start(
     ssl_certfile: Path = typer.Option(None, "--ssl-certfile", help="Server certificate (PEM)."),
     ssl_keyfile: Path = typer.Option(None, "--ssl-keyfile", help="Server private key (PEM)."),
     plain: bool = typer.Option(False, "--plain", help="Log lines instead of the live view."),
+    serve_after: bool = typer.Option(False, "--serve-after", help="Keep the HTTP API up after the "
+                                     "last round, until Ctrl-C."),
 ) -> None:
     """Start the SuperLink, the round loop and the HTTP API; resume where the project left off."""
     from loracommons.coordinator.config import ConfigError
@@ -126,7 +128,8 @@ def start(
     try:
         if live is not None:
             live.start()
-        outcome = run_coordinator(directory, opts, on_event=on_event, on_ready=on_ready, tick=tick)
+        outcome = run_coordinator(directory, opts, on_event=on_event, on_ready=on_ready, tick=tick,
+                                  serve_after=serve_after)
     except (ConfigError, CoordinatorBusy, RuntimeError, TimeoutError, OSError) as exc:
         raise fail(str(exc)) from None
     finally:

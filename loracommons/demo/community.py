@@ -1,0 +1,298 @@
+"""`loracommons demo`: a whole community on this machine, as real processes on 127.0.0.1.
+
+    loracommons demo --volunteers 3 --rounds 5 --out demo-out
+
+1. writes each volunteer's private data (one or two new skills each, non-IID)
+   and held-out sets per skill, as ordinary instruction JSONL files;
+2. `coordinator init` on the embedded pretrained tiny model, then
+   `coordinator start` and N `loracommons join` processes (insecure: local only);
+3. a live view of rounds, volunteers, admitted updates and releases;
+4. `loracommons download` of the final release into `OUT/adapter`, verified
+   against the coordinator's key;
+5. the report (`report.py`): base vs each volunteer's local-only adapter vs
+   the community adapter, per skill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from loracommons.demo.skills import NEW_SKILLS, skills_for_volunteer, write_skill_files
+
+LC = [sys.executable, "-m", "loracommons"]
+DEMO_BASE = "loracommons/demo-tiny"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    volunteers: int = 3
+    rounds: int = 5
+    steps_per_round: int = 40
+    batch_size: int = 16
+    learning_rate: float = 5e-3
+    lora_r: int = 16
+    mode: str = "ffa"
+    n_train: int = 400
+    """Training examples per skill a volunteer holds."""
+    n_heldout: int = 64
+    """Held-out examples per skill."""
+    seed: int = 0
+    round_timeout_s: float = 240.0
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Community:
+    out: Path
+    settings: DemoSettings
+    console: Console
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    port: int = 0
+    http_port: int = 0
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    # -- data and project ------------------------------------------------------------
+
+    def write_data(self) -> dict:
+        """Each volunteer's private training file and the held-out set of every skill."""
+        s = self.settings
+        heldout_dir = self.out / "data" / "heldout"
+        write_skill_files(heldout_dir, NEW_SKILLS, s.n_train, s.n_heldout, s.seed)
+        plan = {"skills": list(NEW_SKILLS), "volunteers": []}
+        for i in range(s.volunteers):
+            skills = skills_for_volunteer(i, s.volunteers)
+            folder = self.out / "data" / f"volunteer-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # a volunteer's own sample of its skills: a different seed per volunteer
+            write_skill_files(folder / "skills", skills, s.n_train, s.n_heldout, s.seed)
+            rows = []
+            for skill in skills:
+                rows += (folder / "skills" / f"{skill}.train.jsonl").read_text().splitlines()
+            (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
+            plan["volunteers"].append({"name": f"volunteer-{i}", "skills": skills,
+                                       "data": str(folder / "train.jsonl")})
+        for path in heldout_dir.glob("*.train.jsonl"):
+            path.unlink()
+        return plan
+
+    def init_project(self) -> Path:
+        from loracommons.coordinator.config import init_project
+
+        s = self.settings
+        project = self.out / "project"
+        init_project(
+            project, DEMO_BASE, name="LoRA Commons demo", mode=s.mode,
+            project={"seed": s.seed},
+            lora={"r": s.lora_r, "alpha": float(2 * s.lora_r), "target_modules": ["q_proj", "v_proj"]},
+            train={"max_steps": s.steps_per_round, "batch_size": s.batch_size, "seq_len": 64,
+                   "learning_rate": s.learning_rate, "warmup_steps": 5, "max_minutes": 5.0},
+            round={"rounds": s.rounds, "volunteers_per_round": s.volunteers,
+                   "min_volunteers": s.volunteers, "timeout_s": s.round_timeout_s},
+        )
+        return project
+
+    # -- processes -------------------------------------------------------------------
+
+    def spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
+        logs = self.out / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / log_name, "ab") as log_file:
+            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.out,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, project: Path, plan: dict) -> subprocess.Popen:
+        self.port, self.http_port = free_port(), free_port()
+        coordinator = self.spawn(
+            [*LC, "coordinator", "start", str(project), "--host", "127.0.0.1", "--port", str(self.port),
+             "--http-host", "127.0.0.1", "--http-port", str(self.http_port), "--insecure", "--plain",
+             "--serve-after"], "coordinator.log")
+        for i, volunteer in enumerate(plan["volunteers"]):
+            self.spawn(
+                [*LC, "join", f"127.0.0.1:{self.port}", "--data", volunteer["data"],
+                 "--identity", str(self.out / "identities" / f"volunteer-{i}"), "--insecure",
+                 "--threads", "1", "--status-file", str(self.out / "logs" / f"volunteer-{i}.json")],
+                f"volunteer-{i}.log", env={"FLWR_HOME": str(self.out / "flower" / f"volunteer-{i}")})
+        return coordinator
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        pid_file = self.out / "project" / "flower" / "superlink.pid"
+        try:  # a SuperLink outliving its coordinator (it never should; belt and braces)
+            pid = int(pid_file.read_text())
+            if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    # -- live view -------------------------------------------------------------------
+
+    def api(self, path: str) -> object:
+        try:
+            return httpx.get(self.http + path, timeout=2.0).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def view(self, plan: dict, started: float) -> Group:
+        rounds = self.api("/api/rounds") or []
+        releases = self.api("/api/releases") or []
+        head = Table.grid(padding=(0, 2))
+        head.add_column(style="bold")
+        head.add_column()
+        done = [r for r in rounds if r.get("status") != "open"]
+        open_rounds = [r["round"] for r in rounds if r.get("status") == "open"]
+        head.add_row("coordinator", f"127.0.0.1:{self.port} (insecure, local only)   dashboard {self.http}")
+        head.add_row("round", f"{open_rounds[0] if open_rounds else len(done)} of {self.settings.rounds}"
+                     f"   elapsed {time.monotonic() - started:.0f} s")
+        admitted = sum(r.get("admitted", 0) for r in rounds)
+        rejected = sum(r.get("rejected", 0) for r in rounds)
+        head.add_row("updates", f"{admitted} admitted, {rejected} rejected")
+        latest = releases[-1] if releases else None
+        release = f"v{latest['version']} (round {latest['round']})" if latest else "none"
+        head.add_row("latest release", release)
+        table = Table(box=None, header_style="bold")
+        for col in ("volunteer", "skills", "state", "round", "step", "loss", "sent"):
+            table.add_column(col)
+        for i, volunteer in enumerate(plan["volunteers"]):
+            state = _read_json(self.out / "logs" / f"volunteer-{i}.json") or {}
+            loss = state.get("loss", state.get("train_loss"))
+            table.add_row(volunteer["name"], ", ".join(volunteer["skills"]), state.get("state", "starting"),
+                          str(state.get("round", "-")),
+                          f"{state.get('step', '-')}/{state.get('max_steps', '-')}",
+                          f"{loss:.3f}" if isinstance(loss, float) else "-", str(state.get("rounds_sent", 0)))
+        return Group(head, table)
+
+    def wait_rounds(self, coordinator: subprocess.Popen, plan: dict) -> None:
+        started = time.monotonic()
+        with Live(self.view(plan, started), console=self.console, refresh_per_second=2) as live:
+            while True:
+                if coordinator.poll() is not None:
+                    raise DemoError(f"the coordinator exited with code {coordinator.returncode}; "
+                                    f"see {self.out / 'logs' / 'coordinator.log'}")
+                for proc in self.procs[1:]:
+                    if proc.poll() is not None:
+                        raise DemoError(f"a volunteer exited with code {proc.returncode}; "
+                                        f"see {self.out / 'logs'}")
+                live.update(self.view(plan, started))
+                if _finished(self.api("/api/rounds") or [], self.api("/api/releases") or [],
+                             self.settings.rounds):
+                    return
+                time.sleep(0.5)
+
+    def download(self, fingerprint: str) -> dict:
+        out = self.out / "adapter"
+        result = subprocess.run(
+            [*LC, "download", self.http, "--out", str(out), "--pin", fingerprint],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "XDG_DATA_HOME": str(self.out / "downloader-state")})
+        if result.returncode != 0:
+            raise DemoError(f"download failed: {result.stderr.strip() or result.stdout.strip()}")
+        return {"command": f"loracommons download {self.http} --out {out} --pin {fingerprint}",
+                "output": result.stdout.strip()}
+
+
+def _finished(rounds: list, releases: list, total: int) -> bool:
+    """All rounds closed and the last aggregated one published."""
+    closed = [r for r in rounds if r.get("status") != "open"]
+    if len(closed) < total:
+        return False
+    aggregated = [r["round"] for r in closed if r.get("status") == "aggregated"]
+    if not aggregated:
+        raise DemoError("no round was aggregated; see the coordinator log")
+    return bool(releases) and releases[-1]["round"] == max(aggregated)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: bool = False) -> dict:
+    """The whole demo; returns the report (also written to OUT/report.json)."""
+    from loracommons.demo.report import evaluate_all, print_table, write_plot
+    from loracommons.protocol import PublicKey
+
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise DemoError(f"{out} is not empty; pass another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    community = Community(out, settings, console)
+    started = time.monotonic()
+    console.print(f"[bold]LoRA Commons demo[/]: {settings.volunteers} volunteers, {settings.rounds} rounds, "
+                  f"embedded tiny model, output in {out}", highlight=False)
+    plan = community.write_data()
+    for v in plan["volunteers"]:
+        console.print(f"  {v['name']} holds private data for: {', '.join(v['skills'])}", highlight=False)
+    project = community.init_project()
+    fingerprint = PublicKey.load(project / "keys" / "release_key.pub").fingerprint
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        coordinator = community.start(project, plan)
+        console.print(f"coordinator on 127.0.0.1:{community.port} (INSECURE, plain HTTP: a local demo "
+                      f"only), dashboard {community.http}", highlight=False)
+        community.wait_rounds(coordinator, plan)
+        federated_s = time.monotonic() - started
+        downloaded = community.download(fingerprint)
+        console.print(f"downloaded and verified the community adapter: {downloaded['output']}",
+                      highlight=False)
+        if not keep_running:
+            community.stop_all()
+        report = evaluate_all(out, plan, settings, project, console)
+        report.update(federated_seconds=round(federated_s, 1), download=downloaded,
+                      dashboard=community.http, coordinator_fingerprint=fingerprint,
+                      total_seconds=round(time.monotonic() - started, 1))
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_plot(report, out / "report.png")
+        print_table(report, console)
+        console.print(f"report: {out / 'report.json'}, plot: {out / 'report.png'}, adapter: {out / 'adapter'}"
+                      f" ({report['total_seconds']:.0f} s in all)", highlight=False)
+        if keep_running:
+            console.print(f"coordinator and volunteers keep running; dashboard {community.http}. "
+                          "Ctrl-C to stop.", highlight=False)
+            while all(p.poll() is None for p in community.procs[:1]):
+                time.sleep(1)
+        return report
+    finally:
+        community.stop_all()
+        signal.signal(signal.SIGTERM, previous)
