@@ -79,7 +79,7 @@ class NodeRunner:
                             RuntimeTokenHttpInterceptor(token)]
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=interceptors, retry_invoker=safe_retry_invoker(max_time=30.0))
+            interceptors=interceptors, retry_invoker=safe_retry_invoker(max_time=30.0, stop=self.stopping))
 
     def serve(self) -> None:
         """Poll for tasks until `stopping` is set."""
@@ -121,8 +121,9 @@ class NodeRunner:
             except ForeignApp as exc:
                 log.error("refusing run %s: %s", run.run_id, exc)
                 self.on_event("refused", {"run": run.run_id, "reason": str(exc)})
-                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=f"loracommons node: {exc}"),
-                                reply_to=message)
+                reason = ("loracommons node refused the run: its app differs from the installed "
+                          f"loracommons ({exc})")
+                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason[:500]), reply_to=message)
                 details, outcome = str(exc), "refused"
             else:
                 try:
@@ -222,10 +223,13 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
                     break
                 proc = start_supernode()
     finally:
+        # The runner first, while its SuperNode still answers: an idle runner is gone at once
+        # (a round in progress gets a few seconds to push its reply).
         runner.stopping.set()
+        if worker.is_alive():
+            worker.join(timeout=10)
         if proc is not None and proc.poll() is None:
             stop_process(proc)
-        worker.join(timeout=10)
         log_file.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -111,4 +111,7 @@ def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volu
         )
     except KeyError as exc:
         raise VolunteerError(f"node config lacks {exc}; start the node with `loracommons join`") from None
+    except ValueError as exc:
+        raise VolunteerError(f"node config has a bad value ({exc}); start the node with `loracommons join`"
+                             ) from None
     return Volunteer(settings, on_status)

@@ -13,10 +13,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from loracommons.cli_common import fail
+from loracommons.cli_common import err_console
 from loracommons.paths import data_dir, default_identity
 
-console = Console()
+console = Console(soft_wrap=True)  # status lines stay whole in logs and pipes
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """One error line, never wrapped (a long path would otherwise span lines when piped or logged)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
 
 
 class JoinView:
@@ -113,7 +119,10 @@ def join(
     identity = identity or default_identity()
     if not identity.exists():
         key = SigningKey.generate("volunteer")
-        key.save(identity)
+        try:
+            key.save(identity)
+        except OSError as exc:  # e.g. a lone .pub left behind, or an unwritable folder
+            raise fail(f"cannot create your identity {identity}: {exc}") from None
         console.print(f"created your volunteer identity {identity} (fingerprint {key.public.short}); "
                       "keep it: it is how the project credits your work", highlight=False)
     try:

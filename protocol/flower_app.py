@@ -76,9 +76,11 @@ def check_fab(content: bytes, claimed_sha256: str, fab_id: str, fab_version: str
     try:
         with zipfile.ZipFile(io.BytesIO(content)) as bundle:
             names = set(bundle.namelist())
-            if names != FAB_FILES:
+            if names - FAB_FILES:
                 extra = sorted(names - FAB_FILES)
                 raise ForeignApp(f"app bundle carries files this node did not install: {extra[:5]}")
+            if FAB_FILES - names:
+                raise ForeignApp(f"app bundle lacks {sorted(FAB_FILES - names)}")
             info = bundle.getinfo("pyproject.toml")
             if info.file_size > 64 * 1024:
                 raise ForeignApp("app bundle's pyproject.toml is too large")
@@ -89,13 +91,15 @@ def check_fab(content: bytes, claimed_sha256: str, fab_id: str, fab_version: str
         raise ForeignApp("app bundle's pyproject.toml differs from the installed loracommons app")
 
 
-def safe_retry_invoker(max_time: float | None = None):  # noqa: ANN201 (flwr type, imported lazily)
+def safe_retry_invoker(max_time: float | None = None, stop=None):  # noqa: ANN001, ANN201 (flwr, lazily)
     """Retry policy for long-lived clients of Flower's HTTP APIs (needs flwr).
 
     Flower's default invoker answers HTTP 401 by sending SIGINT to its own
     process, which suits its throw-away app processes but would kill a node
     runner or a coordinator whenever a run is stopped. This one retries
     transport errors and 502/503/504, and raises any other HTTP error.
+    With `stop` (a `threading.Event`), it gives up as soon as the event is set,
+    and waits between tries on the event rather than sleeping.
     """
     import httpx
     from flwr.common.constant import MAX_RETRY_DELAY
@@ -105,6 +109,8 @@ def safe_retry_invoker(max_time: float | None = None):  # noqa: ANN201 (flwr typ
                  httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)
 
     def give_up(exc: Exception) -> bool:
+        if stop is not None and stop.is_set():
+            return True
         if isinstance(exc, httpx.HTTPStatusError):
             return exc.response.status_code not in {502, 503, 504}
         return any(word in str(exc).lower() for word in ("certificate", "ssl", "tls"))
@@ -113,6 +119,7 @@ def safe_retry_invoker(max_time: float | None = None):  # noqa: ANN201 (flwr typ
         wait_gen_factory=lambda: exponential(max_delay=MAX_RETRY_DELAY),
         recoverable_exceptions=(*transport, httpx.HTTPStatusError),
         max_tries=None, max_time=max_time, should_giveup=give_up,
+        wait_function=stop.wait if stop is not None else None,
     )
 
 
@@ -160,15 +167,25 @@ def task_content(task_json: bytes, adapter: bytes, note: dict | None = None):  #
 
 
 def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
-    """(task JSON, global adapter bytes, note) from a task message's content."""
+    """(task JSON, global adapter bytes, note) from a task message's content; `ProtocolError` if malformed.
+
+    The note is advisory (the outcome of the previous round): one that does not
+    parse as a small JSON object is dropped, not an error.
+    """
     import json
 
-    note_raw = _config_bytes(content, "note") if "note" in content["lc"] else b"{}"
+    try:
+        task, adapter = _config_bytes(content, "task"), _raw_bytes(content, "lc-adapter", "adapter")
+        note_raw = _config_bytes(content, "note") if "note" in content["lc"] else b"{}"
+    except ProtocolError:
+        raise
+    except Exception as exc:  # the coordinator's records can be shaped any way at all
+        raise ProtocolError(f"message is not a round task: {exc}") from None
     try:
         note = json.loads(note_raw) if len(note_raw) < 4096 else {}
     except ValueError:
         note = {}
-    return _config_bytes(content, "task"), _raw_bytes(content, "lc-adapter", "adapter"), note
+    return task, adapter, note if isinstance(note, dict) else {}
 
 
 def envelope_content(manifest: bytes, payload: bytes, signature: bytes):  # noqa: ANN201

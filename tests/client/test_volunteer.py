@@ -1,0 +1,246 @@
+"""One volunteer's round end to end in one process: task + global adapter in, verified envelope out."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+
+from loracommons.client import client_app
+from loracommons.client import model as M
+from loracommons.client import trainer as T
+from loracommons.client.volunteer import NodeSettings, Volunteer, VolunteerError, load_volunteer
+from loracommons.protocol import Envelope, Expected, SigningKey, TensorSpec, encode_tensors, verify_update
+from loracommons.protocol.flower_app import read_envelope, task_content
+from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings, update_tensor_names
+
+from . import build_tiny_model, skill_records, write_jsonl
+
+LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+FAST = TrainSettings(max_steps=4, max_minutes=5.0, batch_size=4, learning_rate=3e-2, warmup_steps=1,
+                     seq_len=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def global_adapter(model_dir) -> dict[str, np.ndarray]:
+    """Version 0 of the global adapter, made as the coordinator makes it."""
+    from transformers import AutoModelForCausalLM
+
+    return M.init_adapter(AutoModelForCausalLM.from_pretrained(model_dir), LORA, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    M.clear_cache()
+
+
+@pytest.fixture
+def make_volunteer(tmp_path):
+    def make(index: int = 0, max_minutes: float | None = None, records: int = 24) -> Volunteer:
+        data = write_jsonl(tmp_path / f"data{index}.jsonl", skill_records(records, seed=index))
+        identity = tmp_path / f"id{index}"
+        if not identity.exists():
+            SigningKey.generate("volunteer").save(identity)
+        return Volunteer(NodeSettings(data_path=str(data), identity_path=str(identity), device="cpu",
+                                      max_minutes=max_minutes, threads=1))
+    return make
+
+
+def make_task(model_dir, adapter_bytes: bytes, mode: str = "ffa", **changes) -> RoundTask:
+    task = RoundTask(project_id="proj-1", round=3, nonce="ab" * 16,
+                     base_adapter_digest=hashlib.sha256(adapter_bytes).hexdigest(),
+                     base_model_id=str(model_dir), base_model_revision="", mode=mode, lora=LORA, train=FAST)
+    return dataclasses.replace(task, **changes)
+
+
+def expected_for(task: RoundTask, adapter: dict[str, np.ndarray]) -> Expected:
+    """What the coordinator expects of this round's updates (as coordinator/admission.py builds it)."""
+    names = update_tensor_names(list(adapter), task.mode)
+    spec = TensorSpec({n: adapter[n].shape for n in names}, frozenset({task.payload_dtype}))
+    claims = task.claims()
+    return Expected(project_id=claims["project_id"], round=claims["round"], nonce=claims["nonce"],
+                    base_adapter_digest=claims["base_adapter_digest"], base_model_id=claims["base_model_id"],
+                    base_model_revision=claims["base_model_revision"],
+                    lora_config_digest=claims["lora_config_digest"], spec=spec,
+                    max_payload_bytes=spec.payload_bytes(task.payload_dtype))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records what the trainer was given, and the adapter state right after training."""
+    calls: list[dict] = []
+    real = T.train
+
+    def train(model, tokenizer, data, settings, mode, **kwargs):  # noqa: ANN001, ANN202
+        result = real(model, tokenizer, data, settings, mode, **kwargs)
+        state = {n: t.detach().clone().numpy() for n, t in get_peft_model_state_dict(model).items()}
+        calls.append({"settings": settings, "mode": mode, "state": state, "result": result})
+        return result
+
+    monkeypatch.setattr(T, "train", train)
+    return calls
+
+
+@pytest.mark.parametrize("mode,dtype", [("ffa", "float32"), ("exact", "float32"), ("ffa", "bfloat16")])
+def test_round_gives_an_envelope_the_coordinator_accepts(model_dir, global_adapter, make_volunteer, spy,
+                                                         mode, dtype):
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes, mode, payload_dtype=dtype)
+    statuses = []
+    volunteer = make_volunteer()
+    volunteer.on_status = lambda state, details: statuses.append((state, details))
+    envelope = volunteer.run_round(task, adapter_bytes)
+    manifest, tensors = verify_update(envelope, expected_for(task, global_adapter))
+    names = update_tensor_names(list(global_adapter), mode)
+    assert sorted(tensors) == names
+    if mode == "ffa":
+        assert names and all(".lora_B." in n for n in names) and len(names) == len(global_adapter) // 2
+    else:
+        assert sorted(names) == sorted(global_adapter)
+    for name in names:
+        assert tensors[name].shape == global_adapter[name].shape
+        assert not np.array_equal(tensors[name], global_adapter[name]), name  # it trained
+    assert manifest.signer == volunteer.key.public.openssh
+    assert manifest.steps == FAST.max_steps and manifest.examples > 0 and np.isfinite(manifest.train_loss)
+    assert manifest.payload_dtype == dtype
+    assert spy[0]["mode"] == mode
+    states = [s for s, _ in statuses]
+    assert states[0] == "training" and states[-1] == "sent" and states.count("training") == FAST.max_steps + 1
+    assert statuses[-1][1]["digest"] == envelope.digest and statuses[-1][1]["round"] == task.round
+
+
+def test_ffa_a_is_bit_identical_across_volunteers(model_dir, global_adapter, make_volunteer, spy):
+    """Two volunteers with different data and keys, each with a freshly loaded base."""
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes, "ffa")
+    envelopes = []
+    for index in range(2):
+        M.clear_cache()  # as on another machine: a new base and a new PEFT wrapper
+        envelopes.append(make_volunteer(index).run_round(task, adapter_bytes))
+    assert len(spy) == 2
+    a_names = [n for n in global_adapter if ".lora_A." in n]
+    assert a_names
+    for name in a_names:
+        first, second = spy[0]["state"][name], spy[1]["state"][name]
+        assert first.dtype == second.dtype == global_adapter[name].dtype == np.float32
+        assert first.tobytes() == second.tobytes() == global_adapter[name].tobytes(), name
+    # B did train, differently on different data
+    expected = expected_for(task, global_adapter)
+    b = [verify_update(env, expected)[1] for env in envelopes]
+    assert any(not np.array_equal(b[0][n], b[1][n]) for n in b[0])
+    assert envelopes[0].manifest != envelopes[1].manifest
+
+
+def test_wrong_adapter_digest_is_refused(model_dir, global_adapter, make_volunteer, spy):
+    adapter_bytes = encode_tensors(global_adapter)
+    volunteer = make_volunteer()
+    with pytest.raises(VolunteerError, match="digest"):
+        volunteer.run_round(make_task(model_dir, adapter_bytes, base_adapter_digest="0" * 64), adapter_bytes)
+    tampered = bytearray(adapter_bytes)
+    tampered[-1] ^= 1
+    with pytest.raises(VolunteerError, match="digest"):
+        volunteer.run_round(make_task(model_dir, adapter_bytes), bytes(tampered))
+    assert spy == []  # refused before training
+
+
+@pytest.mark.parametrize("task_minutes,own_minutes,applied", [
+    (10.0, 0.5, 0.5), (0.25, 3.0, 0.25), (2.0, None, 2.0), (1.0, 1.0, 1.0),
+])
+def test_max_minutes_is_the_smaller_of_task_and_volunteer(model_dir, global_adapter, make_volunteer, spy,
+                                                          task_minutes, own_minutes, applied):
+    adapter_bytes = encode_tensors(global_adapter)
+    train = dataclasses.replace(FAST, max_steps=1, max_minutes=task_minutes)
+    make_volunteer(max_minutes=own_minutes).run_round(make_task(model_dir, adapter_bytes, train=train),
+                                                      adapter_bytes)
+    assert spy[0]["settings"].max_minutes == applied
+    assert spy[0]["settings"].max_steps == 1
+
+
+def test_volunteer_cap_stops_training(model_dir, global_adapter, make_volunteer, spy):
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes, train=dataclasses.replace(FAST, max_steps=10_000))
+    envelope = make_volunteer(max_minutes=0.0005).run_round(task, adapter_bytes)  # 30 ms
+    manifest, _ = verify_update(envelope, expected_for(task, global_adapter))
+    assert 1 <= manifest.steps < 10_000
+    assert spy[0]["result"].stopped_by == "max_minutes"
+
+
+def test_load_volunteer_from_node_config(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", skill_records(8))
+    SigningKey.generate("volunteer").save(tmp_path / "id")
+    volunteer = load_volunteer({"data-path": str(data), "identity": str(tmp_path / "id"), "device": "cpu",
+                                "max-minutes": "2.5", "threads": "2"})
+    assert volunteer.settings == NodeSettings(str(data), str(tmp_path / "id"), "cpu", 2.5, threads=2)
+    assert len(volunteer.records) == 8
+    default = load_volunteer({"data-path": str(data), "identity": str(tmp_path / "id")})
+    assert default.settings.max_minutes is None and default.settings.device == "auto"
+
+
+@pytest.mark.parametrize("missing", ["data-path", "identity"])
+def test_load_volunteer_names_a_missing_key(tmp_path, missing):
+    config = {"data-path": str(tmp_path / "d.jsonl"), "identity": str(tmp_path / "id")}
+    del config[missing]
+    with pytest.raises(VolunteerError, match=f"lacks '{missing}'.*loracommons join"):
+        load_volunteer(config)
+
+
+def test_load_volunteer_names_a_bad_value(tmp_path):
+    with pytest.raises(VolunteerError, match="bad value.*loracommons join"):
+        load_volunteer({"data-path": "d", "identity": "i", "max-minutes": "soon"})
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's `Message` reads the run id of the task this process runs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 11, 22, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+
+
+def test_client_app_train_handler(model_dir, global_adapter, tmp_path, task_identity):
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    data = write_jsonl(tmp_path / "data.jsonl", skill_records(16))
+    key = SigningKey.generate("volunteer")
+    key.save(tmp_path / "id")
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes, "exact")
+    content = task_content(task.to_bytes(), adapter_bytes, {"outcome": "admitted", "round": 2})
+    # as the node receives it: through Flower's wire format
+    message = message_from_proto(message_to_proto(
+        Message(content, dst_node_id=1, message_type="train", group_id="3")))
+    context = Context(run_id=22, node_id=1, state=RecordDict(), run_config={"project-dir": ""},
+                      node_config={"data-path": str(data), "identity": str(tmp_path / "id"), "device": "cpu",
+                                   "threads": "1"})
+    statuses = []
+    client_app.set_status_callback(lambda state, details: statuses.append((state, details)))
+    try:
+        reply = client_app.app(message=message, context=context)
+    finally:
+        client_app.set_status_callback(None)
+        client_app._volunteers.clear()
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    reply = message_from_proto(message_to_proto(reply))
+    envelope = Envelope(*read_envelope(reply.content))
+    manifest, tensors = verify_update(envelope, expected_for(task, global_adapter))
+    assert manifest.signer == key.public.openssh and sorted(tensors) == sorted(global_adapter)
+    assert statuses[0] == ("note", {"round": 2, "outcome": "admitted"})  # the earlier round's outcome
+    assert statuses[-1][0] == "sent"
