@@ -99,9 +99,9 @@ def join(
     name: str = typer.Option(None, "--name", help="Display name (kept on this machine for now)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for training."),
     status_file: Path = typer.Option(None, "--status-file", help="Also write status as JSON here."),
-    node_auth: bool = typer.Option(None, "--node-auth/--no-node-auth",
-                                   help="Authenticate the SuperNode with your key (allowlist projects; "
-                                   "default: on with TLS)."),
+    node_auth: bool = typer.Option(False, "--node-auth/--no-node-auth",
+                                   help="Authenticate the SuperNode with your key: allowlist projects "
+                                   "(needs TLS; the operator registers your .pub first)."),
 ) -> None:
     """Join a community project: train on your data each round, send signed LoRA updates."""
     from loracommons.client.data import DataError, load_records
@@ -138,7 +138,7 @@ def join(
     if threads is not None:
         node_config["threads"] = str(threads)
     home = Path(os.environ.get("FLWR_HOME") or data_dir() / "node" / public.fingerprint[:16])
-    use_auth = node_auth if node_auth is not None else not insecure
+    use_auth = node_auth
     opts = NodeOptions(superlink=coordinator, node_config=node_config, insecure=insecure,
                        root_certificates=str(root_certificates.resolve()) if root_certificates else None,
                        auth_key=str(identity.resolve()) if use_auth else None, flwr_home=home)
