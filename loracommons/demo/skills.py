@@ -2,12 +2,14 @@
 
 A skill turns a seeded `random.Random` into one instruction-format example,
 ``{"instruction": ..., "input": ..., "output": ...}``. Strings stay short (3-8
-lowercase letters, numbers below 100) so a rendered example fits in 64 tokens.
+distinct lowercase letters, numbers below 100) so a rendered example fits in 64
+tokens of the demo tokenizer.
 
-- *Generic* skills (copy, shift, upper, ...) are what the embedded base model is
+- *Generic* skills (copy, shift, double, ...) are what the embedded base model is
   pretrained on (`loracommons.demo.build_base`).
-- *New* skills (reverse, sort, add, ...) are held back from pretraining: the base
-  scores ~0 exact match on them, and the demo's volunteers teach them through LoRA.
+- *New* skills (reverse, sort, add, vowels, dedupe) are held back from pretraining:
+  the base scores ~0 exact match on them, and the demo's volunteers teach them
+  through LoRA (measured: a few hundred steps each; `add` is the slowest).
 
 Write a volunteer's data files::
 
@@ -68,8 +70,10 @@ class Skill:
         return {"instruction": self.instruction, "input": inp, "output": out}
 
 
-def _word(rng: random.Random, alphabet: str = LETTERS) -> str:
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+def _word(rng: random.Random) -> str:
+    # Distinct letters: every letter names one position, so copying and reversing
+    # reduce to content lookups a small model can learn and LoRA can re-aim.
+    return "".join(rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN)))
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
@@ -83,7 +87,8 @@ def _number(rng: random.Random) -> tuple[str, str]:
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, MAX_NUMBER // 2), rng.randint(0, MAX_NUMBER // 2)
+    # A one-digit addend: the carry works as in `next`, which the base knows.
+    a, b = rng.randint(0, MAX_NUMBER - 9), rng.randint(1, 9)
     return f"{a}+{b}", str(a + b)
 
 
@@ -96,9 +101,14 @@ def _vowels(rng: random.Random) -> tuple[str, str]:
 
 
 def _dedupe(rng: random.Random) -> tuple[str, str]:
-    # A small alphabet so that most inputs do repeat a letter.
-    w = _word(rng, LETTERS[: rng.randint(3, 6)])
+    # Drawn with replacement from a few letters, so that most inputs repeat one.
+    alphabet = LETTERS[: rng.randint(3, 6)]
+    w = "".join(rng.choice(alphabet) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
     return w, "".join(dict.fromkeys(w))
+
+
+def _swap_pairs(w: str) -> str:
+    return "".join(w[i + 1 : i + 2] + w[i] for i in range(0, len(w), 2))
 
 
 def _one(fn: Callable[[str], str]) -> Callable[[random.Random], tuple[str, str]]:
@@ -114,21 +124,24 @@ def _one(fn: Callable[[str], str]) -> Callable[[random.Random], tuple[str, str]]
 _ALL = [
     # Generic: pretraining mix. They exercise copying by position, per-character
     # maps and counting, the machinery the new skills reuse.
-    Skill("copy", "Copy the letters.", _one(lambda w: w), generic=True),
-    Skill("shift", "Shift each letter by one.", _shift, generic=True),
-    Skill("upper", "Write in capitals.", _one(str.upper), generic=True),
-    Skill("repeat", "Write it twice.", _one(lambda w: w + w), generic=True),
-    Skill("count", "Count the letters.", _one(lambda w: str(len(w))), generic=True),
-    Skill("first", "Give the first letter.", _one(lambda w: w[0]), generic=True),
-    Skill("last", "Give the last letter.", _one(lambda w: w[-1]), generic=True),
-    Skill("space", "Put spaces between the letters.", _one(" ".join), generic=True),
-    Skill("next", "Give the next number.", _number, generic=True),
+    Skill("copy", "Copy.", _one(lambda w: w), generic=True),
+    Skill("shift", "Shift by one.", _shift, generic=True),
+    Skill("repeat", "Say it twice.", _one(lambda w: w + w), generic=True),
+    Skill("double", "Double each letter.", _one(lambda w: "".join(c + c for c in w)), generic=True),
+    Skill("swap", "Swap pairs.", _one(_swap_pairs), generic=True),
+    Skill("rotate", "Rotate left.", _one(lambda w: w[1:] + w[0]), generic=True),
+    Skill("skip", "Every other letter.", _one(lambda w: w[::2]), generic=True),
+    Skill("space", "Space out.", _one(" ".join), generic=True),
+    Skill("count", "Count letters.", _one(lambda w: str(len(w))), generic=True),
+    Skill("first", "First letter.", _one(lambda w: w[0]), generic=True),
+    Skill("last", "Last letter.", _one(lambda w: w[-1]), generic=True),
+    Skill("next", "Next number.", _number, generic=True),
     # New: never seen in pretraining.
-    Skill("reverse", "Reverse the letters.", _one(lambda w: w[::-1]), generic=False),
-    Skill("sort", "Sort the letters.", _one(lambda w: "".join(sorted(w))), generic=False),
-    Skill("add", "Add the numbers.", _add, generic=False),
-    Skill("vowels", "Keep only the vowels.", _vowels, generic=False),
-    Skill("dedupe", "Remove repeated letters.", _dedupe, generic=False),
+    Skill("reverse", "Reverse.", _one(lambda w: w[::-1]), generic=False),
+    Skill("sort", "Sort.", _one(lambda w: "".join(sorted(w))), generic=False),
+    Skill("add", "Add.", _add, generic=False),
+    Skill("vowels", "Keep vowels.", _vowels, generic=False),
+    Skill("dedupe", "Drop repeats.", _dedupe, generic=False),
 ]
 
 SKILLS: dict[str, Skill] = {s.name: s for s in _ALL}
@@ -192,9 +205,7 @@ def write_skill_files(
     return paths
 
 
-def skills_for_volunteer(
-    i: int, n_volunteers: int, skills: Iterable[str] = NEW_SKILLS
-) -> list[str]:
+def skills_for_volunteer(i: int, n_volunteers: int, skills: Iterable[str] = NEW_SKILLS) -> list[str]:
     """The skills volunteer `i` (0-based) of `n_volunteers` holds data for.
 
     Skills are dealt round-robin, so the volunteers together cover every skill and
