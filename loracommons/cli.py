@@ -96,7 +96,9 @@ def identity_show(
 @app.command("demo")
 def demo(
     volunteers: int = typer.Option(3, "--volunteers", min=2, max=8, help="Volunteers in the community."),
-    rounds: int = typer.Option(5, "--rounds", min=1, max=50, help="Federated rounds."),
+    rounds: int = typer.Option(10, "--rounds", min=1, max=50, help="Federated rounds."),
+    steps: int = typer.Option(30, "--steps-per-round", min=1, max=1000,
+                              help="Training steps per volunteer per round."),
     out: Path = typer.Option(Path("loracommons-demo"), "--out", help="Output folder (new or empty)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the coordinator, volunteers "
                                       "and dashboard running after the report, until Ctrl-C."),
@@ -105,7 +107,8 @@ def demo(
     from loracommons.demo.community import DemoError, DemoSettings, run_demo
 
     try:
-        run_demo(out, DemoSettings(volunteers=volunteers, rounds=rounds), console, keep_running)
+        settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps)
+        run_demo(out, settings, console, keep_running)
     except DemoError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:

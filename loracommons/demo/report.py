@@ -119,9 +119,10 @@ def print_table(report: dict, console: Console) -> None:
         table.add_column(skill, justify="right")
     table.add_column("mean EM", justify="right", style="bold")
     for name, scores in report["models"].items():
-        cells = [f"{scores[k]['exact_match']:.0%} ({scores[k]['heldout_loss']:.2f})" for k in skills]
+        cells = [f"{scores[k]['exact_match']:.0%} ({scores[k]['heldout_loss']:.1f})" for k in skills]
         style = "bold green" if name == "community" else None
-        table.add_row(name, *cells, f"{report['mean_exact_match'][name]:.0%}", style=style)
+        label = name.replace("volunteer-", "vol-").replace(" (local only)", " alone")
+        table.add_row(label, *cells, f"{report['mean_exact_match'][name]:.0%}", style=style)
     console.print(table)
     for check, ok in report["checks"].items():
         mark = "[green]yes[/]" if ok else "[red]NO[/]"
