@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -67,11 +68,18 @@ class Coordinator:
         cfg = load_config(project_dir)
         return cls(project_dir, cfg, Store(project_dir), SigningKey.load(project_dir / RELEASE_KEY), **kwargs)
 
+    @property
+    def spill_dir(self) -> Path:
+        """Where a round's held updates wait for median/Krum rules (one subfolder per round)."""
+        return self.project_dir / "tmp"
+
     # -- resume --------------------------------------------------------------
 
     def resume(self) -> int:
         """Bring state in line after any crash; returns the next round number."""
         report = reconcile(self.project_dir, self.store, self.key)
+        # Updates a killed round had spilled to disk: that round runs again from scratch.
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
         if report.adopted or report.removed:
             log.warning("reconciled releases: adopted %s, removed %s", report.adopted, report.removed)
         last = self.store.last_aggregated_round()
@@ -136,7 +144,8 @@ class Coordinator:
             allowlist=self.store.registered_fingerprints() if membership == "allowlist" else frozenset(),
             banned=self.store.banned_fingerprints(), admitted=admitted,
         )
-        aggregator = RoundAggregator(cfg, current.tensors, spill_dir=self.project_dir / "tmp")
+        self.spill_dir.mkdir(exist_ok=True)
+        aggregator = RoundAggregator(cfg, current.tensors, spill_dir=self.spill_dir)
         messages = [
             Message(task_content(task_json, current.data, self._notes.pop(node, None)),
                     dst_node_id=node, message_type="train", group_id=str(r))
@@ -178,11 +187,17 @@ class Coordinator:
                 return
             verdict = admit(envelope, ctx)
             manifest = verdict.manifest
+            reason = "" if verdict.accepted else verdict.reason
+            message, examples = verdict.message, manifest.examples if manifest else 0
+            cap = self.cfg.aggregation.max_examples_weight
+            if examples > cap:  # the claim buys no weight, credit or say in the round's train loss
+                message, examples = f"{message}; claims {examples} examples, counted as {cap}", cap
+                reason = reason or "weight_capped"
             self.store.record_update(
                 r, verdict.signer, "admitted" if verdict.accepted else "rejected",
-                reason="" if verdict.accepted else verdict.reason, message=verdict.message,
+                reason=reason, message=message,
                 update_digest=verdict.update_digest,
-                examples=manifest.examples if manifest else 0,
+                examples=examples,
                 train_loss=manifest.train_loss if manifest else None,
                 nbytes=len(envelope.payload), public_key=manifest.signer if manifest else None,
             )
@@ -219,6 +234,11 @@ class Coordinator:
         outcome = aggregator.finish()
         for rejection in outcome.rejected:
             self.store.reject_admitted(r, rejection.update_digest, rejection.reason, rejection.message)
+        bound = outcome.metrics.get("clip_bound", self.cfg.privacy.clip_norm)
+        for digest, scale in outcome.clip_scales.items():
+            if scale < 1:  # admitted, but neutralized: recorded so that status shows which and why
+                self.store.annotate_admitted(r, digest, "clipped",
+                                             f"delta scaled by {scale:.3g} to the clip bound {bound:.4g}")
         if outcome.tensors is None:
             row = self.store.close_round(r, "skipped", note=outcome.message)
             self.on_event("round_closed", {"round": r, "status": "skipped", "note": outcome.message})

@@ -127,7 +127,7 @@ def run_coordinator(
             on_ready(ready)
         outcome: list[str] = []
         worker = threading.Thread(
-            target=lambda: outcome.append(link.serve_run(run_id, server_app.app, stop.is_set)),
+            target=lambda: outcome.append(link.serve_run(run_id, server_app.app, stop)),
             name="server-app", daemon=True)
         worker.start()
         while worker.is_alive():

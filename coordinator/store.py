@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ROUND_STATUSES = ("open", "aggregated", "skipped", "failed")
 OUTCOMES = ("admitted", "rejected")
+RECENT_UPDATES = 200  # updates listed by `status()`
 TEMP_PREFIX = ".tmp-"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -407,6 +408,22 @@ class Store:
             if not changed:
                 raise StoreError(f"round {round} has no admitted update {str(update_digest)[:16]}")
 
+    def annotate_admitted(self, round: int, update_digest: str, reason: str, note: str) -> None:
+        """Mark an admitted update of an open round as neutralized (e.g. clipped) without rejecting it:
+        `reason` is a short code, `note` is appended to its message."""
+        with self._write() as conn:
+            row = _round(conn, round)
+            if row is None or row["status"] != "open":
+                raise StoreError(f"round {round} is not open; its updates can no longer change")
+            found = conn.execute(select(updates.c.id, updates.c.message).where(
+                updates.c.round == round, updates.c.update_digest == update_digest,
+                updates.c.outcome == "admitted")).first()
+            if found is None:
+                raise StoreError(f"round {round} has no admitted update {str(update_digest)[:16]}")
+            message = f"{found.message}; {note}" if found.message else note
+            conn.execute(updates.update().where(updates.c.id == found.id)
+                         .values(reason=reason, message=message[:2000]))
+
     def has_admitted(self, round: int, fingerprint: str) -> bool:
         """Whether this key already has an admitted update in the round (one per key per round)."""
         with self._read() as conn:
@@ -563,6 +580,10 @@ class Store:
                                         .group_by(updates.c.reason).order_by(updates.c.reason)).all())
             latest = _latest_release(conn)
             recent = conn.execute(select(rounds).order_by(rounds.c.round.desc()).limit(10)).mappings().all()
+            u = updates.c
+            recent_updates = conn.execute(
+                select(u.round, u.fingerprint, u.outcome, u.reason, u.message, u.examples, u.update_digest)
+                .order_by(u.id.desc()).limit(RECENT_UPDATES)).mappings().all()
         return {
             "rounds": {"total": sum(by_status.values()), "last_closed": last_closed, "open": open_row,
                        "by_status": {s: by_status.get(s, 0) for s in ROUND_STATUSES}},
@@ -572,6 +593,9 @@ class Store:
                         "rejected_by_reason": reasons},
             "latest_release": dict(latest) if latest is not None else None,
             "recent_rounds": [_round_summary(r) for r in reversed(recent)],
+            # Each update's outcome and reason ("clipped" or "weight_capped" on an admitted one
+            # that a rule neutralized), oldest first.
+            "recent_updates": [dict(r) for r in reversed(recent_updates)],
         }
 
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,12 @@ def start_superlink(
         except ProcessLookupError:
             pass
         time.sleep(0.5)
+    # A fresh database each start: messages of a run a crash left behind would otherwise be offered
+    # to SuperNodes again, which Flower 1.42 turns into tasks whose content never arrives (the node's
+    # runner then waits on them for hours). Nodes register again by themselves; allowlisted keys are
+    # registered again by the coordinator at every start.
+    for leftover in ("superlink.db", "superlink.db-wal", "superlink.db-shm", "superlink.db-journal"):
+        (state / leftover).unlink(missing_ok=True)
     secret_file = state / "superexec.secret"
     if not secret_file.exists():
         fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -166,9 +173,9 @@ class Link:
         finally:
             client.close()
 
-    def serve_run(self, run_id: int, server_app: Callable, stop: Callable[[], bool],
+    def serve_run(self, run_id: int, server_app: Callable, stop: threading.Event,
                   poll: float = 0.5) -> str:
-        """Take ServerApp tasks until run `run_id` has been served; refuse any other run."""
+        """Take ServerApp tasks until run `run_id` has been served or `stop` is set; refuse any other run."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
@@ -181,14 +188,14 @@ class Link:
         ]
         acquirer = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=self.ca is None, root_certificates=self.ca,
-            interceptors=interceptors, retry_invoker=safe_retry_invoker())
+            interceptors=interceptors, retry_invoker=safe_retry_invoker(stop=stop))
         try:
-            while not stop():
+            while not stop.is_set():
                 res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
                 if not (res.HasField("task") and res.token):
                     time.sleep(poll)
                     continue
-                outcome = self._run_task(res.token, run_id, server_app)
+                outcome = self._run_task(res.token, run_id, server_app, stop)
                 log.info("ServerApp task of run %s: %s", res.task.run_id, outcome)
                 if res.task.run_id == run_id:
                     return outcome
@@ -196,7 +203,7 @@ class Link:
         finally:
             acquirer.close()
 
-    def _run_task(self, token: str, run_id: int, server_app: Callable) -> str:
+    def _run_task(self, token: str, run_id: int, server_app: Callable, stop: threading.Event) -> str:
         import httpx
         from flwr.app import RecordDict
         from flwr.common.config import get_fused_config_from_fab
@@ -209,7 +216,10 @@ class Link:
 
         grid = HttpGrid(runtime_api_address=self.address, insecure=self.ca is None,
                         root_certificates=self.ca, token=token)
-        grid._retry_invoker = safe_retry_invoker()  # no SIGINT on 401 (a stopped run)
+        # No SIGINT on 401 (a stopped run); and once `stop` is set, no retry: Flower pushes and pulls
+        # message objects in a thread pool whose workers the interpreter joins at exit, so a worker
+        # retrying forever against a dead SuperLink would keep the coordinator from ever exiting.
+        grid._retry_invoker = safe_retry_invoker(stop=stop)
         runtime = grid._runtime_client
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
         heartbeat.start()

@@ -137,6 +137,8 @@ def start(
             live.stop()
         for store in store_holder:
             store.close()
+    if outcome in ("failed", "refused"):  # the round loop did not run to its end: say so in the exit code
+        raise fail(f"coordinator stopped: the round loop {outcome} (see the log above)")
     console.print(f"coordinator stopped: {outcome}", highlight=False)
 
 

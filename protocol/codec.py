@@ -109,8 +109,8 @@ def _entry(name: object, meta: object, data_len: int) -> tuple[str, tuple[int, .
     if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
         raise BadTensor(f"tensor {name!r}: header entry must have dtype, shape, data_offsets")
     code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
-    if code not in _CODE_TO_DTYPE:
-        raise BadTensor(f"tensor {name!r}: dtype {code!r} not allowed")
+    if not isinstance(code, str) or code not in _CODE_TO_DTYPE:  # a list or object is unhashable
+        raise BadTensor(f"tensor {name!r}: dtype {str(code)[:40]!r} not allowed")
     if (
         not isinstance(shape, list)
         or len(shape) > 8
