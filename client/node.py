@@ -213,15 +213,16 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
         proc = start_supernode()
         on_event("connecting", {"superlink": opts.superlink})
         worker.start()
-        restarts = 0
+        restarts, started = 0, time.monotonic()
         while not stop.wait(1.0):
             if proc.poll() is not None:
-                restarts += 1
+                # back off while the SuperNode keeps failing; start over after a healthy spell
+                restarts = 1 if time.monotonic() - started > 120 else restarts + 1
                 delay = min(30.0, 2.0 * restarts)
                 on_event("reconnecting", {"exit_code": proc.returncode, "in_seconds": delay})
                 if stop.wait(delay):
                     break
-                proc = start_supernode()
+                proc, started = start_supernode(), time.monotonic()
     finally:
         # The runner first, while its SuperNode still answers: an idle runner is gone at once
         # (a round in progress gets a few seconds to push its reply).
