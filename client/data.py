@@ -190,7 +190,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_datasets(path: Path) -> Iterator[tuple[str, Any]]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a `datasets` folder: install the extra with "
+                        "`pip install 'loracommons[datasets]'`") from None
 
     try:
         data = datasets.load_from_disk(str(path))
