@@ -44,7 +44,7 @@ from tests.security.community import (
     torn_blobs,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROUNDS = 4
 #: name, coordinator launcher delays, event that arms the kill, range of the random wait after it (s)

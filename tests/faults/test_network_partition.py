@@ -27,7 +27,7 @@ from loracommons.coordinator.store import Store
 from tests.e2e.procs import free_port, read_json, wait_for
 from tests.security.community import Community, fingerprint, make_project, record_result
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 OUTAGE_S = 30.0
 TIMEOUT_S = 20.0
