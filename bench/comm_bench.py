@@ -1,0 +1,291 @@
+"""Communication: bytes on the wire per volunteer per round, for each mode and payload dtype.
+
+    down  the round task (canonical JSON) + the global adapter (safetensors, float32 A and B)
+    up    the update envelope: manifest + payload (the mode's tensors in the payload dtype) + signature
+
+Sizes come from real encoded tasks and signed envelopes, for the demo model (the adapter
+the quality bench trains) and for Llama-3.2-1B shapes (all seven linear modules, and the
+q_proj/v_proj-only setting common in FlowerTune/OpenFedLLM recipes). The baseline is the
+common one: A and B in float32 (`fedavg`, float32). Flower's own message framing is not
+counted (the same for every mode).
+
+With a quality report (`--quality`, from quality_bench.py) it also gives quality at equal
+bytes: the held-out loss each federated run reaches against the bytes each volunteer sent.
+
+    python bench/comm_bench.py --quality bench/results/quality.json
+    python bench/comm_bench.py --models demo --out /tmp/comm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import benchlib
+import numpy as np
+
+DEFAULT_OUT = benchlib.RESULTS / "comm.json"
+MODES = ("ffa", "exact", "fedavg")
+DTYPES = ("float32", "float16", "bfloat16")
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_1B = {"layers": 16, "hidden": 2048, "kv": 512, "intermediate": 8192}
+TARGET_RATIO = 0.25
+
+
+def llama_shapes(dims: dict, modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each targeted linear layer of a Llama decoder, PEFT-named."""
+    h, kv, inter = dims["hidden"], dims["kv"], dims["intermediate"]
+    io = {
+        "q_proj": (h, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, h),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+    }
+    kind = {m: "self_attn" if m in ALL_MODULES[:4] else "mlp" for m in ALL_MODULES}
+    return {
+        f"base_model.model.model.layers.{i}.{kind[m]}.{m}": io[m]
+        for i in range(dims["layers"])
+        for m in modules
+    }
+
+
+def adapter_for(shapes: dict[str, tuple[int, int]], r: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = {}
+    for prefix, (d_out, d_in) in shapes.items():
+        out[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, d_in), dtype=np.float32) * 0.01
+        out[f"{prefix}.lora_B.weight"] = rng.standard_normal((d_out, r), dtype=np.float32) * 0.01
+    return out
+
+
+def demo_adapter() -> tuple[dict[str, np.ndarray], object]:
+    from quality_bench import BY_NAME, Settings, project_config
+
+    from loracommons.coordinator.initial import build_initial_adapter
+
+    cfg = project_config(BY_NAME["ffa"], 40, 3, Settings())
+    return build_initial_adapter(cfg), cfg
+
+
+def wire_bytes(tensors: dict[str, np.ndarray], cfg, mode: str, dtype: str) -> dict:  # noqa: ANN001
+    """Bytes of one round for one volunteer, from a real task and a real signed envelope."""
+    import dataclasses
+
+    from loracommons.protocol.codec import encode_tensors
+    from loracommons.protocol.envelope import sha256_hex, sign_update
+    from loracommons.protocol.identity import SigningKey
+    from loracommons.protocol.task import update_tensor_names
+
+    cfg = dataclasses.replace(
+        cfg,
+        aggregation=dataclasses.replace(cfg.aggregation, mode=mode),
+        limits=dataclasses.replace(cfg.limits, payload_dtype=dtype),
+    )
+    adapter = encode_tensors(tensors)
+    task = cfg.task(3, "ab" * 16, sha256_hex(adapter))
+    payload = encode_tensors({n: tensors[n] for n in update_tensor_names(list(tensors), mode)}, dtype=dtype)
+    env = sign_update(
+        SigningKey.generate(), payload, **task.claims(), examples=400, steps=40, train_loss=0.12345
+    )
+    down = {"task_json": len(task.to_bytes()), "global_adapter": len(adapter)}
+    up = {"manifest": len(env.manifest), "payload": len(env.payload), "signature": len(env.signature)}
+    return {
+        "mode": mode,
+        "dtype": dtype,
+        "down": down,
+        "up": up,
+        "down_bytes": sum(down.values()),
+        "up_bytes": sum(up.values()),
+    }
+
+
+def table(tensors: dict[str, np.ndarray], cfg) -> dict:  # noqa: ANN001
+    rows = [wire_bytes(tensors, cfg, mode, dtype) for mode in MODES for dtype in DTYPES]
+    base = next(r for r in rows if r["mode"] == "fedavg" and r["dtype"] == "float32")
+    for row in rows:
+        row["up_ratio_to_fp32_ab"] = round(row["up_bytes"] / base["up_bytes"], 4)
+        row["round_trip_ratio_to_fp32_ab"] = round(
+            (row["up_bytes"] + row["down_bytes"]) / (base["up_bytes"] + base["down_bytes"]), 4
+        )
+    a = sum(v.size for k, v in tensors.items() if ".lora_A." in k)
+    b = sum(v.size for k, v in tensors.items() if ".lora_B." in k)
+    ffa_bf16 = next(r for r in rows if r["mode"] == "ffa" and r["dtype"] == "bfloat16")
+    return {
+        "a_params": int(a),
+        "b_params": int(b),
+        "b_share": round(b / (a + b), 4),
+        "rows": rows,
+        "baseline": {
+            "mode": "fedavg",
+            "dtype": "float32",
+            "up_bytes": base["up_bytes"],
+            "down_bytes": base["down_bytes"],
+        },
+        "ffa_bf16_up_ratio": ffa_bf16["up_ratio_to_fp32_ab"],
+        "ffa_bf16_round_trip_ratio": ffa_bf16["round_trip_ratio_to_fp32_ab"],
+        "target_up_ratio_met": ffa_bf16["up_ratio_to_fp32_ab"] <= TARGET_RATIO,
+    }
+
+
+def equal_bytes(quality: dict) -> dict:
+    """Held-out loss against cumulative bytes per volunteer, from the quality bench's federated runs."""
+    out = {}
+    for n, res in quality["results"].items():
+        runs = {k: v for k, v in res["runs"].items() if k in ("ffa", "exact", "fedavg", "ffa-bf16")}
+        if "ffa-bf16" not in runs or "fedavg" not in runs:
+            continue
+        curves = {}
+        for name, run in runs.items():
+            up = np.cumsum([r["bytes_up_per_volunteer"] for r in run["rounds"]]).tolist()
+            total = np.cumsum(
+                [r["bytes_up_per_volunteer"] + r["bytes_down_per_volunteer"] for r in run["rounds"]]
+            ).tolist()
+            curves[name] = {
+                "cumulative_up_bytes": up,
+                "cumulative_round_trip_bytes": total,
+                "heldout_loss": [r["mean_heldout_loss"] for r in run["rounds"]],
+                "payload_dtype": run["payload_dtype"],
+            }
+        budgets = []
+        for k, budget in enumerate(curves["fedavg"]["cumulative_up_bytes"], start=1):
+            row = {
+                "fedavg_fp32_rounds": k,
+                "up_bytes_budget": budget,
+                "fedavg_fp32_loss": curves["fedavg"]["heldout_loss"][k - 1],
+            }
+            for name in ("ffa-bf16", "ffa", "exact"):
+                # 0.1% slack: manifests differ by a few bytes between modes (the mode's name)
+                fits = [i for i, b in enumerate(curves[name]["cumulative_up_bytes"]) if b <= budget * 1.001]
+                row[f"{name}_rounds"] = len(fits)
+                row[f"{name}_loss"] = curves[name]["heldout_loss"][fits[-1]] if fits else None
+            budgets.append(row)
+        last = {name: c["heldout_loss"][-1] for name, c in curves.items()}
+        out[n] = {
+            "curves": curves,
+            "at_equal_upload_bytes": budgets,
+            "final_loss_equal_rounds": last,
+            "ffa_bf16_no_worse_than_fedavg_fp32": last["ffa-bf16"] <= last["fedavg"],
+            "ffa_bf16_vs_ffa_fp32_loss_change": round(last["ffa-bf16"] / last["ffa"] - 1, 4),
+        }
+    return out
+
+
+def measured(quality: dict) -> dict:
+    """Bytes the quality bench's real envelopes had (demo model), to cross-check the table."""
+    out = {}
+    for n, res in quality["results"].items():
+        for name, run in res["runs"].items():
+            if name in ("ffa", "exact", "fedavg", "ffa-bf16"):
+                out.setdefault(n, {})[name] = {
+                    "up_bytes": run["rounds"][-1]["bytes_up_per_volunteer"],
+                    "down_bytes": run["rounds"][-1]["bytes_down_per_volunteer"],
+                }
+    return out
+
+
+def run(models: list[str], quality_path: Path | None) -> dict:
+    from loracommons.coordinator.config import ProjectConfig
+    from loracommons.protocol.task import LoraSettings
+
+    results = {}
+    if "demo" in models:
+        tensors, cfg = demo_adapter()
+        results["demo"] = {
+            "description": "embedded demo model (805k-param Llama), r=16, all 7 linear modules",
+            **table(tensors, cfg),
+        }
+    for name, modules in (("llama-3.2-1b-all", ALL_MODULES), ("llama-3.2-1b-qv", ("q_proj", "v_proj"))):
+        if name in models:
+            cfg = ProjectConfig(lora=LoraSettings(r=16, alpha=32.0, target_modules=modules))
+            tensors = adapter_for(llama_shapes(LLAMA_1B, modules), 16)
+            results[name] = {
+                "description": f"Llama-3.2-1B shapes, r=16, {', '.join(modules)}",
+                **table(tensors, cfg),
+            }
+    report = {
+        "bench": "comm",
+        "date": benchlib.now(),
+        "machine": benchlib.machine_info(),
+        "unit": "bytes per volunteer per round",
+        "target_up_ratio": TARGET_RATIO,
+        "models": results,
+    }
+    if quality_path is not None and quality_path.exists():
+        quality = json.loads(quality_path.read_text())
+        report["measured_in_quality_run"] = measured(quality)
+        report["quality_at_equal_bytes"] = equal_bytes(quality)
+    return report
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.2 * (len(models) + 1), 4.5))
+    for ax, name in zip(axes, models, strict=False):
+        rows = report["models"][name]["rows"]
+        labels = [f"{r['mode']}\n{r['dtype'].replace('float', 'fp').replace('bfloat', 'bf')}" for r in rows]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["up_ratio_to_fp32_ab"] for r in rows], 0.4, label="up (update)")
+        ax.bar(x + 0.2, [r["round_trip_ratio_to_fp32_ab"] for r in rows], 0.4, label="round trip")
+        ax.axhline(TARGET_RATIO, color="k", ls="--", lw=1, label="target 0.25 (up)")
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_title(f"{name}: bytes / fp32 A+B baseline", fontsize=9)
+        ax.set_ylim(0, 1.1)
+    axes[0].legend(fontsize=8)
+    ax = axes[-1]
+    eq = report.get("quality_at_equal_bytes", {})
+    for n, res in eq.items():
+        for name, curve in res["curves"].items():
+            ax.plot(
+                np.array(curve["cumulative_up_bytes"]) / 1e6,
+                curve["heldout_loss"],
+                "-o",
+                markersize=3,
+                label=f"N={n} {name}",
+            )
+    ax.set_xlabel("cumulative MB sent per volunteer")
+    ax.set_ylabel("mean held-out loss")
+    ax.set_title("quality at equal bytes (quality bench)", fontsize=9)
+    if eq:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        default="demo,llama-3.2-1b-all,llama-3.2-1b-qv",
+        help="comma-separated: demo, llama-3.2-1b-all, llama-3.2-1b-qv",
+    )
+    parser.add_argument("--quality", type=Path, default=None, help="quality.json for quality at equal bytes")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG (default: comm_bars.png next to --out)")
+    args = parser.parse_args(argv)
+    report = run([m for m in args.models.split(",") if m], args.quality)
+    benchlib.write_json(args.out, report)
+    png = plot(report, args.plot or args.out.with_name("comm_bars.png"))
+    for name, res in report["models"].items():
+        print(
+            f"{name}: ffa bf16 up ratio {res['ffa_bf16_up_ratio']:.3f}, round trip "
+            f"{res['ffa_bf16_round_trip_ratio']:.3f}",
+            file=sys.stderr,
+        )
+    print(f"{args.out} {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

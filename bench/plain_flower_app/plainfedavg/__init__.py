@@ -1,0 +1,1 @@
+"""Plain-Flower FedAvg app: the baseline of bench/overhead_bench.py (stock Flower, no LoRA Commons code)."""
