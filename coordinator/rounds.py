@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loracommons.coordinator import privacy
 from loracommons.coordinator.admission import admit, context_for, expected_for
 from loracommons.coordinator.aggregation import RoundAggregator
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
@@ -102,6 +103,9 @@ class Coordinator:
         r = self.resume()
         total = self.cfg.round.rounds
         while not self.stop.is_set() and (total == 0 or r <= total):
+            if not self.privacy_budget_left():
+                self.on_event("privacy_budget_spent", self.privacy_metrics())
+                break
             nodes = self.wait_for_nodes(grid)
             if nodes is None:
                 break
@@ -256,6 +260,25 @@ class Coordinator:
 
     # -- releases --------------------------------------------------------------
 
+    def _dp_rounds(self) -> int:
+        return sum(row["status"] == "aggregated" for row in self.store.rounds())
+
+    def privacy_metrics(self, extra_rounds: int = 0) -> dict:
+        """Epsilon spent so far under central DP (every aggregated round is a DP release)."""
+        dp = self.cfg.privacy
+        if not dp.dp:
+            return {}
+        spent = privacy.epsilon(self._dp_rounds() + extra_rounds, dp.noise_multiplier, dp.delta)
+        return {"dp_epsilon": round(spent, 4), "dp_delta": dp.delta,
+                "dp_noise_multiplier": dp.noise_multiplier}
+
+    def privacy_budget_left(self) -> bool:
+        """False when one more DP round would spend more than `[privacy] max_epsilon`."""
+        dp = self.cfg.privacy
+        if not dp.dp or dp.max_epsilon <= 0:
+            return True
+        return privacy.epsilon(self._dp_rounds() + 1, dp.noise_multiplier, dp.delta) <= dp.max_epsilon
+
     def _unreleased_rounds(self) -> list[dict]:
         latest = self.store.latest_release()
         since = latest["round"] if latest else 0
@@ -280,7 +303,7 @@ class Coordinator:
         latest = self.store.latest_release()
         version = (latest["version"] if latest else 0) + 1
         metrics = {"round": last["round"], "train_loss": last["train_loss"], "admitted": last["admitted"],
-                   "rejected": last["rejected"], "rounds_aggregated": len(pending)}
+                   "rejected": last["rejected"], "rounds_aggregated": len(pending), **self.privacy_metrics()}
         project = self.cfg.project
         publish_release(
             self.project_dir, self.store, self.key, project, version, last["round"],
