@@ -26,12 +26,30 @@ def yes(ok: bool) -> str:
     return "**met**" if ok else "**MISSED**"
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+def pct(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB" if n < 1e7 else f"{n / 1e6:.1f} MB"
+
+
+def _still_falling(q: dict) -> bool:
+    """Every federated run's held-out loss dropped in its last round."""
+    return all(
+        c["heldout_loss"][-1] < c["heldout_loss"][-2]
+        for res in q["results"].values()
+        for name, c in res["summary"]["curves"].items()
+        if name in ("ffa", "exact", "fedavg", "ffa-bf16") and len(c["heldout_loss"]) > 1
+    )
+
+
+def _rel(x: float, ref: float) -> str:
+    """'12% below', '3% above' or 'level with': x against ref."""
+    change = 100 * (x / ref - 1)
+    if abs(change) < 0.5:
+        return "level with"
+    return f"{abs(change):.0f}% {'below' if change < 0 else 'above'}"
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -62,7 +80,8 @@ def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | No
                     [
                         f"quality, {n} volunteers, `{mode}` above every local-only adapter on mean exact "
                         "match",
-                        f"{pct(m['mean_exact_match'])} vs best local {pct(m['best_local_mean_exact_match'])}",
+                        f"{pct(m['mean_exact_match'], 1)} vs best local "
+                        f"{pct(m['best_local_mean_exact_match'], 1)}",
                         yes(m["above_every_local_on_mean_exact_match"]),
                     ]
                 )
@@ -117,8 +136,7 @@ def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | No
             [
                 "round overhead, LoRA Commons / plain Flower <= 1.1",
                 f"{o['ratio_steady_overhead']:.2f} ({o['loracommons']['summary']['mean_overhead_s']:.2f} s "
-                "vs "
-                f"{o['plain_flower']['summary']['mean_overhead_s']:.2f} s per round)",
+                f"vs {o['plain_flower']['summary']['mean_overhead_s']:.2f} s per round)",
                 yes(o["target"]["met"]),
             ]
         )
@@ -130,17 +148,14 @@ def quality_section(q: dict) -> str:
     out = [
         "## Quality (`quality_bench.py`)\n",
         "Demo base model, generated skills, non-IID: each volunteer holds ONE skill (the community covers "
-        "the "
-        f"first min(N, 5) new skills{_shared(q)}). {cfg['rounds']} rounds of {cfg['steps']} steps per "
-        f"volunteer (batch {cfg['batch_size']}), "
-        f"{cfg['n_train']} training examples per volunteer, {cfg['n_heldout']} held-out examples per skill. "
-        f"LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']:g}, all seven linear modules. Learning rates: "
-        "`ffa` "
+        f"the first min(N, 5) of the demo's skills, in the demo's order{_shared(q)}). {cfg['rounds']} rounds "
+        f"of {cfg['steps']} steps per volunteer (batch {cfg['batch_size']}), {cfg['n_train']} training "
+        f"examples per volunteer, {cfg['n_heldout']} held-out examples per skill. LoRA r={cfg['lora_r']}, "
+        f"alpha={cfg['lora_alpha']:g}, all seven linear modules. Learning rates: `ffa` "
         f"{cfg['learning_rates']['ffa']:g} (B alone), `exact`/`fedavg`/full LoRA "
-        f"{cfg['learning_rates']['exact']:g} (A and B; 1e-2 made full LoRA diverge). Centralized = one "
-        "trainer on "
-        f"the pooled data with N x {cfg['steps']} steps per round: the same total steps and examples as the "
-        "federation. `pooled-same-time` = the pooled data with only "
+        f"{cfg['learning_rates']['exact']:g} (A and B; in the demo's tuning 1e-2 made full LoRA collapse). "
+        f"Centralized = one trainer on the pooled data with N x {cfg['steps']} steps per round: the same "
+        "total steps and examples as the federation. `pooled-same-time` = the pooled data with only "
         f"{cfg['steps']} steps per round (`ffa`): what one machine holding everyone's data trains in the "
         "wall-clock time of one volunteer's round, a reference. Local-only = each volunteer alone, same "
         "schedule. Every round restarts AdamW with warmup and cosine decay, as the volunteer trainer does.\n",
@@ -231,8 +246,8 @@ def _exactness_words(q: dict) -> str:
     if above:
         words.append(
             f" `exact`: at most {100 * max(above):.2f}% above the rank-r floor in every round: it returns "
-            "(up to rounding) the best rank-r approximation of the exact mean. The floor is not zero because "
-            "the mean of N rank-r products has rank up to N x r."
+            "(up to rounding) the best rank-r approximation of the exact mean. The floor is not zero "
+            "because the mean of N rank-r products has rank up to N x r."
         )
     words.append(" `fedavg` (mean of A times mean of B) is rank r too, so never below that floor.\n")
     return "".join(words)
@@ -254,13 +269,11 @@ def exactness_section(q: dict) -> str:
     return "\n".join(
         [
             "## Aggregation exactness (`quality_bench.py`, real updates)\n",
-            "Every round of the federated quality runs: relative Frobenius error of the aggregated "
-            "ΔW = (alpha/r) B'A' against the exact weighted mean of the volunteers' (alpha/r) B_i A_i, "
-            "over all "
+            "Every round of the federated quality runs: relative Frobenius error of the aggregated ΔW = "
+            "(alpha/r) B'A' against the exact weighted mean of the volunteers' (alpha/r) B_i A_i, over all "
             "modules (and the worst single module), largest over the rounds. The last column is the error "
-            "of the "
-            "*best possible* rank-r adapter (truncated SVD of the exact mean): no rank-r aggregate can do "
-            "better.\n",
+            "of the *best possible* rank-r adapter (truncated SVD of the exact mean): no rank-r aggregate "
+            "can do better.\n",
             table(
                 ["mode", "volunteers", "rel. error (all modules)", "worst module", "best rank-r possible"],
                 rows,
@@ -326,8 +339,8 @@ def comm_section(c: dict) -> str:
         )
         last = res["final_loss_equal_rounds"]
         out.append(
-            f"\nAt equal rounds: `ffa` bf16 {last['ffa-bf16']:.3f}, `ffa` fp32 {last['ffa']:.3f}, "
-            f"`fedavg` fp32 {last['fedavg']:.3f} (bf16 changes `ffa`'s loss by "
+            f"\nAt equal rounds: `ffa` bf16 {last['ffa-bf16']:.3f}, `ffa` fp32 {last['ffa']:.3f}, `fedavg` "
+            f"fp32 {last['fedavg']:.3f} (bf16 changes `ffa`'s loss by "
             f"{100 * res['ffa_bf16_vs_ffa_fp32_loss_change']:+.1f}%).\n"
         )
     out.append("![communication](results/comm_bars.png)\n")
@@ -352,11 +365,9 @@ def aggregate_section(a: dict) -> str:
         [
             "## Coordinator cost (`aggregate_bench.py`)\n",
             f"One round of N signed updates on {a['model_shapes']}: admission (signature, claims, digest, "
-            "shapes, "
-            "finiteness, norm) + aggregation, against `hashlib.sha256` over the same payload bytes in the "
-            "same run; "
-            "peak traced memory above the round's start (updates are generated one at a time, so this is the "
-            "coordinator's own memory).\n",
+            "shapes, finiteness, norm) + aggregation, against `hashlib.sha256` over the same payload bytes "
+            "in the same run; peak traced memory above the round's start (updates are generated one at a "
+            "time, so this is the coordinator's own memory).\n",
             table(
                 [
                     "variant",
@@ -395,20 +406,14 @@ def overhead_section(o: dict) -> str:
         [
             "## Round overhead (`overhead_bench.py`, real processes on 127.0.0.1)\n",
             "LoRA Commons: `loracommons coordinator start` (its SuperLink, round loop, admission, "
-            "aggregation, "
-            "signed release every round) and two `loracommons join` volunteers training "
+            "aggregation, signed release every round) and two `loracommons join` volunteers training "
             f"{o['config']['lc_train_steps_per_round']} steps a round on the demo model (`ffa`). Plain "
-            "Flower: stock "
-            "`flower-superlink`, two `flower-supernode`s, `flwr run` of `bench/plain_flower_app` (FedAvg "
-            "from "
-            "`flwr.serverapp.strategy`, a ClientApp replying at once with an array of the same size as "
-            "LoRA Commons' "
-            f"update: {o['config']['sizes']['b_floats']:,} floats up, "
-            f"{o['config']['sizes']['a_floats'] + o['config']['sizes']['b_floats']:,} down). A round runs "
-            "from "
-            "its start to the next round's start; overhead = that minus the volunteers' training seconds "
-            "(from "
-            "their `update sent` lines).\n",
+            "Flower: stock `flower-superlink`, two `flower-supernode`s, `flwr run` of "
+            "`bench/plain_flower_app` (FedAvg from `flwr.serverapp.strategy`, a ClientApp replying at once "
+            f"with an array of the same size as LoRA Commons' update: {o['config']['sizes']['b_floats']:,} "
+            f"floats up, {o['config']['sizes']['a_floats'] + o['config']['sizes']['b_floats']:,} down). A "
+            "round runs from its start to the next round's start; overhead = that minus the volunteers' "
+            "training seconds (from their `update sent` lines).\n",
             table(
                 [
                     "round",
@@ -421,13 +426,10 @@ def overhead_section(o: dict) -> str:
                 rows,
             ),
             f"\nRounds {', '.join(map(str, lc['summary']['steady_rounds']))} (round 1 loads the model / "
-            "starts the "
-            f"ClientApp processes): LoRA Commons {lc['summary']['mean_overhead_s']:.2f} s, plain Flower "
-            f"{plain['summary']['mean_overhead_s']:.2f} s per round, ratio "
-            f"**{o['ratio_steady_overhead']:.2f}**. "
-            "Flower's stock `Grid.send_and_receive` polls for replies every 3 s; the LoRA Commons round "
-            "loop polls "
-            "every 0.5 s, which is most of the difference.\n",
+            f"starts the ClientApp processes): LoRA Commons {lc['summary']['mean_overhead_s']:.2f} s, plain "
+            f"Flower {plain['summary']['mean_overhead_s']:.2f} s per round, ratio "
+            f"**{o['ratio_steady_overhead']:.2f}**. Flower's stock `Grid.send_and_receive` polls for replies "
+            "every 3 s; the LoRA Commons round loop polls every 0.5 s, which is most of the difference.\n",
         ]
     )
 
@@ -437,13 +439,11 @@ def trainer_section(t: dict) -> str:
     return "\n".join(
         [
             "## Trainer throughput (`trainer_bench.py`)\n",
-            f"The volunteer trainer against a bare peft + torch loop on the same tiny Llama (hidden "
+            "The volunteer trainer against a bare peft + torch loop on the same tiny Llama (hidden "
             f"{cfg['model']['hidden_size']}, {cfg['model']['num_hidden_layers']} layers), {cfg['steps']} "
-            "steps of "
-            f"batch {cfg['batch']} x {cfg['seq_len']} tokens, {t['machine']['torch_threads']} torch "
-            "thread(s), best "
-            f"of {cfg['repeats']}: trainer **{t['trainer']['tokens_per_s']:,.0f} tokens/s**, bare loop "
-            f"{t['bare_loop']['tokens_per_s']:,.0f} tokens/s, ratio **{t['ratio']:.2f}**.\n",
+            f"steps of batch {cfg['batch']} x {cfg['seq_len']} tokens, {t['machine']['torch_threads']} torch "
+            f"thread(s), best of {cfg['repeats']}: trainer **{t['trainer']['tokens_per_s']:,.0f} tokens/s**, "
+            f"bare loop {t['bare_loop']['tokens_per_s']:,.0f} tokens/s, ratio **{t['ratio']:.2f}**.\n",
         ]
     )
 
@@ -464,7 +464,7 @@ REPRODUCE = """## Reproduce
 ```bash
 bench/run_all                                   # everything, then this README (about {minutes} min here)
 bench/run_all --only overhead,comm              # a subset; the README is rewritten from all results
-python bench/quality_bench.py                   # quality, exactness, bytes: quality.json, quality_curves.png
+python bench/quality_bench.py --workers 2       # quality, exactness, bytes: quality.json, quality_curves.png
 python bench/comm_bench.py --quality bench/results/quality.json   # comm.json, comm_bars.png
 python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.json
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)
@@ -528,8 +528,8 @@ def machine_section(results: dict[str, dict | None], run_all: dict | None) -> st
         lines.append(table(["bench", "seconds", "exit code"], rows))
     lines.append(
         "\nThe machine is shared with other engineers' work (load around 2-5 on 2 cores): timings are "
-        "noisy, by tens of percent from run to run. Quality numbers do not depend on timing: the runs "
-        "are single-threaded with fixed data, seeds and volunteer keys, so they repeat exactly.\n"
+        "noisy, by tens of percent from run to run. Quality numbers do not depend on timing: the runs are "
+        "single-threaded with fixed data, seeds and volunteer keys, so they repeat exactly.\n"
     )
     return "\n".join(lines)
 
@@ -580,18 +580,17 @@ def notes_section(q: dict | None, c: dict | None, a: dict | None, o: dict | None
                 s["final"]["centralized-full"]["mean_heldout_loss"],
             )
             notes.append(
-                f"- **Quality, {n} volunteers**: `ffa` reaches held-out loss "
-                f"{ch['ffa']['heldout_loss']:.3f} and "
-                f"`exact` {ch['exact']['heldout_loss']:.3f} against {central:.3f} for centralized training "
-                "with the "
-                f"same total steps ({100 * ch['ffa']['gap_to_centralized']:+.0f}% / "
+                f"- **Quality, {n} volunteers**: `ffa` reaches held-out loss {ch['ffa']['heldout_loss']:.3f} "
+                f"and `exact` {ch['exact']['heldout_loss']:.3f} against {central:.3f} for centralized "
+                f"training with the same total steps ({100 * ch['ffa']['gap_to_centralized']:+.0f}% / "
                 f"{100 * ch['exact']['gap_to_centralized']:+.0f}%); `fedavg` "
-                f"{ch['ffa']['fedavg_heldout_loss']:.3f}. "
-                f"Mean exact match: `ffa` {pct(ch['ffa']['mean_exact_match'])}, `exact` "
-                f"{pct(ch['exact']['mean_exact_match'])}, `fedavg` "
-                f"{pct(ch['ffa']['fedavg_mean_exact_match'])}, "
-                f"best local-only {pct(ch['ffa']['best_local_mean_exact_match'])}, centralized "
-                f"{pct(central_em)}."
+                f"{ch['ffa']['fedavg_heldout_loss']:.3f}. Mean exact match: `ffa` "
+                f"{pct(ch['ffa']['mean_exact_match'])}, `exact` {pct(ch['exact']['mean_exact_match'])}, "
+                f"`fedavg` {pct(ch['ffa']['fedavg_mean_exact_match'])}, best local-only "
+                f"{pct(ch['ffa']['best_local_mean_exact_match'])}, centralized {pct(central_em)}. At the "
+                "federation's wall-clock (`pooled-same-time`: the pooled data, S steps a round) pooled "
+                f"training reaches {ch['ffa']['pooled_same_time_heldout_loss']:.3f}, and `ffa` ends "
+                f"{_rel(ch['ffa']['heldout_loss'], ch['ffa']['pooled_same_time_heldout_loss'])} it."
                 + (
                     ""
                     if res["summary"]["target_met"]
@@ -603,31 +602,38 @@ def notes_section(q: dict | None, c: dict | None, a: dict | None, o: dict | None
             "*mean* of the N volunteers' changes, so with one skill per volunteer each skill's change "
             "enters with weight 1/N, while the centralized trainer spends all N x S steps of the round on "
             "the pooled data: the federation makes N times fewer sequential updates for the same total "
-            "compute (its point is that the N volunteers train at the same time). `pooled-same-time` shows "
-            "pooled training with the federation's wall-clock instead. The federated curves are still "
-            "falling at the last round."
+            "compute (its point is that the N volunteers train at the same time)."
+            + (" The federated loss curves are still falling at the last round." if _still_falling(q) else "")
         )
     if c:
         demo = c["models"].get("demo")
         if demo:
             notes.append(
-                f"- **Bytes**: `ffa` in bf16 sends {demo['ffa_bf16_up_ratio']:.3f} of the fp32 A+B upload "
-                "on the "
-                f"demo adapter: B is {100 * demo['b_share']:.0f}% of the adapter's numbers there (the MLP "
-                "gate/up B factors are intermediate x r), so half of A+B is more than half. On "
-                "attention-only "
-                "targets B is smaller than A and the ratio falls below 0.25 (`llama-3.2-1b-qv` row). The "
-                "download "
-                "is not reduced: the coordinator sends the whole adapter in float32 every round, so a "
-                "round trip "
-                f"costs {demo['ffa_bf16_round_trip_ratio']:.2f} of the baseline."
+                f"- **Bytes**: `ffa` in bf16 sends {demo['ffa_bf16_up_ratio']:.3f} of the fp32 A+B upload on "
+                f"the demo adapter: B is {100 * demo['b_share']:.0f}% of the adapter's numbers there (the "
+                "MLP gate/up B factors are intermediate x r), so half of A+B is more than half. On "
+                "attention-only targets B is smaller than A and the ratio falls below 0.25 "
+                "(`llama-3.2-1b-qv` row). The download is not reduced: the coordinator sends the whole "
+                "adapter in float32 every round, so a round trip costs "
+                f"{demo['ffa_bf16_round_trip_ratio']:.2f} of the baseline."
+            )
+        for n, res in c.get("quality_at_equal_bytes", {}).items():
+            last, curves = res["final_loss_equal_rounds"], res["curves"]
+            fit = curves["fedavg"]["cumulative_up_bytes"][0] / curves["ffa-bf16"]["cumulative_up_bytes"][0]
+            notes.append(
+                f"- **bf16 payloads ({n} volunteers)**: `ffa` with bf16 updates ends at held-out loss "
+                f"{last['ffa-bf16']:.3f}, {_rel(last['ffa-bf16'], last['ffa'])} `ffa` in float32 "
+                f"({last['ffa']:.3f}). One pair of runs: bf16 rounding perturbs every update and the two "
+                "trajectories drift apart, so a difference of this size says bf16 does not hurt here, not "
+                f"that it helps. In the bytes of one `fedavg` fp32 round, `ffa` bf16 sends {fit:.1f} rounds "
+                "(table below)."
             )
     if a:
         notes.append(_coordinator_words(a))
     if o:
         notes.append(
-            f"- **Round overhead**: ratio {o['ratio_steady_overhead']:.2f} against plain Flower "
-            "(target <= 1.1)."
+            f"- **Round overhead**: ratio {o['ratio_steady_overhead']:.2f} against plain Flower (target <= "
+            "1.1)."
         )
     return "\n".join(notes) + "\n"
 
@@ -646,8 +652,9 @@ def _coordinator_words(a: dict) -> str:
     return (
         "- **Coordinator**: admission + aggregation runs at " + "; ".join(parts) + ", against a 0.5x target: "
         "admission alone (signature, payload digest, decoding, finiteness, delta norm) already does several "
-        "passes over the bytes where sha256 does one, and `exact`'s incremental SVD costs more again. Memory "
-        f"stays flat in N (at most {flat:.3f}x from the smallest to the largest N): aggregation streams."
+        "passes over the bytes where sha256 does one, and `exact`'s incremental SVD costs more again. "
+        f"Memory stays flat in N (at most {flat:.3f}x from the smallest to the largest N): aggregation "
+        "streams."
     )
 
 

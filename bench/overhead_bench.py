@@ -422,8 +422,7 @@ def run(rounds: int, steps: int, timeout: float, log, work_dir: Path | None = No
             "round_definition": "from one round's start to the next round's start (last round: to the "
             "end of the round loop), minus the longest volunteer training time",
             "plain_flower": "FedAvg (fraction_evaluate=0) with stock Grid.send_and_receive; the "
-            "ClientApp replies with b_floats float32 values, the server sends "
-            "a_floats + b_floats",
+            "ClientApp replies with b_floats float32 values, the server sends a_floats + b_floats",
         },
         "loracommons": lc,
         "plain_flower": plain,

@@ -47,7 +47,7 @@ DEMO = DemoSettings()
 FFA_LR = DEMO.learning_rate
 """FFA trains B alone and wants a high rate (the demo's tuned 1e-2)."""
 FULL_LORA_LR = 3e-3
-"""A and B trained together: 1e-2 made full LoRA diverge on this base; 3e-3 trains well."""
+"""A and B trained together: in the demo's tuning 1e-2 made full LoRA collapse; 3e-3 trains well."""
 SEQ_LEN = 64
 WARMUP_STEPS = 5
 DEFAULT_OUT = benchlib.RESULTS / "quality.json"
