@@ -254,4 +254,3 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    time.sleep(0)

@@ -162,13 +162,15 @@ class Community:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        pid_file = self.out / "project" / "flower" / "superlink.pid"
-        try:  # a SuperLink outliving its coordinator (it never should; belt and braces)
-            pid = int(pid_file.read_text())
-            if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        from loracommons.coordinator.superlink import stale_pid
+
+        # a SuperLink outliving its coordinator (it never should; belt and braces)
+        pid = stale_pid(self.out / "project" / "flower" / "superlink.pid")
+        if pid is not None:
+            try:
                 os.killpg(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+            except ProcessLookupError:
+                pass
 
     # -- live view -------------------------------------------------------------------
 

@@ -88,13 +88,15 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
+        from loracommons.coordinator.superlink import stale_pid
+
         for pid_file in self.pid_files:  # a SuperLink orphaned by a kill -9 of its coordinator
-            try:
-                pid = int(pid_file.read_text())
-                if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            pid = stale_pid(pid_file)
+            if pid is not None:
+                try:
                     os.killpg(pid, signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+                except ProcessLookupError:
+                    pass
 
     def log(self, name: str) -> str:
         path = self.workdir / name
