@@ -22,6 +22,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def children(pid: int) -> dict[int, list[str]]:
+    """Live processes whose parent is `pid`, with their full argv (read from /proc: `ps` cuts
+    long command lines to the terminal width, COLUMNS included)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(") ", 1)[1].split()[:2]
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found[int(stat.parent.name)] = [arg.decode(errors="replace") for arg in argv if arg]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie has finished: only its parent has not collected it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live process below `pid`."""
+    found, todo = [], [pid]
+    while todo:
+        below = list(children(todo.pop()))
+        found += below
+        todo += below
+    return found
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5,
              procs: list[subprocess.Popen] | None = None) -> object:
     deadline = time.monotonic() + timeout

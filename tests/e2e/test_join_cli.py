@@ -14,7 +14,7 @@ import pytest
 
 from tests.client import skill_records, write_jsonl
 from tests.e2e.conftest import FAST_ROUNDS, make_project, volunteer_data
-from tests.e2e.procs import BIN, LC, cli, free_port, read_json, wait_for
+from tests.e2e.procs import BIN, LC, alive, children, cli, free_port, read_json, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -30,22 +30,10 @@ def no_node_started() -> bool:
     return not (home / "supernode.log").exists() and not (home / "runtime.secret").exists()
 
 
-def children(pid: int) -> list[tuple[int, str]]:
-    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid=,args="], capture_output=True, text=True)
-    rows = [line.split(None, 1) for line in out.stdout.splitlines() if line.strip()]
-    return [(int(row[0]), row[1] if len(row) > 1 else "") for row in rows]
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie has finished: only its parent has not collected it yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
 
 def supernode_child(join_pid: int) -> int | None:
-    return next((pid for pid, args in children(join_pid) if "flower-supernode" in args), None)
+    return next((pid for pid, argv in children(join_pid).items()
+                 if any(arg.endswith("flower-supernode") for arg in argv)), None)
 
 
 def connected(home: Path, times: int = 1) -> bool:

@@ -23,7 +23,7 @@ import pytest
 from loracommons import __version__
 from loracommons.protocol.flower_app import app_pyproject
 from tests.e2e.conftest import volunteer_data
-from tests.e2e.procs import BIN, Processes, free_port, read_json, wait_for
+from tests.e2e.procs import BIN, Processes, alive, descendants, free_port, read_json, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -111,27 +111,6 @@ clientapp = "foreignapp.client_app:app"
 project-dir = ""
 '''
 
-
-def descendants(pid: int) -> list[int]:
-    """Pids of every live process below `pid`."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
 
 
 def kill_all(pids: list[int]) -> None:

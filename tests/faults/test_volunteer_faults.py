@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import free_port, wait_for
+from tests.e2e.procs import children, free_port, wait_for
 from tests.security.community import (
     Community,
     fingerprint,
@@ -33,19 +32,6 @@ from tests.security.community import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 TIMEOUT_S = 22.0
-
-
-def children(pid: int) -> list[int]:
-    """Pids whose parent is `pid` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def kill_machine(proc) -> None:  # noqa: ANN001
