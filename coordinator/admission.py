@@ -19,6 +19,7 @@ else's key is recorded as a bad signature, not against that key.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
@@ -36,7 +37,7 @@ from loracommons.protocol.envelope import (
     check_payload,
     open_envelope,
 )
-from loracommons.protocol.errors import ProtocolError
+from loracommons.protocol.errors import NonFinite, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,13 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
             )
         if manifest.examples < 1:
             raise _Reject("no_examples", "update reports 0 training examples")
-        tensors = check_payload(env, manifest, ctx.expected)
+        # The norm doubles as the finiteness check: computed from float32 values it is finite
+        # exactly when every value is (see robust.delta_norm), so the payload is read once less.
+        tensors = check_payload(env, manifest, ctx.expected, require_finite=False)
         norm = delta_norm(tensors, ctx.global_tensors, ctx.mode)
+        if not math.isfinite(norm):
+            bad = next((n for n, t in tensors.items() if not np.isfinite(t).all()), "?")
+            raise NonFinite(f"tensor {bad!r} holds NaN or Inf")
         if ctx.max_norm and not norm <= ctx.max_norm:
             raise _Reject("norm_too_large", f"delta norm {norm:.4g} exceeds max_norm {ctx.max_norm:.4g}")
     except ProtocolError as exc:

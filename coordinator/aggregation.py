@@ -95,19 +95,34 @@ class Aggregator(ABC):
 
 
 class MeanAggregator(Aggregator):
-    """Weighted mean of each sent tensor, kept as a float64 running sum of weighted deltas."""
+    """Weighted mean of each sent tensor.
+
+    Keeps Σ w_i s_i X_i in float64 (exact for float32 inputs and integer weights) and the
+    scalar Σ w_i s_i; the mean delta is then Σ w_i s_i X_i / W - (Σ w_i s_i / W) G. One
+    widening multiply and one add per update, through a reused scratch buffer: no
+    per-update allocation, no subtraction of the global until the end.
+    """
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
         super().__init__(global_tensors)
         self._sum = {n: np.zeros(self.global_tensors[n].shape) for n in self.names}
+        self._update_coef = 0.0  # Σ w_i s_i
+        self._scratch = np.empty(max((s.size for s in self._sum.values()), default=0))
 
     def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        coef = weight * scale
         for name, acc in self._sum.items():
-            diff = np.asarray(tensors[name], dtype=np.float64) - self.global_tensors[name]
-            acc += (weight * scale) * diff
+            tmp = self._scratch[: acc.size].reshape(acc.shape)
+            np.multiply(tensors[name], coef, out=tmp, dtype=np.float64)
+            acc += tmp
+        self._update_coef += coef
 
     def mean_delta(self) -> dict[str, np.ndarray]:
-        return {n: s / self.total_weight for n, s in self._sum.items()}
+        kept = self._update_coef / self.total_weight
+        return {
+            n: s / self.total_weight - kept * np.asarray(self.global_tensors[n], dtype=np.float64)
+            for n, s in self._sum.items()
+        }
 
     def _result(self) -> dict[str, np.ndarray]:
         out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}

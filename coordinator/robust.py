@@ -67,19 +67,32 @@ def product_delta_sq(b: np.ndarray, a: np.ndarray, b0: np.ndarray, a0: np.ndarra
 def delta_norm(
     tensors: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.ndarray], mode: str
 ) -> float:
-    """L2 norm of an update's delta against the global adapter (see the module doc)."""
-    if mode == "exact":
+    """L2 norm of an update's delta against the global adapter (see the module doc).
+
+    NaN exactly when some value of the update is NaN or infinite: the fast float32 sum can
+    overflow only for a delta above ~1e19, and then the sum is redone in float64, where squares
+    of float32 values cannot overflow. Admission relies on this as its finiteness check.
+    """
+    if mode == "exact":  # float64 throughout: finite for finite float32 factors
         total = 0.0
         for a_name, b_name in module_pairs(global_tensors).values():
             total += product_delta_sq(
                 tensors[b_name], tensors[a_name], global_tensors[b_name], global_tensors[a_name]
             )
+        return math.sqrt(total) if math.isfinite(total) else math.nan
+    total = 0.0
+    for name, value in tensors.items():
+        # In float32 (the payload's precision); numpy's pairwise sum keeps the relative error
+        # near log2(n) ulp, and no BLAS thread pool starts for a dot product.
+        diff = np.subtract(value, global_tensors[name], dtype=np.float32).ravel()
+        total += float(np.add.reduce(np.square(diff, out=diff), dtype=np.float32))
+    if math.isfinite(total):
         return math.sqrt(total)
     total = 0.0
     for name, value in tensors.items():
         diff = (_f64(value) - global_tensors[name]).ravel()
-        total += float(np.einsum("i,i->", diff, diff))  # not BLAS: no thread pool for a dot product
-    return math.sqrt(total)
+        total += float(diff @ diff)
+    return math.sqrt(total) if math.isfinite(total) else math.nan
 
 
 def clip_scale(norm: float, bound: float) -> float:

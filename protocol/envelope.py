@@ -178,13 +178,17 @@ def check_claims(manifest: UpdateManifest, expected: Expected) -> None:
         raise WrongBase("update was trained with another LoRA configuration")
 
 
-def check_payload(env: Envelope, manifest: UpdateManifest, expected: Expected) -> dict[str, np.ndarray]:
-    """Payload digest, then tensor names, shapes, dtypes and finiteness."""
+def check_payload(
+    env: Envelope, manifest: UpdateManifest, expected: Expected, *, require_finite: bool = True
+) -> dict[str, np.ndarray]:
+    """Payload digest, then tensor names, shapes, dtypes and (unless the caller checks it in a
+    pass of its own, as admission's norm does) finiteness."""
     if len(env.payload) != manifest.payload_bytes or sha256_hex(env.payload) != manifest.payload_sha256:
         raise DigestMismatch("payload does not match the sha256 its manifest signs")
     # Every tensor must be in the dtype the manifest signs (and the round allows).
     spec = TensorSpec(expected.spec.shapes, expected.spec.dtypes & {manifest.payload_dtype})
-    return decode_tensors(env.payload, max_bytes=expected.max_payload_bytes, spec=spec)
+    return decode_tensors(env.payload, max_bytes=expected.max_payload_bytes, spec=spec,
+                          require_finite=require_finite)
 
 
 def verify_update(env: Envelope, expected: Expected) -> tuple[UpdateManifest, dict[str, np.ndarray]]:

@@ -50,11 +50,15 @@ def _update(world, seed=2, **kw):
     return signer.envelope(make_update(g, "ffa", np.random.default_rng(seed)), key=KEY, **kw)
 
 
-def _nan(world):
+def _with_value(world, value):
     _, g, signer, _ = world
     t = make_update(g, "ffa", np.random.default_rng(3))
-    next(iter(t.values()))[0, 0] = np.nan
+    t[sorted(t)[-1]][-1, -1] = value
     return signer.envelope(t, key=KEY)
+
+
+def _nan(world):
+    return _with_value(world, np.nan)
 
 
 def _payload_swap(world, payload: bytes) -> Envelope:
@@ -161,6 +165,10 @@ CASES = {
         "bad_tensor",
     ),
     "nan": (_nan, {}, "non_finite"),
+    "inf": (lambda w: _with_value(w, -np.inf), {}, "non_finite"),
+    # finite, but its square overflows float32: the norm is redone in float64, not called NaN
+    "huge_finite": (lambda w: _with_value(w, 3e38), {}, "accepted"),
+    "huge_finite_bounded": (lambda w: _with_value(w, 3e38), {"max_norm": 1e30}, "norm_too_large"),
     "norm_too_large": (lambda w: _update(w), {"max_norm": 1e-3}, "norm_too_large"),
 }
 
@@ -222,6 +230,24 @@ def test_valid_update_tensors_and_norm(world):
         np.testing.assert_array_equal(verdict.tensors[name], value)
     want = np.sqrt(sum(np.sum((tensors[n].astype(np.float64) - g[n]) ** 2) for n in tensors))
     assert verdict.delta_norm == pytest.approx(want)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 3e38])
+def test_exact_mode_finiteness_from_the_norm(rng, value):
+    cfg = dataclasses.replace(
+        ProjectConfig(), aggregation=dataclasses.replace(ProjectConfig().aggregation, mode="exact")
+    )
+    g = make_global(rng)
+    signer = Signer(cfg, g)
+    tensors = make_update(g, "exact", rng)
+    name = next(n for n in sorted(tensors) if ".lora_A." in n)
+    tensors[name][0, 0] = value
+    expected = expected_for(cfg, 1, signer.nonce, g, signer.digest)
+    verdict = admit(signer.envelope(tensors), context_for(cfg, expected, g))
+    if np.isfinite(value):
+        assert verdict.accepted and np.isfinite(verdict.delta_norm) and verdict.delta_norm > 1e37
+    else:
+        assert verdict.reason == "non_finite" and name in verdict.message
 
 
 def test_exact_mode_norm_is_product_space(rng):
