@@ -230,7 +230,8 @@ def federate(
     from loracommons.coordinator.aggregation import RoundAggregator
     from loracommons.coordinator.initial import build_initial_adapter, decode_adapter
     from loracommons.coordinator.store import new_nonce
-    from loracommons.protocol.codec import encode_tensors
+    from loracommons.protocol import wire
+    from loracommons.protocol.codec import DTYPES, encode_tensors
     from loracommons.protocol.envelope import sha256_hex
     from loracommons.protocol.task import RoundTask
 
@@ -249,7 +250,7 @@ def federate(
         ctx = context_for(cfg, expected_for(cfg, r, nonce, tensors, digest), tensors, admitted=admitted)
         aggregator = RoundAggregator(cfg, tensors)
         probe = ExactnessProbe(tensors, cfg.aggregation.mode, cfg.lora.alpha / cfg.lora.r)
-        up, sent[:] = [], []
+        up, up_wire, sent[:] = [], [], []
         for volunteer in volunteers:
             envelope = volunteer.run_round(RoundTask.from_bytes(task_json), data)
             verdict = admit(envelope, ctx)
@@ -259,6 +260,8 @@ def federate(
             probe.add(verdict.tensors, aggregator.weight(verdict.manifest.examples))
             aggregator.offer(verdict)
             up.append(len(envelope.manifest) + len(envelope.payload) + len(envelope.signature))
+            encoding, packed = wire.pack(envelope.payload, DTYPES[method.dtype][1])  # as client_app sends it
+            up_wire.append(up[-1] - len(envelope.payload) + len(packed) + len(encoding))
         outcome = aggregator.finish()
         if outcome.tensors is None:
             raise BenchError(f"{label}: round {r} not aggregated: {outcome.message}")
@@ -266,6 +269,7 @@ def federate(
             "round": r,
             "bytes_down_per_volunteer": len(task_json) + len(data),
             "bytes_up_per_volunteer": int(np.mean(up)),
+            "bytes_up_wire_per_volunteer": int(np.mean(up_wire)),
             "train_loss": round(float(np.mean([d["train_loss"] for d in sent])), 5),
             "volunteer_seconds": round(sum(d["seconds"] for d in sent), 2),
         }

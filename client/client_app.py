@@ -14,6 +14,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from loracommons.client.volunteer import OnStatus, Volunteer, load_volunteer
+from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.flower_app import envelope_content, read_task
 from loracommons.protocol.task import RoundTask
 
@@ -52,4 +53,6 @@ def train(msg: Message, context: Context) -> Message:
     if note:
         _status("note", {"round": task.round, **note})
     envelope = volunteer.run_round(task, adapter)
-    return Message(envelope_content(envelope.manifest, envelope.payload, envelope.signature), reply_to=msg)
+    itemsize = DTYPES[task.payload_dtype][1]
+    return Message(envelope_content(envelope.manifest, envelope.payload, envelope.signature, itemsize),
+                   reply_to=msg)

@@ -184,7 +184,7 @@ class Coordinator:
                 self.on_event("update", {"round": r, "accepted": False, "reason": "volunteer_error"})
                 return
             try:
-                envelope = Envelope(*read_envelope(reply.content))
+                envelope = Envelope(*read_envelope(reply.content, ctx.expected.max_payload_bytes))
             except ProtocolError as exc:
                 self.store.record_update(r, None, "rejected", reason=exc.reason, message=str(exc))
                 self.on_event("update", {"round": r, "accepted": False, "reason": exc.reason})
@@ -225,8 +225,9 @@ class Coordinator:
             try:
                 from loracommons.protocol.envelope import open_envelope
 
-                manifest, public = open_envelope(Envelope(*read_envelope(reply.content)),
-                                                 max_payload_bytes=self.cfg.limits.max_payload_bytes)
+                limit = self.cfg.limits.max_payload_bytes
+                manifest, public = open_envelope(Envelope(*read_envelope(reply.content, limit)),
+                                                 max_payload_bytes=limit)
                 signer = public.fingerprint
             except ProtocolError:
                 signer = None

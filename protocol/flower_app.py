@@ -15,6 +15,7 @@ import io
 import sys
 import zipfile
 
+from loracommons.protocol import wire
 from loracommons.protocol.errors import ProtocolError
 
 if sys.version_info >= (3, 11):
@@ -125,7 +126,8 @@ def safe_retry_invoker(max_time: float | None = None, stop=None):  # noqa: ANN00
 
 # --- The two Flower messages of a round (flwr is imported only when they are built or read) ---
 # Task:  ConfigRecord "lc" {task: RoundTask JSON, note: JSON}; ArrayRecord "lc-adapter" {adapter: raw bytes}
-# Reply: ConfigRecord "lc" {manifest, signature};              ArrayRecord "lc-payload" {payload: raw bytes}
+# Reply: ConfigRecord "lc" {manifest, signature, encoding};  ArrayRecord "lc-payload" {payload: packed}
+# (encoding: how the payload is packed for the wire, see protocol/wire.py; absent means raw)
 # Large byte strings travel as raw uint8 Arrays, which Flower sends in chunks.
 
 
@@ -188,21 +190,29 @@ def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
     return task, adapter, note if isinstance(note, dict) else {}
 
 
-def envelope_content(manifest: bytes, payload: bytes, signature: bytes):  # noqa: ANN201
+def envelope_content(manifest: bytes, payload: bytes, signature: bytes, itemsize: int = 0):  # noqa: ANN201
+    """A reply's content; with `itemsize` (bytes per number of the payload dtype) the payload
+    travels packed by `wire.pack` when that is smaller."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+    encoding, packed = wire.pack(payload, itemsize) if itemsize else (wire.RAW, payload)
     return RecordDict({
-        "lc": ConfigRecord({"manifest": manifest, "signature": signature}),
-        "lc-payload": ArrayRecord({"payload": _bytes_array(payload)}),
+        "lc": ConfigRecord({"manifest": manifest, "signature": signature, "encoding": encoding}),
+        "lc-payload": ArrayRecord({"payload": _bytes_array(packed)}),
     })
 
 
-def read_envelope(content) -> tuple[bytes, bytes, bytes]:  # noqa: ANN001
-    """(manifest, payload, signature) from a reply's content; `ProtocolError` if malformed."""
+def read_envelope(content, max_payload_bytes: int) -> tuple[bytes, bytes, bytes]:  # noqa: ANN001
+    """(manifest, payload, signature) from a reply's content, the payload unpacked but never
+    past `max_payload_bytes`; `ProtocolError` if malformed."""
     try:
-        return (_config_bytes(content, "manifest"), _raw_bytes(content, "lc-payload", "payload"),
-                _config_bytes(content, "signature"))
+        manifest, signature = _config_bytes(content, "manifest"), _config_bytes(content, "signature")
+        packed = _raw_bytes(content, "lc-payload", "payload")
+        encoding = content["lc"]["encoding"] if "encoding" in content["lc"] else wire.RAW
     except ProtocolError:
         raise
     except Exception as exc:  # a peer's records can be shaped any way at all
         raise ProtocolError(f"reply is not an update envelope: {exc}") from None
+    if not isinstance(encoding, str):
+        raise ProtocolError("lc/encoding is not a string")
+    return manifest, wire.unpack(encoding, packed, max_payload_bytes), signature

@@ -239,8 +239,10 @@ def test_client_app_train_handler(model_dir, global_adapter, tmp_path, task_iden
     assert not reply.has_error()
     assert reply.metadata.reply_to_message_id == message.metadata.message_id
     reply = message_from_proto(message_to_proto(reply))
-    envelope = Envelope(*read_envelope(reply.content))
-    manifest, tensors = verify_update(envelope, expected_for(task, global_adapter))
+    assert reply.content["lc"]["encoding"] == "shuffle4-zlib"  # float32 payload, packed for the wire
+    expected = expected_for(task, global_adapter)
+    envelope = Envelope(*read_envelope(reply.content, expected.max_payload_bytes))
+    manifest, tensors = verify_update(envelope, expected)
     assert manifest.signer == key.public.openssh and sorted(tensors) == sorted(global_adapter)
     assert statuses[0] == ("note", {"round": 2, "outcome": "admitted"})  # the earlier round's outcome
     assert statuses[-1][0] == "sent"

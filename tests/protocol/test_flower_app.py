@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loracommons import __version__
-from loracommons.protocol.errors import ProtocolError
+from loracommons.protocol.errors import Malformed, ProtocolError, TooLarge
 from loracommons.protocol.flower_app import (
     APP_NAME,
     APP_PUBLISHER,
@@ -25,6 +25,7 @@ from loracommons.protocol.flower_app import (
 )
 
 FAB_ID = f"{APP_PUBLISHER}/{APP_NAME}"
+LIMIT = 1 << 20
 
 
 def sha(data: bytes) -> str:
@@ -180,8 +181,27 @@ def test_task_and_envelope_roundtrip():
     assert got == (task, adapter, {"outcome": "admitted", "round": 0})
     assert read_task(roundtrip(task_content(task, b"")))[2] == {}
     manifest, payload, signature = b'{"m": 1}', b"\x00\x01" * 5000, b"sig"
-    assert read_envelope(roundtrip(envelope_content(manifest, payload, signature))) == (
+    assert read_envelope(roundtrip(envelope_content(manifest, payload, signature)), LIMIT) == (
         manifest, payload, signature)
+    packed = roundtrip(envelope_content(manifest, payload, signature, itemsize=2))
+    assert packed["lc"]["encoding"] == "shuffle2-zlib"
+    assert len(bytes(packed["lc-payload"]["payload"].data)) < len(payload) // 10
+    assert read_envelope(packed, LIMIT) == (manifest, payload, signature)
+    with pytest.raises(TooLarge):  # the limit holds before inflating past it
+        read_envelope(packed, len(payload) - 1)
+
+
+def test_an_unknown_or_broken_encoding_is_refused():
+    from flwr.app import ConfigRecord, RecordDict
+
+    content = envelope_content(b"{}", b"\x00\x01" * 500, b"sig", itemsize=2)
+    lc = {"manifest": b"{}", "signature": b"sig"}
+    for encoding, error in (("gzip", Malformed), (3, ProtocolError), ("shuffle4-zlib", Malformed)):
+        bad = RecordDict({**content, "lc": ConfigRecord({**lc, "encoding": encoding})})
+        if encoding == "shuffle4-zlib":  # a known encoding over bytes that are not its stream
+            bad["lc-payload"] = envelope_content(b"{}", b"not zlib", b"sig")["lc-payload"]
+        with pytest.raises(error):
+            read_envelope(roundtrip(bad), LIMIT)
 
 
 def test_a_bad_note_is_dropped_not_fatal():
@@ -249,9 +269,9 @@ def _malformed_replies():
 def test_read_envelope_refuses_malformed_records(index):
     content = _malformed_replies()[index]
     with pytest.raises(ProtocolError):
-        read_envelope(content)
+        read_envelope(content, LIMIT)
     with pytest.raises(ProtocolError):
-        read_envelope(roundtrip(content))
+        read_envelope(roundtrip(content), LIMIT)
 
 
 def test_readers_refuse_what_is_not_a_record_dict():
@@ -259,7 +279,7 @@ def test_readers_refuse_what_is_not_a_record_dict():
         with pytest.raises(ProtocolError):
             read_task(content)
         with pytest.raises(ProtocolError):
-            read_envelope(content)
+            read_envelope(content, LIMIT)
 
 
 def test_retry_invoker_gives_up_when_stopped():
