@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -82,7 +83,8 @@ def run_coordinator(
     tick: Callable[[], None] | None = None,
     serve_after: bool = False,
 ) -> str:
-    """Run until the project's rounds are done or a stop is requested; returns the outcome.
+    """Run until the project's rounds are done or a stop is requested; returns the outcome:
+    the ServerApp task's ("completed", "failed", "refused") or "interrupted".
 
     With `serve_after`, the HTTP API keeps serving releases after the last round
     until a stop is requested.
@@ -96,7 +98,7 @@ def run_coordinator(
     host, port = opts.host or net.host, opts.port or net.fleet_port
     http_host, http_port = opts.http_host or net.http_host, opts.http_port or net.http_port
     lock = lock_project(project_dir)
-    stop = stop or server_app.stop_event
+    stop = stop or threading.Event()  # a fresh one: an earlier run in this process set the last
     server_app.stop_event = stop
     server_app.set_event_callback(on_event)
     store = Store(project_dir)
@@ -106,6 +108,13 @@ def run_coordinator(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
+
+    def superlink_gone() -> RuntimeError | None:
+        if superlink is None or superlink.poll() is None:
+            return None
+        return RuntimeError(f"the SuperLink exited with code {superlink.returncode}; see "
+                            f"{project_dir / 'flower' / 'superlink.log'}")
+
     try:
         superlink = start_superlink(project_dir, host, port, opts.tls,
                                     node_auth=cfg.project.membership == "allowlist")
@@ -116,28 +125,54 @@ def run_coordinator(
                 try:
                     link.register_node(public_key)
                 except Exception as exc:  # already registered in the SuperLink's database
+                    if gone := superlink_gone():
+                        raise gone from None
                     log.debug("register node: %s", exc)
         info = {"fleet_address": f"{host}:{port}", "public_key": key.public.openssh}
         http, _ = start_http(create_app(project_dir, store, info), http_host, http_port)
-        run_id = link.submit_run({"project-dir": str(project_dir)})
+        try:
+            run_id = link.submit_run({"project-dir": str(project_dir)})
+        except Exception as exc:  # the SuperLink died under it, or never answered: one clear line
+            try:
+                superlink.wait(2.0)  # a connection reset comes just before the exit status
+            except subprocess.TimeoutExpired:
+                pass
+            raise superlink_gone() or RuntimeError(
+                f"could not submit the run to the SuperLink at {connect}:{port}: {type(exc).__name__}: {exc}"
+            ) from None
         http_connect = "127.0.0.1" if http_host in ("0.0.0.0", "::", "") else http_host
         ready = {"fleet": f"{host}:{port}", "http": f"http://{http_connect}:{http_port}",
                  "run_id": run_id, "fingerprint": key.public.fingerprint, "project": cfg.project.id}
         if on_ready:
             on_ready(ready)
         outcome: list[str] = []
-        worker = threading.Thread(
-            target=lambda: outcome.append(link.serve_run(run_id, server_app.app, stop)),
-            name="server-app", daemon=True)
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                outcome.append(link.serve_run(run_id, server_app.app, stop))
+            except Exception as exc:  # reported by the main thread, in one line
+                log.debug("serving the run failed", exc_info=True)
+                failure.append(exc)
+
+        worker = threading.Thread(target=serve, name="server-app", daemon=True)
         worker.start()
         while worker.is_alive():
             if tick:
                 tick()
-            if superlink.poll() is not None and not stop.is_set():
-                raise RuntimeError(f"the SuperLink exited with code {superlink.returncode}; see "
-                                   f"{project_dir / 'flower' / 'superlink.log'}")
+            if (gone := superlink_gone()) and not stop.is_set():
+                raise gone
             worker.join(0.5)
-        if serve_after and not stop.is_set():
+        if failure and not stop.is_set():
+            try:
+                superlink.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
+            exc = failure[0]
+            raise superlink_gone() or RuntimeError(f"serving the run failed: {type(exc).__name__}: {exc}")
+        if stop.is_set():  # a signal (or the caller) stopped it before the rounds were done
+            return "interrupted"
+        if serve_after:
             log.info("rounds finished; the HTTP API stays up until stopped")
             while not stop.wait(0.5):
                 if tick:

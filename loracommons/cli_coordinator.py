@@ -139,6 +139,10 @@ def start(
             store.close()
     if outcome in ("failed", "refused"):  # the round loop did not run to its end: say so in the exit code
         raise fail(f"coordinator stopped: the round loop {outcome} (see the log above)")
+    if outcome == "interrupted":
+        console.print("coordinator stopped before its last round; `loracommons coordinator start "
+                      f"{directory}` resumes where it left off", highlight=False)
+        return
     console.print(f"coordinator stopped: {outcome}", highlight=False)
 
 

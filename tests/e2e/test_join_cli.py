@@ -130,6 +130,8 @@ def test_node_reconnects_after_the_superlink_restarts(tmp_path, procs, tiny_base
     waiting = procs.join(port, data[0], tmp_path / "id0", "vol0")
     home = tmp_path / "flwr-vol0"
     wait_for(lambda: connected(home), 90, "the first node to connect", procs=[first, waiting])
+    wait_for(lambda: " waiting connected=1 " in procs.log("coordinator1.log"), 90,
+             "the coordinator to wait for a second node", procs=[first])
     # the coordinator waits for a second volunteer; its SuperLink crashes
     failures = (home / "supernode.log").read_text().count("Connection attempt failed")
     superlink_pid = int((project / "flower" / "superlink.pid").read_text())
