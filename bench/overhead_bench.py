@@ -36,6 +36,8 @@ from pathlib import Path
 
 import benchlib
 
+from loracommons.client.node import free_port
+
 DEFAULT_OUT = benchlib.RESULTS / "overhead.json"
 PLAIN_APP = Path(__file__).resolve().parent / "plain_flower_app"
 BIN = Path(sys.executable).parent
@@ -45,12 +47,6 @@ EVENT = re.compile(r"^\d\d:\d\d:\d\d (\w+) (.*)$")
 
 class BenchError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

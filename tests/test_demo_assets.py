@@ -6,6 +6,8 @@ import hashlib
 import json
 
 import pytest
+import torch
+import transformers
 
 from loracommons.demo import base_model_path
 from loracommons.demo.skills import (
@@ -17,9 +19,6 @@ from loracommons.demo.skills import (
     skills_for_volunteer,
     write_skill_files,
 )
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

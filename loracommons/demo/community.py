@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from loracommons.client.node import free_port
 from loracommons.demo.skills import skills_for_volunteer, write_skill_files
 
 LC = [sys.executable, "-m", "loracommons"]
@@ -60,12 +60,6 @@ class DemoSettings:
 
 class DemoError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

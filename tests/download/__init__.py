@@ -94,3 +94,15 @@ def serve(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def served_project(folder: Path, n: int = 3) -> Iterator[tuple[str, Path, SigningKey, Hostile]]:
+    """A project with `n` releases served by the real API behind `Hostile`: (url, folder, key, hostile)."""
+    store, key = make_project(folder, n)
+    hostile = Hostile(project_app(folder, store, key))
+    try:
+        with serve(hostile) as url:
+            yield url, folder, key, hostile
+    finally:
+        store.close()

@@ -21,18 +21,14 @@ from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.release import DOMAIN, ReleaseManifest, SignedRelease, sign_release
 
-from . import WEIGHTS, Hostile, make_project, project_app, serve
+from . import WEIGHTS, served_project
 
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
     """A project with three releases, served by the real API."""
-    folder = tmp_path_factory.mktemp("coordinator")
-    store, key = make_project(folder, 3)
-    hostile = Hostile(project_app(folder, store, key))
-    with serve(hostile) as url:
-        yield url, folder, key, hostile
-    store.close()
+    with served_project(tmp_path_factory.mktemp("coordinator")) as served:
+        yield served
 
 
 @pytest.fixture

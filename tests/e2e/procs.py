@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from loracommons.client.node import free_port  # noqa: F401  (one helper, re-exported to the tests)
+
 BIN = Path(sys.executable).parent
 LC = [sys.executable, "-m", "loracommons"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children(pid: int) -> dict[int, list[str]]:
@@ -145,3 +140,16 @@ def read_json(path: Path) -> dict | None:
 
 def cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([*LC, *args], capture_output=True, text=True, cwd=cwd, check=check, timeout=300)
+
+
+def status(project: Path) -> dict:
+    """`coordinator status --json`."""
+    return json.loads(cli("coordinator", "status", str(project), "--json").stdout)
+
+
+def release_chain(project: Path) -> list:
+    """Every local release, verified as a chain from v1 against the project's release key."""
+    from loracommons.coordinator.releases import load_chain
+    from loracommons.protocol import PublicKey, verify_chain
+
+    return verify_chain(load_chain(project), PublicKey.load(project / "keys" / "release_key.pub"))

@@ -7,23 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from loracommons.protocol import PublicKey, SignedRelease, verify_chain
 from tests.e2e.conftest import FAST_ROUNDS, make_project, volunteer_data
-from tests.e2e.procs import cli, free_port, wait_for
+from tests.e2e.procs import free_port, release_chain, status, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
-def status(project: Path) -> dict:
-    return json.loads(cli("coordinator", "status", str(project), "--json").stdout)
-
-
-def release_chain(project: Path) -> list:
-    pinned = PublicKey.load(project / "keys" / "release_key.pub")
-    versions = sorted(int(p.name[1:]) for p in (project / "releases").glob("v*"))
-    signed = [SignedRelease.from_json((project / "releases" / f"v{v}" / "release.json").read_bytes())
-              for v in versions]
-    return verify_chain(signed, pinned)
 
 
 def heldout_loss(base: Path, adapter: Path | None, data: Path) -> float:

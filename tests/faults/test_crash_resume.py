@@ -36,13 +36,11 @@ import pytest
 from loracommons.coordinator.releases import verify_local_chain
 from loracommons.coordinator.store import Store
 from loracommons.protocol import PublicKey
-from tests.e2e.procs import free_port, wait_for
+from tests.e2e.procs import free_port, release_chain, status, wait_for
 from tests.security.community import (
     Community,
     make_project,
     record_result,
-    release_chain,
-    status,
     torn_blobs,
 )
 

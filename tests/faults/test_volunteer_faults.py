@@ -19,14 +19,12 @@ import time
 
 import pytest
 
-from tests.e2e.procs import children, free_port, wait_for
+from tests.e2e.procs import children, free_port, release_chain, status, wait_for
 from tests.security.community import (
     Community,
     fingerprint,
     make_project,
     record_result,
-    release_chain,
-    status,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -6,7 +6,7 @@
     community.join(port, data, identity, "honest0")                    # the real `loracommons join`
     community.hostile("forged_signature", port, data, identity, "h1")  # the real client, one thing changed
     ...
-    info = status(project)                                # `coordinator status --json`
+    info = status(project)                  # `coordinator status --json` (tests.e2e.procs)
 
 Processes are the real CLI entry points; the two launchers next to this file
 (`hostile_node.py`, `coordinator_launcher.py`) patch one function and then call
@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from loracommons.protocol import PublicKey, SignedRelease, verify_chain
+from loracommons.protocol import PublicKey
 from tests.e2e.procs import LC, Processes, cli
 
 HERE = Path(__file__).resolve().parent
@@ -91,10 +91,6 @@ def make_project(folder: Path, base: Path, membership: str = "open", **settings:
     return project
 
 
-def status(project: Path) -> dict:
-    return json.loads(cli("coordinator", "status", str(project), "--json").stdout)
-
-
 def register(project: Path, identity: Path) -> None:
     """What `coordinator register DIR KEY.pub` does, in-process (one CLI start per key is slow)."""
     from loracommons.coordinator.store import Store
@@ -117,15 +113,6 @@ def identity(path: Path) -> Path:
 
 def fingerprint(identity_path: Path) -> str:
     return PublicKey.load(str(identity_path) + ".pub").fingerprint
-
-
-def release_chain(project: Path) -> list:
-    """Every local release, verified as a chain from v1 against the project's release key."""
-    pinned = PublicKey.load(project / "keys" / "release_key.pub")
-    versions = sorted(int(p.name[1:]) for p in (project / "releases").glob("v*"))
-    signed = [SignedRelease.from_json((project / "releases" / f"v{v}" / "release.json").read_bytes())
-              for v in versions]
-    return verify_chain(signed, pinned)
 
 
 def torn_blobs(project: Path) -> list[str]:

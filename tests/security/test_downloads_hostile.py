@@ -27,18 +27,14 @@ from loracommons.client.download import DownloadError, download
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.release import DOMAIN, ReleaseManifest, SignedRelease, sign_release
-from tests.download import WEIGHTS, Hostile, make_project, project_app, serve
+from tests.download import WEIGHTS, served_project
 from tests.security.community import record_result
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("coordinator")
-    store, key = make_project(folder, 3)
-    hostile = Hostile(project_app(folder, store, key))
-    with serve(hostile) as url:
-        yield url, folder, key, hostile
-    store.close()
+    with served_project(tmp_path_factory.mktemp("coordinator")) as served:
+        yield served
 
 
 def release_doc(folder: Path, version: int) -> bytes:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from loracommons.coordinator.store import Store
-from tests.e2e.procs import free_port, wait_for
+from tests.e2e.procs import free_port, release_chain, status, wait_for
 from tests.security.community import (
     Community,
     fingerprint,
@@ -37,8 +37,6 @@ from tests.security.community import (
     make_project,
     record_result,
     register,
-    release_chain,
-    status,
     tls_files,
 )
 
