@@ -115,6 +115,14 @@ def run_coordinator(
         return RuntimeError(f"the SuperLink exited with code {superlink.returncode}; see "
                             f"{project_dir / 'flower' / 'superlink.log'}")
 
+    def failed(what: str, exc: BaseException) -> RuntimeError:
+        """One error line for a call to the SuperLink that failed: mostly because it died."""
+        try:
+            superlink.wait(2.0)  # a connection reset comes just before the exit status
+        except subprocess.TimeoutExpired:
+            pass
+        return superlink_gone() or RuntimeError(f"{what}: {type(exc).__name__}: {exc}")
+
     try:
         superlink = start_superlink(project_dir, host, port, opts.tls,
                                     node_auth=cfg.project.membership == "allowlist")
@@ -132,14 +140,8 @@ def run_coordinator(
         http, _ = start_http(create_app(project_dir, store, info), http_host, http_port)
         try:
             run_id = link.submit_run({"project-dir": str(project_dir)})
-        except Exception as exc:  # the SuperLink died under it, or never answered: one clear line
-            try:
-                superlink.wait(2.0)  # a connection reset comes just before the exit status
-            except subprocess.TimeoutExpired:
-                pass
-            raise superlink_gone() or RuntimeError(
-                f"could not submit the run to the SuperLink at {connect}:{port}: {type(exc).__name__}: {exc}"
-            ) from None
+        except Exception as exc:  # the SuperLink died under it, or never answered
+            raise failed(f"could not submit the run to the SuperLink at {connect}:{port}", exc) from None
         http_connect = "127.0.0.1" if http_host in ("0.0.0.0", "::", "") else http_host
         ready = {"fleet": f"{host}:{port}", "http": f"http://{http_connect}:{http_port}",
                  "run_id": run_id, "fingerprint": key.public.fingerprint, "project": cfg.project.id}
@@ -164,12 +166,7 @@ def run_coordinator(
                 raise gone
             worker.join(0.5)
         if failure and not stop.is_set():
-            try:
-                superlink.wait(2.0)
-            except subprocess.TimeoutExpired:
-                pass
-            exc = failure[0]
-            raise superlink_gone() or RuntimeError(f"serving the run failed: {type(exc).__name__}: {exc}")
+            raise failed("serving the run failed", failure[0])
         if stop.is_set():  # a signal (or the caller) stopped it before the rounds were done
             return "interrupted"
         if serve_after:
