@@ -4,6 +4,10 @@ Verification raises; it never returns False. Each subclass names what failed,
 and `reason` is a short stable code that the coordinator records per update.
 """
 
+from __future__ import annotations
+
+from enum import Enum
+
 
 class ProtocolError(Exception):
     """Base of every verification failure."""
@@ -87,3 +91,90 @@ class UntrustedKey(ProtocolError):
     """Signed by a key other than the pinned one."""
 
     reason = "untrusted_key"
+
+
+class Reason(str, Enum):
+    """Every code recorded for an update's outcome: one table that the admission, the round
+    loop, the store, the API and the dashboard read. `ProtocolError.reason` values are codes
+    of this table too (a test keeps the two in step)."""
+
+    ACCEPTED = "accepted"
+    # verification of the bytes (ProtocolError subclasses above)
+    PROTOCOL_ERROR = "protocol_error"
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    UNKNOWN_FIELD = "unknown_field"
+    MISSING_FIELD = "missing_field"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_SIGNATURE = "bad_signature"
+    BAD_KEY = "bad_key"
+    WRONG_PROJECT = "wrong_project"
+    WRONG_ROUND = "wrong_round"
+    WRONG_NONCE = "wrong_nonce"
+    WRONG_BASE = "wrong_base"
+    DIGEST_MISMATCH = "digest_mismatch"
+    BAD_TENSOR = "bad_tensor"
+    NON_FINITE = "non_finite"
+    CHAIN_BROKEN = "chain_broken"
+    ROLLBACK = "rollback"
+    UNTRUSTED_KEY = "untrusted_key"
+    # admission policy
+    BANNED = "banned"
+    NOT_REGISTERED = "not_registered"
+    DUPLICATE_SIGNER = "duplicate_signer"
+    WRONG_DTYPE = "wrong_dtype"
+    NO_EXAMPLES = "no_examples"
+    NORM_TOO_LARGE = "norm_too_large"
+    # the round's rules, applied once every update is in
+    FREE_RIDER = "free_rider"
+    KRUM_OUTLIER = "krum_outlier"
+    CLIPPED = "clipped"
+    WEIGHT_CAPPED = "weight_capped"
+    # the round loop
+    LATE = "late"
+    VOLUNTEER_ERROR = "volunteer_error"
+    INTERNAL_ERROR = "internal_error"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def doc(self) -> str:
+        """One line saying what the code means, for the API, the dashboard and `status`."""
+        return REASON_DOCS[self]
+
+
+REASON_DOCS: dict[Reason, str] = {
+    Reason.ACCEPTED: "passed every check",
+    Reason.PROTOCOL_ERROR: "failed verification",
+    Reason.TOO_LARGE: "manifest or payload above its size limit",
+    Reason.MALFORMED: "bytes that do not parse as the expected structure",
+    Reason.UNKNOWN_FIELD: "a field the protocol does not define",
+    Reason.MISSING_FIELD: "a required field is missing",
+    Reason.UNSUPPORTED_VERSION: "a format version this coordinator does not speak",
+    Reason.BAD_SIGNATURE: "signature does not verify against the key in the manifest",
+    Reason.BAD_KEY: "the signer's public key does not parse",
+    Reason.WRONG_PROJECT: "signed for another project",
+    Reason.WRONG_ROUND: "signed for another round",
+    Reason.WRONG_NONCE: "signed for another nonce of this round (a replay)",
+    Reason.WRONG_BASE: "trained from another global adapter, base model or LoRA configuration",
+    Reason.DIGEST_MISMATCH: "payload does not match the digest signed in the manifest",
+    Reason.BAD_TENSOR: "tensor names, shapes or dtypes differ from what the round expects",
+    Reason.NON_FINITE: "a tensor holds NaN or Inf",
+    Reason.CHAIN_BROKEN: "a release does not follow the previous one",
+    Reason.ROLLBACK: "a release older than one already seen",
+    Reason.UNTRUSTED_KEY: "signed by a key other than the pinned one",
+    Reason.BANNED: "signer's key is banned from the project",
+    Reason.NOT_REGISTERED: "allowlist project and the signer's key is not registered",
+    Reason.DUPLICATE_SIGNER: "signer already has an update admitted this round",
+    Reason.WRONG_DTYPE: "manifest claims a payload dtype the round does not use",
+    Reason.NO_EXAMPLES: "update reports zero training examples",
+    Reason.NORM_TOO_LARGE: "delta norm above the project's absolute max_norm",
+    Reason.FREE_RIDER: "delta norm far below the round's median (no real training)",
+    Reason.KRUM_OUTLIER: "among the updates farthest from the others (Multi-Krum)",
+    Reason.CLIPPED: "admitted, its delta scaled down to the round's clip bound",
+    Reason.WEIGHT_CAPPED: "admitted, its claimed examples counted only up to the project's cap",
+    Reason.LATE: "arrived after its round closed",
+    Reason.VOLUNTEER_ERROR: "the volunteer's node reported an error instead of an update",
+    Reason.INTERNAL_ERROR: "the coordinator failed handling it (a bug): logged with its traceback",
+}
