@@ -116,6 +116,11 @@ class NodeRunner:
             task.finish(completed, details)
 
 
+def default_flwr_home() -> Path:
+    """Where Flower keeps its files: `$FLWR_HOME` when set and non-empty, else `~/.flwr`."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
 @dataclass
 class NodeOptions:
     superlink: str
@@ -124,7 +129,8 @@ class NodeOptions:
     root_certificates: str | None = None
     auth_key: str | None = None
     """Identity file for SuperNode authentication (allowlist projects)."""
-    flwr_home: Path = field(default_factory=lambda: Path(os.environ.get("FLWR_HOME", "")) or Path.home())
+    flwr_home: Path = field(default_factory=default_flwr_home)
+    """The SuperNode's Flower home (its files, our runtime secret and log); see `default_flwr_home`."""
     log_path: Path | None = None
 
 

@@ -157,6 +157,20 @@ def test_http_grid_takes_our_retry_policy_before_it_connects():
         grid.close()
 
 
+def test_flower_home_rule_matches_ours(monkeypatch, tmp_path):
+    """`NodeOptions` resolves the Flower home as Flower does, without importing it."""
+    from flwr.supercore.utils import get_flwr_home
+
+    from loracommons.client.node import default_flwr_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for value in (str(tmp_path / "elsewhere"), ""):
+        monkeypatch.setenv("FLWR_HOME", value)
+        assert default_flwr_home() == get_flwr_home()
+    monkeypatch.delenv("FLWR_HOME")
+    assert default_flwr_home() == get_flwr_home()
+
+
 def test_built_app_bundle_holds_our_files():
     import io
     import zipfile
