@@ -7,6 +7,7 @@ the run's app bundle is exactly the installed loracommons app
 (`protocol.flower_app.check_fab`), and only then calls the installed ClientApp
 in this process; a foreign app gets an error reply and none of its code runs.
 `run_node` supervises both: restarts the SuperNode if it exits, stops it on Ctrl-C.
+Flower's non-public runtime pieces this needs are in `client/flower_runtime.py`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ bundle (a `pyproject.toml` naming installed modules), takes that run's ServerApp
 task from the SuperLink's Runtime API (authenticated with a secret only this
 project folder holds), checks the bundle as nodes do, and calls the installed
 ServerApp with a Grid. Runs it did not submit are refused without running.
+Flower's non-public API clients this needs are in `coordinator/flower_runtime.py`.
 """
 
 from __future__ import annotations

@@ -180,3 +180,16 @@ def test_built_app_bundle_holds_our_files():
 
     with zipfile.ZipFile(io.BytesIO(build_fab({"pyproject.toml": app_pyproject("1.0").encode()}))) as fab:
         assert set(fab.namelist()) == {"pyproject.toml", ".info/CONTENT"}
+
+
+def test_protocol_imports_no_flwr_at_import_time():
+    """The seam shared by both sides lives in `protocol`, which a downloader installs alone."""
+    import subprocess
+    import sys
+
+    modules = sorted(f"loracommons.protocol.{path.stem}" for path in (ROOT / "protocol").glob("*.py")
+                     if path.stem != "__init__")
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
