@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import benchlib
 
 from loracommons.client.node import free_port
+from loracommons.protocol import processes
 
 DEFAULT_OUT = benchlib.RESULTS / "overhead.json"
 PLAIN_APP = Path(__file__).resolve().parent / "plain_flower_app"
@@ -59,14 +59,7 @@ class Procs:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            text=True,
-        )
+        proc = processes.start(args, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
         self.procs.append((name, proc))
         threading.Thread(target=self._read, args=(name, proc), daemon=True).start()
         return proc
@@ -88,22 +81,8 @@ class Procs:
             return [(t, line) for t, n, line in self.lines if n == name]
 
     def stop(self) -> None:
-        """SIGTERM each process by pid, then SIGKILL what is left of its session (its children)."""
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for _, proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # the session this bench created for it: superexec and app children included
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(5)
+        """SIGTERM each process by pid, then SIGKILL what is left of its group (superexec, apps)."""
+        processes.stop_all([proc for _, proc in self.procs], timeout=20)
 
 
 def wait_for(predicate, timeout: float, what: str, procs: Procs) -> None:  # noqa: ANN001

@@ -7,6 +7,7 @@ the run's app bundle is exactly the installed loracommons app
 (`protocol.flower_app.check_fab`), and only then calls the installed ClientApp
 in this process; a foreign app gets an error reply and none of its code runs.
 `run_node` supervises both: restarts the SuperNode if it exits, stops it on Ctrl-C.
+Flower's non-public runtime pieces this needs are in `client/flower_runtime.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loracommons.protocol.flower_app import ForeignApp, check_fab, safe_retry_invoker
+from loracommons.client.flower_runtime import ClientTask, failure, refusal
+from loracommons.protocol import processes
+from loracommons.protocol.flower_app import ForeignApp
+from loracommons.protocol.flower_runtime import acquire_task, acquirer
 
 log = logging.getLogger(__name__)
 
@@ -61,94 +65,61 @@ class NodeRunner:
         self.on_event = on_event or (lambda event, details: None)
         self.stopping = threading.Event()
 
-    def _client(self, token: str | None = None):  # noqa: ANN202
-        from flwr.supercore.interceptors import (
-            RuntimeTokenHttpInterceptor,
-            RuntimeVersionHttpInterceptor,
-            SuperExecAuthHttpInterceptor,
-        )
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        if token is None:
-            interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-            if self.secret:
-                interceptors.append(SuperExecAuthHttpInterceptor(
-                    master_secret=self.secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
-        else:
-            interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                            RuntimeTokenHttpInterceptor(token)]
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=interceptors, retry_invoker=safe_retry_invoker(max_time=30.0, stop=self.stopping))
-
     def serve(self) -> None:
         """Poll for tasks until `stopping` is set."""
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: I001
-        from flwr.supercore.constant import TaskType
-
-        acquirer = None
+        client = None
         while not self.stopping.is_set():
             try:
-                acquirer = acquirer or self._client()
-                res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                client = client or acquirer(self.runtime_address, self.secret, self.stopping, max_time=30.0)
+                task = acquire_task(client, "client")
             except Exception as exc:  # the SuperNode may be restarting
                 log.debug("acquire failed: %s", exc)
-                acquirer = None
+                client = None
                 self.stopping.wait(2.0)
                 continue
-            if res.HasField("task") and res.token:
-                self.run_task(res.token)
+            if task is not None:
+                self.run_task(task.token)
             else:
                 self.stopping.wait(POLL_SECONDS)
 
     def run_task(self, token: str) -> str:
         """Pull one task, check its app, run the installed ClientApp or refuse; push the reply."""
-        from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
         from loracommons.client.client_app import app as client_app
 
-        client = self._client(token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        heartbeat.start()
-        context, sub_status, details, outcome = None, SubStatus.FAILED, "unknown", "failed"
+        task = ClientTask(self.runtime_address, token, self.stopping)
+        completed, details, outcome = False, "unknown", "failed"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, bundle = task.pull()
             try:
-                check_fab(fab.content, fab.hash_str, run.fab_id, run.fab_version, installed_version())
+                bundle.check(installed_version())
             except ForeignApp as exc:
-                log.error("refusing run %s: %s", run.run_id, exc)
-                self.on_event("refused", {"run": run.run_id, "reason": str(exc)})
-                reason = ("loracommons node refused the run: its app differs from the installed "
-                          f"loracommons ({exc})")
-                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason[:500]), reply_to=message)
+                log.error("refusing run %s: %s", bundle.run_id, exc)
+                self.on_event("refused", {"run": bundle.run_id, "reason": str(exc)})
+                reply = refusal(message, "loracommons node refused the run: its app differs from the "
+                                f"installed loracommons ({exc})")
                 details, outcome = str(exc), "refused"
             else:
                 try:
                     reply = client_app(message=message, context=context)
-                    sub_status, details, outcome = SubStatus.COMPLETED, "", "completed"
+                    completed, details, outcome = True, "", "completed"
                 except Exception as exc:  # every failure goes back as a reason, never a hang
                     log.exception("round failed")
-                    reason = f"{type(exc).__name__}: {exc}"
-                    self.on_event("failed", {"reason": reason})
-                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason[:500]),
-                                    reply_to=message)
-                    details = reason
-            push_message(client, reply, context)
+                    details = f"{type(exc).__name__}: {exc}"
+                    self.on_event("failed", {"reason": details})
+                    reply = failure(message, details)
+            task.reply(reply)
             return outcome
         except Exception as exc:
             log.warning("task could not be completed: %s", exc)
             self.on_event("failed", {"reason": f"task lost: {exc}"})
             return "lost"
         finally:
-            try:
-                push_task_output(client, context, sub_status, details)
-            except Exception as exc:
-                log.debug("push_task_output failed: %s", exc)
-            heartbeat.stop()
-            client.close()
+            task.finish(completed, details)
+
+
+def default_flwr_home() -> Path:
+    """Where Flower keeps its files: `$FLWR_HOME` when set and non-empty, else `~/.flwr`."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
 @dataclass
@@ -159,7 +130,8 @@ class NodeOptions:
     root_certificates: str | None = None
     auth_key: str | None = None
     """Identity file for SuperNode authentication (allowlist projects)."""
-    flwr_home: Path = field(default_factory=lambda: Path(os.environ.get("FLWR_HOME", "")) or Path.home())
+    flwr_home: Path = field(default_factory=default_flwr_home)
+    """The SuperNode's Flower home (its files, our runtime secret and log); see `default_flwr_home`."""
     log_path: Path | None = None
 
 
@@ -191,14 +163,13 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
     runner = NodeRunner(f"127.0.0.1:{runtime_port}", secret, on_event)
     stop = stop or threading.Event()
     env = {**os.environ, "FLWR_HOME": str(opts.flwr_home)}
-    log_file = open(opts.log_path or opts.flwr_home / "supernode.log", "ab")  # noqa: SIM115
+    log_path = opts.log_path or opts.flwr_home / "supernode.log"
     proc: subprocess.Popen | None = None
 
     def start_supernode() -> subprocess.Popen:
         cmd = supernode_command(opts, runtime_port, secret_file)
         log.info("starting %s", shlex.join(cmd))
-        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return processes.start(cmd, log_path, env=env)
 
     def request_stop(signum: int, frame: object) -> None:
         stop.set()
@@ -229,28 +200,8 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
         runner.stopping.set()
         if worker.is_alive():
             worker.join(timeout=10)
-        if proc is not None and proc.poll() is None:
-            stop_process(proc)
-        log_file.close()
+        if proc is not None:
+            processes.stop(proc)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         on_event("stopped", {})
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL, for a child we started in its own session (and its group)."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout)
-    try:  # children the SuperNode may have left in its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

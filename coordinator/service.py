@@ -25,7 +25,8 @@ from pathlib import Path
 
 from loracommons.coordinator.config import RELEASE_KEY, load_config
 from loracommons.coordinator.store import Store
-from loracommons.coordinator.superlink import Link, Tls, start_superlink, stop_superlink
+from loracommons.coordinator.superlink import Link, Tls, start_superlink
+from loracommons.protocol import processes
 from loracommons.protocol.identity import SigningKey
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def run_coordinator(
     server_app.set_event_callback(on_event)
     store = Store(project_dir)
     key = SigningKey.load(project_dir / RELEASE_KEY)
-    superlink = http = None
+    superlink: subprocess.Popen | None = None
+    http = None
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -118,7 +120,8 @@ def run_coordinator(
     def failed(what: str, exc: BaseException) -> RuntimeError:
         """One error line for a call to the SuperLink that failed: mostly because it died."""
         try:
-            superlink.wait(2.0)  # a connection reset comes just before the exit status
+            if superlink is not None:
+                superlink.wait(2.0)  # a connection reset comes just before the exit status
         except subprocess.TimeoutExpired:
             pass
         return superlink_gone() or RuntimeError(f"{what}: {type(exc).__name__}: {exc}")
@@ -180,7 +183,7 @@ def run_coordinator(
         if http is not None:
             http.should_exit = True
         if superlink is not None:
-            stop_superlink(superlink)
+            processes.stop(superlink)
         store.close()
         server_app.set_event_callback(None)
         for sig, handler in previous.items():

@@ -6,14 +6,13 @@ bundle (a `pyproject.toml` naming installed modules), takes that run's ServerApp
 task from the SuperLink's Runtime API (authenticated with a secret only this
 project folder holds), checks the bundle as nodes do, and calls the installed
 ServerApp with a Grid. Runs it did not submit are refused without running.
+Flower's non-public API clients this needs are in `coordinator/flower_runtime.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracommons.protocol.flower_app import ForeignApp, app_pyproject, check_fab, safe_retry_invoker
+from loracommons.coordinator import flower_runtime
+from loracommons.protocol import processes
+from loracommons.protocol.flower_app import ForeignApp, app_pyproject
+from loracommons.protocol.flower_runtime import acquire_task, acquirer
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,7 @@ def installed_version() -> str:
 
 def fab_bytes() -> bytes:
     """The app bundle: deterministic zip of our `pyproject.toml` (and Flower's content list)."""
-    from flwr.cli.build import build_fab_from_files
-
-    return build_fab_from_files({"pyproject.toml": app_pyproject(installed_version()).encode()})[0]
+    return flower_runtime.build_fab({"pyproject.toml": app_pyproject(installed_version()).encode()})
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,7 @@ def start_superlink(
     old = stale_pid(pid_file)
     if old is not None:
         log.warning("stopping SuperLink pid %s left by a previous coordinator", old)
-        try:
-            os.killpg(old, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        processes.kill_group(old)
         time.sleep(0.5)
     # A fresh database each start: messages of a run a crash left behind would otherwise be offered
     # to SuperNodes again, which Flower 1.42 turns into tasks whose content never arrives (the node's
@@ -106,28 +103,10 @@ def start_superlink(
         cmd.append("--insecure")
     if node_auth:
         cmd.append("--enable-supernode-auth")
-    env = {**os.environ, "FLWR_HOME": str(state / "home")}
-    logfile = open(state / "superlink.log", "ab")  # noqa: SIM115 (owned by the child)
-    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    logfile.close()
+    proc = processes.start(cmd, state / "superlink.log", env={**os.environ, "FLWR_HOME": str(state / "home")})
     pid_file.write_text(str(proc.pid))
     wait_port(host, port, proc=proc)
     return proc
-
-
-def stop_superlink(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout)
 
 
 class Link:
@@ -139,124 +118,55 @@ class Link:
         self.ca = Path(ca).read_bytes() if ca else None
         self.secret = (project_dir / "flower" / "superexec.secret").read_bytes()
 
-    def control(self):  # noqa: ANN201
-        from flwr.cli.typing import SuperLinkConnection
-        from flwr.cli.utils import init_http_client_from_connection
-
-        conn = SuperLinkConnection(name="coordinator", address=self.address,
-                                   root_certificates=self.ca_path, insecure=self.ca is None)
-        return init_http_client_from_connection(conn)
-
     def submit_run(self, run_config: dict) -> int:
-        from flwr.common.serde import fab_to_proto, user_config_to_proto
-        from flwr.proto.control_pb2 import StartRunRequest
-        from flwr.supercore.fab import Fab
-
-        data = fab_bytes()
-        request = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(data).hexdigest(), data, {})),
-                                  override_config=user_config_to_proto(run_config), federation="")
-        client = self.control()
-        try:
-            return client.StartRun(request).run_id
-        finally:
-            client.close()
+        return flower_runtime.start_run(self.address, self.ca_path, fab_bytes(), run_config)
 
     def register_node(self, public_key_openssh: str, name: str = "") -> int:
         from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
 
         key = serialization.load_ssh_public_key(public_key_openssh.encode())
         pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        client = self.control()
-        try:
-            return client.RegisterNode(RegisterNodeRequest(public_key=pem, name=name)).node_id
-        finally:
-            client.close()
+        return flower_runtime.register_node(self.address, self.ca_path, pem, name)
 
     def serve_run(self, run_id: int, server_app: Callable, stop: threading.Event,
                   poll: float = 0.5) -> str:
         """Take ServerApp tasks until run `run_id` has been served or `stop` is set; refuse any other run."""
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        interceptors = [
-            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-            SuperExecAuthHttpInterceptor(master_secret=self.secret,
-                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}),
-        ]
-        acquirer = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=self.ca is None, root_certificates=self.ca,
-            interceptors=interceptors, retry_invoker=safe_retry_invoker(stop=stop))
+        client = acquirer(self.address, self.secret, stop, root_certificates=self.ca)
         try:
             while not stop.is_set():
-                res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
-                if not (res.HasField("task") and res.token):
+                task = acquire_task(client, "server")
+                if task is None:
                     time.sleep(poll)
                     continue
-                outcome = self._run_task(res.token, run_id, server_app, stop)
-                log.info("ServerApp task of run %s: %s", res.task.run_id, outcome)
-                if res.task.run_id == run_id:
+                outcome = self._run_task(task.token, run_id, server_app, stop)
+                log.info("ServerApp task of run %s: %s", task.run_id, outcome)
+                if task.run_id == run_id:
                     return outcome
             return "stopped"
         finally:
-            acquirer.close()
+            client.close()
 
     def _run_task(self, token: str, run_id: int, server_app: Callable, stop: threading.Event) -> str:
-        import httpx
-        from flwr.app import RecordDict
-        from flwr.common.config import get_fused_config_from_fab
-        from flwr.common.constant import SubStatus
-        from flwr.common.serde import context_from_proto, context_to_proto, fab_from_proto, run_from_proto
-        from flwr.proto.runtime_pb2 import PullTaskInputRequest, PushTaskOutputRequest
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supercore.task_identity import TaskIdentity
-        from flwr.superlink.grid import HttpGrid
-
-        grid = HttpGrid(runtime_api_address=self.address, insecure=self.ca is None,
-                        root_certificates=self.ca, token=token)
-        # No SIGINT on 401 (a stopped run); and once `stop` is set, no retry: Flower pushes and pulls
-        # message objects in a thread pool whose workers the interpreter joins at exit, so a worker
-        # retrying forever against a dead SuperLink would keep the coordinator from ever exiting.
-        grid._retry_invoker = safe_retry_invoker(stop=stop)
-        runtime = grid._runtime_client
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
-        heartbeat.start()
-        context, sub_status, details = None, SubStatus.FAILED, "unknown"
+        task = flower_runtime.ServerTask(self.address, self.ca, token, stop)
+        completed, details = False, "unknown"
         try:
-            res = runtime.PullTaskInput(PullTaskInputRequest())
-            TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id
-            TaskIdentity.node_id = res.context.node_id
-            context, run = context_from_proto(res.context), run_from_proto(res.run)
-            fab = fab_from_proto(res.fab)
-            if run.run_id != run_id:
-                details = f"run {run.run_id} was not submitted by this coordinator"
+            bundle = task.pull()
+            if bundle.run_id != run_id:
+                details = f"run {bundle.run_id} was not submitted by this coordinator"
                 log.error("refusing %s", details)
                 return "refused"
             try:
-                check_fab(fab.content, fab.hash_str, run.fab_id, run.fab_version, installed_version())
+                bundle.check(installed_version())
             except ForeignApp as exc:
                 details = f"refused foreign app: {exc}"
                 return "refused"
-            grid.set_run(run)
-            context.run_config = get_fused_config_from_fab(fab.content, run)
+            grid, context = task.start(bundle)
             server_app(grid=grid, context=context)
-            sub_status, details = SubStatus.COMPLETED, ""
+            completed, details = True, ""
             return "completed"
         except Exception as exc:
             log.exception("ServerApp failed")
             details = f"ServerApp failed: {exc}"
             return "failed"
         finally:
-            if context is not None:
-                context.state = RecordDict()
-            try:
-                runtime.PushTaskOutput(PushTaskOutputRequest(
-                    context=context_to_proto(context) if context else None,
-                    sub_status=sub_status, details=details))
-            except httpx.HTTPError as exc:
-                log.debug("PushTaskOutput failed: %s", exc)
-            finally:
-                heartbeat.stop()
-                grid.close()
+            task.finish(completed, details)

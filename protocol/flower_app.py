@@ -5,7 +5,8 @@ Flower ships app code to nodes as a FAB (a zip). Ours holds no code: only a
 package. A coordinator sends this FAB with run-config overrides; a volunteer's
 node accepts a run only if the FAB holds exactly these files with this content
 (`check_fab`), and then calls its own installed ClientApp, so nothing from the
-coordinator is ever imported or executed. Pure Python: no flwr needed to check.
+coordinator is ever imported or executed. Pure Python: no flwr needed to check; the
+messages are built and read with Flower's public records, imported only when called.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ APP_PUBLISHER = "loracommons"
 APP_NAME = "loracommons-app"
 MAX_FAB_BYTES = 1 << 20
 FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+SERVER_APP = "loracommons.coordinator.server_app:app"
+CLIENT_APP = "loracommons.client.client_app:app"
+"""The installed apps, as the bundle names them (module:object)."""
 
 
 class ForeignApp(ProtocolError):
@@ -35,25 +39,30 @@ class ForeignApp(ProtocolError):
     reason = "foreign_app"
 
 
-def app_pyproject(version: str) -> str:
+def app_pyproject(version: str, *, name: str = APP_NAME, publisher: str = APP_PUBLISHER,
+                  serverapp: str = SERVER_APP, clientapp: str = CLIENT_APP,
+                  description: str = "LoRA Commons federated app: references installed loracommons code only",
+                  ) -> str:
+    """The app's `pyproject.toml` at `version`; the keywords describe another app in the same
+    form (the end-to-end tests build foreign apps with them)."""
     return f"""\
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "{APP_NAME}"
+name = "{name}"
 version = "{version}"
-description = "LoRA Commons federated app: references installed loracommons code only"
+description = "{description}"
 license = "Apache-2.0"
 dependencies = []
 
 [tool.flwr.app]
-publisher = "{APP_PUBLISHER}"
+publisher = "{publisher}"
 
 [tool.flwr.app.components]
-serverapp = "loracommons.coordinator.server_app:app"
-clientapp = "loracommons.client.client_app:app"
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 project-dir = ""
@@ -90,38 +99,6 @@ def check_fab(content: bytes, claimed_sha256: str, fab_id: str, fab_version: str
         raise ForeignApp(f"app bundle is unreadable: {exc}") from None
     if got != tomllib.loads(app_pyproject(version)):
         raise ForeignApp("app bundle's pyproject.toml differs from the installed loracommons app")
-
-
-def safe_retry_invoker(max_time: float | None = None, stop=None):  # noqa: ANN001, ANN201 (flwr, lazily)
-    """Retry policy for long-lived clients of Flower's HTTP APIs (needs flwr).
-
-    Flower's default invoker answers HTTP 401 by sending SIGINT to its own
-    process, which suits its throw-away app processes but would kill a node
-    runner or a coordinator whenever a run is stopped. This one retries
-    transport errors and 502/503/504, and raises any other HTTP error.
-    With `stop` (a `threading.Event`), it gives up as soon as the event is set,
-    and waits between tries on the event rather than sleeping.
-    """
-    import httpx
-    from flwr.common.constant import MAX_RETRY_DELAY
-    from flwr.supercore.retry import RetryInvoker, exponential
-
-    transport = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
-                 httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)
-
-    def give_up(exc: Exception) -> bool:
-        if stop is not None and stop.is_set():
-            return True
-        if isinstance(exc, httpx.HTTPStatusError):
-            return exc.response.status_code not in {502, 503, 504}
-        return any(word in str(exc).lower() for word in ("certificate", "ssl", "tls"))
-
-    return RetryInvoker(
-        wait_gen_factory=lambda: exponential(max_delay=MAX_RETRY_DELAY),
-        recoverable_exceptions=(*transport, httpx.HTTPStatusError),
-        max_tries=None, max_time=max_time, should_giveup=give_up,
-        wait_function=stop.wait if stop is not None else None,
-    )
 
 
 # --- The two Flower messages of a round (flwr is imported only when they are built or read) ---

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from loracommons.client.node import free_port
 from loracommons.demo.skills import skills_for_volunteer, write_skill_files
+from loracommons.protocol import processes
 
 LC = [sys.executable, "-m", "loracommons"]
 DEMO_BASE = "loracommons/demo-tiny"
@@ -121,10 +122,8 @@ class Community:
     def spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         logs = self.out / "logs"
         logs.mkdir(exist_ok=True)
-        with open(logs / log_name, "ab") as log_file:
-            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.out,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                    start_new_session=True)
+        proc = processes.start(args, logs / log_name, cwd=self.out,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -143,28 +142,13 @@ class Community:
         return coordinator
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        processes.stop_all(self.procs, timeout=15)
         from loracommons.coordinator.superlink import stale_pid
 
         # a SuperLink outliving its coordinator (it never should; belt and braces)
         pid = stale_pid(self.out / "project" / "flower" / "superlink.pid")
         if pid is not None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            processes.kill_group(pid)
 
     # -- live view -------------------------------------------------------------------
 

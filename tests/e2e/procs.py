@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loracommons.client.node import free_port  # noqa: F401  (one helper, re-exported to the tests)
+from loracommons.protocol import processes
 
 BIN = Path(sys.executable).parent
 LC = [sys.executable, "-m", "loracommons"]
@@ -73,11 +74,8 @@ class Processes:
         self.pid_files: list[Path] = []  # children our processes started (a SuperLink after kill -9)
 
     def start(self, args: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
-        logfile = open(self.workdir / log, "ab")  # noqa: SIM115
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=self.workdir, start_new_session=True)
-        logfile.close()
+        proc = processes.start(args, self.workdir / log, cwd=self.workdir,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -100,18 +98,7 @@ class Processes:
         proc.wait(10)
 
     def stop(self, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if proc.poll() is None:
-            proc.wait(timeout)
+        processes.stop(proc, timeout)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -121,10 +108,7 @@ class Processes:
         for pid_file in self.pid_files:  # a SuperLink orphaned by a kill -9 of its coordinator
             pid = stale_pid(pid_file)
             if pid is not None:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                processes.kill_group(pid)
 
     def log(self, name: str) -> str:
         path = self.workdir / name

@@ -88,29 +88,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({{"out": ConfigRecord({{"done": True}})}}), reply_to=msg)
 '''
 
-FOREIGN_PYPROJECT = '''\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "foreign-app"
-version = "1.0.0"
-description = "Someone else's app"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "someone"
-
-[tool.flwr.app.components]
-serverapp = "foreignapp.server_app:app"
-clientapp = "foreignapp.client_app:app"
-
-[tool.flwr.app.config]
-project-dir = ""
-'''
-
+FOREIGN_PYPROJECT = app_pyproject("1.0.0", name="foreign-app", publisher="someone",
+                                  serverapp="foreignapp.server_app:app",
+                                  clientapp="foreignapp.client_app:app", description="Someone else's app")
 
 
 def kill_all(pids: list[int]) -> None:

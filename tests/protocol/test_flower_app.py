@@ -289,7 +289,7 @@ def test_retry_invoker_gives_up_when_stopped():
 
     import httpx
 
-    from loracommons.protocol.flower_app import safe_retry_invoker
+    from loracommons.protocol.flower_runtime import safe_retry_invoker
 
     stop = threading.Event()
     calls: list[float] = []
