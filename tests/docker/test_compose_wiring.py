@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from loracommons.protocol import processes
 from tests.docker import COMPOSE, DOCKER, ROOT, Stage, load_compose, parse_dockerfile
 from tests.e2e.procs import Processes, free_port, wait_for
 
@@ -155,10 +156,8 @@ class Community:
         entrypoint = svc.spec.get("entrypoint", svc.stage.entrypoint)
         command = svc.spec.get("command", [] if "entrypoint" in svc.spec else svc.stage.cmd)
         argv = self.argv(svc, [*entrypoint, *command])
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
-        svc.proc = subprocess.Popen(argv, env=self.environment(svc), cwd=svc.path(svc.stage.workdir),
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        svc.proc = processes.start(argv, self.workdir / f"{name}.log", env=self.environment(svc),
+                                   cwd=svc.path(svc.stage.workdir))
         self.procs.procs.append(svc.proc)
         return svc.proc
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ import pytest
 
 from loracommons.coordinator.releases import verify_local_chain
 from loracommons.coordinator.store import Store
-from loracommons.protocol import PublicKey
+from loracommons.protocol import PublicKey, processes
 from tests.e2e.procs import free_port, release_chain, status, wait_for
 from tests.security.community import (
     Community,
@@ -140,7 +139,7 @@ def crash_run(tmp_path_factory, tiny_base, honest) -> dict:
         wait_for(partial(fired, community, "coordinator-superlink.log", "published"), 240,
                  f"a release before the SuperLink kill (seed {seed})", procs=[coordinator, *volunteers])
         superlink = int((project / "flower" / "superlink.pid").read_text())
-        os.killpg(superlink, signal.SIGKILL)
+        processes.kill_group(superlink)
         wait_for(lambda: coordinator.poll() is not None, 60, "the coordinator to notice its SuperLink died")
         out["superlink"] = {"coordinator_exit": coordinator.returncode, "state": at_rest(project),
                             "log_tail": community.log("coordinator-superlink.log")[-400:]}

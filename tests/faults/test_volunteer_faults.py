@@ -13,12 +13,12 @@ update arrives during round 2 and is rejected as `late`, and its round-2 update 
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
 import pytest
 
+from loracommons.protocol import processes
 from tests.e2e.procs import children, free_port, release_chain, status, wait_for
 from tests.security.community import (
     Community,
@@ -35,10 +35,7 @@ TIMEOUT_S = 22.0
 def kill_machine(proc) -> None:  # noqa: ANN001
     """kill -9 a join process and the SuperNode it started (in its own session), as a power cut would."""
     for child in children(proc.pid):
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        processes.kill_group(child)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
 
