@@ -61,6 +61,23 @@ def test_load_base_offline_and_cached(model_dir):
     assert len(M._BASE_CACHE) == 1  # one base at a time: the previous one is released
 
 
+def test_load_base_asks_the_hub_for_the_revision(model_dir, monkeypatch):
+    import transformers
+
+    asked = []
+
+    def from_pretrained(path, **kwargs):  # noqa: ANN001, ANN202
+        asked.append((str(path), kwargs.get("revision")))
+        raise OSError("not fetched in a test")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+    for model_id in ("org/model", str(model_dir)):
+        with pytest.raises(M.ModelError, match="not fetched"):
+            M.load_base(model_id, revision="0123abcd", device="cpu")
+    assert asked == [("org/model", "0123abcd"), (str(model_dir), None)]  # a local folder has no revisions
+
+
 def test_load_base_errors(model_dir, tmp_path):
     with pytest.raises(M.ModelError, match="cannot load base model .*HF_HUB_OFFLINE"):
         M.load_base(str(tmp_path / "missing"), device="cpu")

@@ -153,6 +153,24 @@ def test_ffa_a_is_bit_identical_across_volunteers(model_dir, global_adapter, mak
     assert envelopes[0].manifest != envelopes[1].manifest
 
 
+def test_base_model_is_loaded_at_the_signed_revision(model_dir, global_adapter, make_volunteer, monkeypatch):
+    """The update signs `base_model_revision`: the base it trained on must be that revision."""
+    loads = []
+    real = M.load_base
+
+    def load_base(model_id, revision=None, **kwargs):  # noqa: ANN001, ANN202
+        loads.append((model_id, revision))
+        return real(model_id, revision, **kwargs)
+
+    monkeypatch.setattr(M, "load_base", load_base)
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes, base_model_revision="0123abcd",
+                     train=dataclasses.replace(FAST, max_steps=1))
+    envelope = make_volunteer().run_round(task, adapter_bytes)
+    manifest, _ = verify_update(envelope, expected_for(task, global_adapter))
+    assert loads == [(str(model_dir), "0123abcd")] and manifest.base_model_revision == "0123abcd"
+
+
 def test_wrong_adapter_digest_is_refused(model_dir, global_adapter, make_volunteer, spy):
     adapter_bytes = encode_tensors(global_adapter)
     volunteer = make_volunteer()
