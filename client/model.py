@@ -120,7 +120,8 @@ def load_base(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model.to(device)
+        # transformers declares `to` through functools.wraps, whose stub reads the device as `self`
+        model.to(device)  # type: ignore[arg-type]
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
@@ -198,9 +199,10 @@ def apply_adapter(base: Any, settings: LoraSettings, tensors: dict[str, np.ndarr
                 f"global adapter tensor {name!r} has shape {np.shape(tensors[name])}, expected {shape}"
             )
     state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in tensors.items()}
-    result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise ModelError(f"PEFT did not place adapter tensors {result.unexpected_keys[:2]}")
+    # peft returns torch's `_IncompatibleKeys`, a namedtuple its annotations leave untyped
+    unexpected: list[str] = set_peft_model_state_dict(model, state).unexpected_keys  # type: ignore[attr-defined]
+    if unexpected:
+        raise ModelError(f"PEFT did not place adapter tensors {unexpected[:2]}")
     for name, param in model.named_parameters():
         factor = next((f for f in modes.FACTORS if f".{f}." in name), None)
         param.requires_grad_(factor is not None and trains(factor))
