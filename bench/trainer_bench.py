@@ -27,8 +27,9 @@ from peft import get_peft_model, set_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loracommons.client.data import TokenizedData
-from loracommons.client.model import apply_adapter, init_adapter, lora_config, pick_device, pick_dtype
+from loracommons.client.model import apply_adapter, pick_device, pick_dtype
 from loracommons.client.trainer import train
+from loracommons.protocol.lora import init_adapter, lora_config
 from loracommons.protocol.task import LoraSettings, TrainSettings
 
 MODEL = {"vocab_size": 256, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,

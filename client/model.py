@@ -3,28 +3,30 @@
 One base model stays loaded for the life of the node (`load_base` caches it);
 each round `apply_adapter` loads the global adapter's factors into one PEFT
 wrapper kept on that base, and `extract_update` reads back the factors the
-update carries. LoRA weights are never initialized here except by
-`init_adapter`, which is what the coordinator runs once for version 0.
+update carries. LoRA weights are never initialized here: version 0 comes from
+the coordinator (`protocol.lora.init_adapter`), and the PEFT configuration is
+`protocol.lora.lora_config`, the one both sides build. The mode registry
+(`protocol.modes`) says which factors train and which travel.
 
     W x + (alpha / r) * B A x        A: r x in_features, B: out_features x r
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from loracommons.protocol.task import MODES, LoraSettings, update_tensor_names
+from loracommons.protocol import modes
+from loracommons.protocol.lora import hub_revision, lora_config, resolve_base_model
+from loracommons.protocol.task import LoraSettings
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_ID = "loracommons/demo-tiny"
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PAYLOAD_DTYPES = ("float32", "float16", "bfloat16")
 _WRAPPER_ATTR = "_loracommons_peft"  # (PeftModel, LoraSettings) kept on the base module
@@ -32,14 +34,6 @@ _WRAPPER_ATTR = "_loracommons_peft"  # (PeftModel, LoraSettings) kept on the bas
 
 class ModelError(RuntimeError):
     """The base model or adapter cannot be set up as asked; the message says why."""
-
-
-def resolve_base_model(model_id: str) -> str:
-    """Hub id or local folder to load; the demo id maps to the embedded demo model."""
-    if model_id == DEMO_MODEL_ID:
-        demo = importlib.import_module("loracommons.demo")
-        return str(demo.base_model_path())
-    return model_id
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -96,6 +90,7 @@ def load_base(
     device = pick_device(device) if isinstance(device, str) else device
     dtype = dtype or pick_dtype(device)
     path = resolve_base_model(model_id)
+    revision = hub_revision(path, revision)
     key = (path, revision, str(device), str(dtype), load_in_4bit, gradient_checkpointing)
     if key in _BASE_CACHE:
         return _BASE_CACHE[key]
@@ -125,7 +120,8 @@ def load_base(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model.to(device)
+        # transformers declares `to` through functools.wraps, whose stub reads the device as `self`
+        model.to(device)  # type: ignore[arg-type]
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
@@ -160,45 +156,6 @@ def _check_4bit(device: torch.device) -> None:
         raise ModelError("4-bit loading (QLoRA) needs the bitsandbytes package: pip install bitsandbytes")
 
 
-def lora_config(settings: LoraSettings) -> LoraConfig:
-    """The project's PEFT configuration; the coordinator builds the same one."""
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=sorted(settings.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def init_adapter(base_model: Any, settings: Any, seed: int) -> dict[str, np.ndarray]:
-    """Version 0 of a global adapter: A kaiming-initialized from `seed`, B zero.
-
-    Self-contained (torch, numpy, peft only) so the coordinator can copy it
-    verbatim. `base_model` loses its LoRA layers again (its parameters stay frozen).
-    Load it in float32 so that A is not rounded to the base's dtype. The CPU RNG
-    is left as it was.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
-    if any("lora_A" in name for name, _ in base_model.named_modules()):
-        raise ValueError("init_adapter needs a base model without LoRA layers")
-    config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=sorted(settings.target_modules), bias="none", task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        wrapped = get_peft_model(base_model, config)
-    try:
-        state = get_peft_model_state_dict(wrapped)
-        return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
-    finally:
-        wrapped.unload()
-
-
 def _wrapper(base: Any, settings: LoraSettings) -> PeftModel:
     """The one PEFT wrapper on `base` for `settings`, built on first use."""
     if isinstance(base, PeftModel):
@@ -225,10 +182,9 @@ def apply_adapter(base: Any, settings: LoraSettings, tensors: dict[str, np.ndarr
 
     The wrapper is built once per base and reused: each round only the factor
     values change, so nothing accumulates across rounds. In ``ffa`` mode A is
-    frozen; otherwise A and B train.
+    frozen; otherwise A and B train (`Mode.trains`).
     """
-    if mode not in MODES:
-        raise ModelError(f"mode {mode!r} not one of {', '.join(MODES)}")
+    trains = _mode(mode).trains
     model = _wrapper(base, settings)
     expected = adapter_shapes(model)
     if set(tensors) != set(expected):
@@ -243,31 +199,29 @@ def apply_adapter(base: Any, settings: LoraSettings, tensors: dict[str, np.ndarr
                 f"global adapter tensor {name!r} has shape {np.shape(tensors[name])}, expected {shape}"
             )
     state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in tensors.items()}
-    result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise ModelError(f"PEFT did not place adapter tensors {result.unexpected_keys[:2]}")
+    # peft returns torch's `_IncompatibleKeys`, a namedtuple its annotations leave untyped
+    unexpected: list[str] = set_peft_model_state_dict(model, state).unexpected_keys  # type: ignore[attr-defined]
+    if unexpected:
+        raise ModelError(f"PEFT did not place adapter tensors {unexpected[:2]}")
     for name, param in model.named_parameters():
-        if ".lora_A." in name:
-            param.requires_grad_(mode != "ffa")
-        elif ".lora_B." in name:
-            param.requires_grad_(True)
-        else:
-            param.requires_grad_(False)
+        factor = next((f for f in modes.FACTORS if f".{f}." in name), None)
+        param.requires_grad_(factor is not None and trains(factor))
         param.grad = None
     return model
 
 
 def extract_update(model: PeftModel, mode: str, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """The tensors an update carries (`update_tensor_names`), rounded to the payload dtype.
+    """The tensors an update carries (`Mode.sent_names`), rounded to the payload dtype.
 
     ``float16`` comes back as float16 arrays; ``bfloat16`` as float32 arrays holding
     bfloat16-representable values (numpy has no bfloat16; the codec narrows them exactly).
     """
+    sent_names = _mode(mode).sent_names
     if dtype not in PAYLOAD_DTYPES:
         raise ModelError(f"payload dtype {dtype!r} not one of {', '.join(PAYLOAD_DTYPES)}")
     state = get_peft_model_state_dict(model)
     out = {}
-    for name in update_tensor_names(list(state), mode):
+    for name in sent_names(state):
         tensor = state[name].detach().to("cpu")
         if dtype == "float16":
             out[name] = tensor.to(torch.float16).numpy().copy()
@@ -275,3 +229,10 @@ def extract_update(model: PeftModel, mode: str, dtype: str = "float32") -> dict[
             out[name] = tensor.to(getattr(torch, dtype)).to(torch.float32).numpy().copy()
     return out
 
+
+
+def _mode(name: str) -> modes.Mode:
+    try:
+        return modes.get(name)
+    except KeyError as exc:
+        raise ModelError(str(exc.args[0])) from None

@@ -43,7 +43,7 @@ LOSS_WINDOW = 10
 @dataclass(frozen=True)
 class TrainResult:
     update: dict[str, np.ndarray]
-    """Tensors the update carries (names per `update_tensor_names`), payload dtype."""
+    """Tensors the update carries (names per the mode's `Mode.sent_names`), payload dtype."""
     examples: int
     """Training examples (records) available to this round."""
     steps: int

@@ -62,7 +62,9 @@ class Volunteer:
         if hashlib.sha256(adapter_bytes).hexdigest() != task.base_adapter_digest:
             raise VolunteerError("global adapter bytes do not match the digest in the round task")
         global_adapter = decode_tensors(adapter_bytes, max_bytes=task.max_payload_bytes * 2 + (1 << 20))
-        base, tokenizer = load_base(task.base_model_id, device=self.settings.device)
+        # the revision the update signs (load_base ignores it for a local folder)
+        base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
+                                    device=self.settings.device)
         model = apply_adapter(base, task.lora, dict(global_adapter), task.mode)
         train_records, heldout_records = split_heldout(
             self.records, self.settings.heldout_fraction, task.train.seed

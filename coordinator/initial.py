@@ -16,41 +16,22 @@ import numpy as np
 from loracommons.coordinator.config import ProjectConfig
 from loracommons.coordinator.store import Store, atomic_write
 from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.lora import hub_revision, init_adapter, resolve_base_model
 
 log = logging.getLogger(__name__)
 
 POINTER = "initial_adapter.json"
-DEMO_MODEL_ID = "loracommons/demo-tiny"
-
-
-def resolve_base_model(model_id: str) -> str:
-    if model_id == DEMO_MODEL_ID:
-        from loracommons.demo import base_model_path
-
-        return str(base_model_path())
-    return model_id
 
 
 def build_initial_adapter(cfg: ProjectConfig) -> dict[str, np.ndarray]:
-    """PEFT LoRA on the base model in float32 under the project seed; its adapter state."""
+    """`protocol.lora.init_adapter` on the project's base model, loaded in float32."""
     import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     path = resolve_base_model(cfg.project.base_model)
-    revision = cfg.project.base_model_revision
-    kwargs = {"dtype": torch.float32}
-    if not Path(path).exists():
-        kwargs["revision"] = revision
-    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    lora = cfg.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=sorted(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.project.seed)
-        wrapped = get_peft_model(base, config)
-    state = get_peft_model_state_dict(wrapped)
-    return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
+    revision = hub_revision(path, cfg.project.base_model_revision)
+    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+    return init_adapter(base, cfg.lora, cfg.project.seed)
 
 
 def initial_adapter(project_dir: Path, cfg: ProjectConfig, store: Store) -> bytes:

@@ -32,6 +32,7 @@ from loracommons.coordinator.store import TEMP_PREFIX, Store, fsync_dir, utc_now
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, SigningKey, fingerprint_display
+from loracommons.protocol.lora import peft_adapter_config as peft_adapter_config  # re-exported (rounds.py)
 from loracommons.protocol.release import (
     FORMAT_VERSION,
     ReleaseManifest,
@@ -60,21 +61,6 @@ class ReleaseError(Exception):
 
 def release_dir(project_dir: str | Path, version: int) -> Path:
     return Path(project_dir) / RELEASES / f"v{version}"
-
-
-def peft_adapter_config(lora: Any, base_model: str, revision: str | None = None) -> dict:
-    """`adapter_config.json` content for `LoraSettings`, as `PeftModel.save_pretrained` writes it."""
-    import peft  # the coordinator's train extra; kept out of import time
-
-    config = peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-    )
-    out = config.to_dict()
-    out["base_model_name_or_path"] = base_model
-    out["revision"] = revision or None
-    out["inference_mode"] = True
-    return _jsonable(out)
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,6 @@ to float32, as numpy has no bfloat16).
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Mapping
@@ -189,7 +188,3 @@ def _check_spec(entries: dict, spec: TensorSpec) -> None:
             raise BadTensor(f"tensor {name!r} has shape {list(shape)}, expected {list(spec.shapes[name])}")
         if _CODE_TO_DTYPE[code] not in spec.dtypes:
             raise BadTensor(f"tensor {name!r} has dtype {_CODE_TO_DTYPE[code]}, not allowed here")
-
-
-def spec_to_json(spec: TensorSpec) -> str:
-    return json.dumps({k: list(v) for k, v in sorted(spec.shapes.items())})

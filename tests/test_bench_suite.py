@@ -192,4 +192,129 @@ def test_readme_renders_from_results(quality, tmp_path):
     assert done.returncode == 0, done.stderr
     text = out.read_text()
     assert "## Targets" in text and "## Quality" in text and "2 volunteers" in text
-    assert "met**" in text or "MISSED" in text
+    check_targets(text, results)
+
+
+def test_committed_readme_is_rendered_from_the_committed_results(tmp_path):
+    out = tmp_path / "README.md"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "make_readme.py"), "--results", str(BENCH / "results"),
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == (BENCH / "README.md").read_text(), "bench/README.md is stale: run make_readme"
+
+
+def test_committed_readme_marks_agree_with_the_results():
+    check_targets((BENCH / "README.md").read_text(), BENCH / "results")
+
+
+def test_check_targets_catches_a_wrong_mark():
+    text = (BENCH / "README.md").read_text()
+    for old, new in (("**met**", "**MISSED**"), ("**MISSED**", "**met**"), ("**met**", "met"),
+                     ("**met**", "**met** **MISSED**")):
+        wrong = text.replace(f"| {old} |", f"| {new} |", 1)
+        assert wrong != text
+        with pytest.raises(AssertionError, match="is marked"):
+            check_targets(wrong, BENCH / "results")
+
+
+# ---------------------------------------------------------------- targets, recomputed from the raw numbers
+
+MARKS = {"**met**": True, "**MISSED**": False}
+
+
+def _quality_checks(q: dict, n: str, mode: str) -> tuple[float, float, float, float, float]:
+    """(loss, em, best centralized loss, best local-only em, fedavg loss) of one community size."""
+    s = q["results"][n]["summary"]
+    central = min(s["final"][k]["mean_heldout_loss"] for k in ("centralized-ffa", "centralized-full"))
+    best_local = max(row["mean_exact_match"] for row in s["local_only"].values())
+    final = s["final"][mode]
+    return (final["mean_heldout_loss"], final["mean_exact_match"], central, best_local,
+            s["final"]["fedavg"]["mean_heldout_loss"])
+
+
+def _within_10pct(r: dict, n: str, mode: str) -> bool:
+    loss, _, central, _, _ = _quality_checks(r["quality"], n, mode)
+    return loss <= 1.10 * central
+
+
+def _above_local(r: dict, n: str, mode: str) -> bool:
+    _, em, _, best_local, _ = _quality_checks(r["quality"], n, mode)
+    return em > best_local
+
+
+def _vs_fedavg(r: dict, n: str, mode: str) -> bool:
+    loss, _, _, _, fedavg = _quality_checks(r["quality"], n, mode)
+    return loss <= fedavg
+
+
+def _comm_measured(r: dict, n: str) -> bool:
+    return r["comm"]["measured_in_quality_run"][n]["ffa-bf16"]["up_wire_ratio_to_fp32_ab"] <= 0.25
+
+
+def _comm_model(r: dict, model: str) -> bool:
+    rows = {(row["mode"], row["dtype"]): row for row in r["comm"]["models"][model]["rows"]}
+    return rows[("ffa", "bfloat16")]["up_wire_ratio_to_fp32_ab"] <= 0.25
+
+
+def _comm_equal_rounds(r: dict, n: str) -> bool:
+    last = r["comm"]["quality_at_equal_bytes"][n]["final_loss_equal_rounds"]
+    return last["ffa-bf16"] <= last["fedavg"]
+
+
+def _throughput(r: dict, variant: str) -> bool:
+    rows = [row for row in r["aggregate"]["results"] if row["variant"] == variant]
+    return bool(rows) and all(row["admit_aggregate_mb_s"] >= 0.5 * row["sha256_mb_s"] for row in rows)
+
+
+def _memory(r: dict, variant: str) -> bool:
+    return r["aggregate"]["memory_ratio_largest_to_smallest_n"][variant] <= 1.2
+
+
+def _overhead(r: dict) -> bool:
+    return r["overhead"]["ratio_steady_overhead"] <= 1.1
+
+
+RULES = [
+    (r"quality, (\d+) volunteers, `(\w+)` within 10% of centralized held-out loss", _within_10pct),
+    (r"quality, (\d+) volunteers, `(\w+)` above every local-only adapter on mean exact match", _above_local),
+    (r"quality, (\d+) volunteers, `(\w+)` not worse than `fedavg` at equal rounds", _vs_fedavg),
+    (r"comm, demo adapter, (\d+) volunteers, trained updates: `ffa` bf16 upload as sent <= 0.25",
+     _comm_measured),
+    (r"comm, ([\w.-]+) \(Gaussian stand-in values\): `ffa` bf16 upload as sent <= 0.25", _comm_model),
+    (r"comm, (\d+) volunteers: `ffa` bf16 no worse held-out loss than `fedavg` fp32", _comm_equal_rounds),
+    (r"coordinator `(\w+)`: admission\+aggregation >= 0.5 x sha256 throughput", _throughput),
+    (r"coordinator `(\w+)`: peak memory N=\d+ within 1.2x of N=\d+", _memory),
+    (r"round overhead, LoRA Commons / plain Flower <= 1.1", _overhead),
+]
+
+
+def _expected_rows(r: dict) -> int:
+    """How many target rows the results imply (so that none can silently go missing)."""
+    q, c, a, o = (r.get(k) for k in ("quality", "comm", "aggregate", "overhead"))
+    count = 6 * len(q["results"]) if q else 0
+    if c:
+        measured = c.get("measured_in_quality_run", {}).values()
+        count += sum("up_wire_ratio_to_fp32_ab" in m.get("ffa-bf16", {}) for m in measured)
+        count += len(c["models"]) + len(c.get("quality_at_equal_bytes", {}))
+    count += 2 * len(a["variants"]) if a else 0
+    return count + (1 if o else 0)
+
+
+def check_targets(readme: str, results_dir: Path) -> None:
+    """Every target row is marked exactly met or MISSED, as the raw numbers in the results decide."""
+    import re
+
+    r = {p.stem: json.loads(p.read_text()) for p in results_dir.glob("*.json")}
+    section = readme.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    rows = [line.strip("|").split(" | ") for line in lines[2:]]  # past the header and its rule
+    assert len(rows) == _expected_rows(r), f"{len(rows)} target rows, the results imply {_expected_rows(r)}"
+    for target, _measured, mark in ((c.strip() for c in row) for row in rows):
+        assert mark in MARKS, f"target {target!r} is marked {mark!r}, not exactly **met** or **MISSED**"
+        matched = [(rule, m.groups()) for pattern, rule in RULES if (m := re.match(pattern, target))]
+        assert len(matched) == 1, f"target {target!r}: {len(matched)} rules in this test know it"
+        rule, args = matched[0]
+        assert MARKS[mark] == rule(r, *args), f"target {target!r} is marked {mark} against the numbers"

@@ -14,9 +14,18 @@ from loracommons.client import model as M
 from loracommons.client.data import DataError, tokenize
 from loracommons.client.evaluate import exact_match, generate_responses, heldout_loss, tokenized_loss
 from loracommons.client.trainer import lr_factor, rich_progress, train
-from loracommons.protocol import Expected, SigningKey, TensorSpec, encode_tensors, sign_update, verify_update
+from loracommons.protocol import (
+    Expected,
+    SigningKey,
+    TensorSpec,
+    encode_tensors,
+    modes,
+    sign_update,
+    verify_update,
+)
 from loracommons.protocol.envelope import sha256_hex
-from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings, update_tensor_names
+from loracommons.protocol.lora import init_adapter
+from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
 
 from . import build_tiny_model, skill_records
 
@@ -50,7 +59,7 @@ def initial(model_dir):
 
     coordinator_base = AutoModelForCausalLM.from_pretrained(model_dir)
     made: dict[LoraSettings, dict] = {}
-    return lambda settings: made.setdefault(settings, M.init_adapter(coordinator_base, settings, seed=0))
+    return lambda settings: made.setdefault(settings, init_adapter(coordinator_base, settings, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +93,7 @@ def test_30_steps_reduce_train_loss(node, mode):
 
 def test_ffa_update_is_exactly_b_and_a_stays_frozen(node):
     start, model, result = _round(node, SETTINGS, "ffa")
-    names = update_tensor_names(list(start), "ffa")
+    names = modes.get("ffa").sent_names(start)
     assert list(result.update) == names and all(".lora_B." in n for n in names) and len(names) == 4
     assert all(result.update[n].shape == start[n].shape for n in names)
     assert all(result.update[n].any() for n in names)  # B moved away from zero
@@ -107,7 +116,7 @@ def test_ffa_update_is_exactly_b_and_a_stays_frozen(node):
 
 def test_exact_trains_both_factors(node):
     start, _, result = _round(node, SETTINGS, "exact")
-    assert list(result.update) == update_tensor_names(list(start), "exact") == sorted(start)
+    assert list(result.update) == modes.get("exact").sent_names(start) == sorted(start)
     for name, value in result.update.items():
         assert not np.array_equal(value, start[name]), name
 

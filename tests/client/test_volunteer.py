@@ -14,9 +14,18 @@ from loracommons.client import client_app
 from loracommons.client import model as M
 from loracommons.client import trainer as T
 from loracommons.client.volunteer import NodeSettings, Volunteer, VolunteerError, load_volunteer
-from loracommons.protocol import Envelope, Expected, SigningKey, TensorSpec, encode_tensors, verify_update
+from loracommons.protocol import (
+    Envelope,
+    Expected,
+    SigningKey,
+    TensorSpec,
+    encode_tensors,
+    modes,
+    verify_update,
+)
 from loracommons.protocol.flower_app import read_envelope, task_content
-from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings, update_tensor_names
+from loracommons.protocol.lora import init_adapter
+from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
 
 from . import build_tiny_model, skill_records, write_jsonl
 
@@ -35,7 +44,7 @@ def global_adapter(model_dir) -> dict[str, np.ndarray]:
     """Version 0 of the global adapter, made as the coordinator makes it."""
     from transformers import AutoModelForCausalLM
 
-    return M.init_adapter(AutoModelForCausalLM.from_pretrained(model_dir), LORA, seed=7)
+    return init_adapter(AutoModelForCausalLM.from_pretrained(model_dir), LORA, seed=7)
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +77,7 @@ def make_task(model_dir, adapter_bytes: bytes, mode: str = "ffa", **changes) -> 
 
 def expected_for(task: RoundTask, adapter: dict[str, np.ndarray]) -> Expected:
     """What the coordinator expects of this round's updates (as coordinator/admission.py builds it)."""
-    names = update_tensor_names(list(adapter), task.mode)
+    names = modes.get(task.mode).sent_names(adapter)
     spec = TensorSpec({n: adapter[n].shape for n in names}, frozenset({task.payload_dtype}))
     claims = task.claims()
     return Expected(project_id=claims["project_id"], round=claims["round"], nonce=claims["nonce"],
@@ -104,7 +113,7 @@ def test_round_gives_an_envelope_the_coordinator_accepts(model_dir, global_adapt
     volunteer.on_status = lambda state, details: statuses.append((state, details))
     envelope = volunteer.run_round(task, adapter_bytes)
     manifest, tensors = verify_update(envelope, expected_for(task, global_adapter))
-    names = update_tensor_names(list(global_adapter), mode)
+    names = modes.get(mode).sent_names(global_adapter)
     assert sorted(tensors) == names
     if mode == "ffa":
         assert names and all(".lora_B." in n for n in names) and len(names) == len(global_adapter) // 2
@@ -142,6 +151,24 @@ def test_ffa_a_is_bit_identical_across_volunteers(model_dir, global_adapter, mak
     b = [verify_update(env, expected)[1] for env in envelopes]
     assert any(not np.array_equal(b[0][n], b[1][n]) for n in b[0])
     assert envelopes[0].manifest != envelopes[1].manifest
+
+
+def test_base_model_is_loaded_at_the_signed_revision(model_dir, global_adapter, make_volunteer, monkeypatch):
+    """The update signs `base_model_revision`: the base it trained on must be that revision."""
+    loads = []
+    real = M.load_base
+
+    def load_base(model_id, revision=None, **kwargs):  # noqa: ANN001, ANN202
+        loads.append((model_id, revision))
+        return real(model_id, revision, **kwargs)
+
+    monkeypatch.setattr(M, "load_base", load_base)
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes, base_model_revision="0123abcd",
+                     train=dataclasses.replace(FAST, max_steps=1))
+    envelope = make_volunteer().run_round(task, adapter_bytes)
+    manifest, _ = verify_update(envelope, expected_for(task, global_adapter))
+    assert loads == [(str(model_dir), "0123abcd")] and manifest.base_model_revision == "0123abcd"
 
 
 def test_wrong_adapter_digest_is_refused(model_dir, global_adapter, make_volunteer, spy):

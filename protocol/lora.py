@@ -1,0 +1,105 @@
+"""LoRA setup both sides share: which base model, which PEFT config, version 0 of the adapter.
+
+The coordinator and every volunteer must build bit-identical LoRA layers, so the
+PEFT configuration, the base model id's resolution and the version-0 adapter
+are made here once: `lora_config` is the one `LoraConfig` of a project,
+`init_adapter` the one version 0 (A from the project seed, B zero), and
+`peft_adapter_config` the `adapter_config.json` a release ships.
+
+torch, peft and transformers are imported inside the functions that use them,
+never at import time: protocol is also installed by downloaders without them
+(tests/download checks that a download imports none of them).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from loracommons.protocol.task import LoraSettings
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+#: The embedded demo base model's id: it names no hub repository (`resolve_base_model`).
+DEMO_MODEL_ID = "loracommons/demo-tiny"
+
+
+def resolve_base_model(model_id: str) -> str:
+    """Hub id or local folder to load; the demo id maps to the model shipped in the package."""
+    if model_id == DEMO_MODEL_ID:
+        from loracommons.demo import base_model_path
+
+        return str(base_model_path())
+    return model_id
+
+
+def hub_revision(path: str, revision: str | None) -> str | None:
+    """The revision to hand `from_pretrained` for `path`: none for a local folder or an empty pin."""
+    if not revision or Path(path).exists():
+        return None
+    return revision
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """The project's PEFT configuration, identical on the coordinator and every volunteer."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        # peft's stub says int, but it stores the value as given and scales by alpha / r in float;
+        # alpha stays a float so that adapter_config.json keeps the project's value (8.0, 2.5).
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]
+        lora_dropout=settings.dropout,
+        target_modules=sorted(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def init_adapter(base_model: Any, settings: LoraSettings, seed: int) -> dict[str, np.ndarray]:
+    """Version 0 of a global adapter: A kaiming-initialized from `seed`, B zero, float32.
+
+    `base_model` must carry no LoRA layers and gets none back (its parameters stay
+    as they were). Load it in float32 so that A is not rounded to the base's dtype.
+    The CPU random state is left as it was.
+    """
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    if any("lora_A" in name for name, _ in base_model.named_modules()):
+        raise ValueError("init_adapter needs a base model without LoRA layers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = get_peft_model(base_model, lora_config(settings))
+    try:
+        state = get_peft_model_state_dict(wrapped)
+        return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
+    finally:
+        wrapped.unload()
+
+
+def peft_adapter_config(lora: LoraSettings, base_model: str, revision: str | None = None) -> dict:
+    """`adapter_config.json` content for `lora`, as `PeftModel.save_pretrained` writes it."""
+    out = lora_config(lora).to_dict()
+    out["base_model_name_or_path"] = base_model
+    out["revision"] = revision or None
+    out["inference_mode"] = True
+    return {key: _plain(value) for key, value in out.items()}
+
+
+def _plain(value: Any) -> Any:
+    """`value` with peft's sets and enums turned into JSON lists and strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):  # PeftType.LORA -> "LORA"
+        return _plain(value.value)
+    return value
