@@ -32,9 +32,9 @@ from rich.table import Table
 from loracommons.client.node import free_port
 from loracommons.demo.skills import skills_for_volunteer, write_skill_files
 from loracommons.protocol import processes
+from loracommons.protocol.lora import DEMO_MODEL_ID
 
 LC = [sys.executable, "-m", "loracommons"]
-DEMO_BASE = "loracommons/demo-tiny"
 #: New skills, the fastest to learn first: N volunteers hold one skill each (the first
 #: N of these; beyond five, skills are shared round-robin).
 DEMO_SKILLS = ("reverse", "vowels", "dedupe", "sort", "add")
@@ -107,7 +107,7 @@ class Community:
         s = self.settings
         project = self.out / "project"
         init_project(
-            project, DEMO_BASE, name="LoRA Commons demo", mode=s.mode,
+            project, DEMO_MODEL_ID, name="LoRA Commons demo", mode=s.mode,
             project={"seed": s.seed},
             lora={"r": s.lora_r, "alpha": float(2 * s.lora_r), "target_modules": TARGETS},
             train={"max_steps": s.steps_per_round, "batch_size": s.batch_size, "seq_len": 64,
