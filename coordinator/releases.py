@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from loracommons.coordinator.store import TEMP_PREFIX, Store, fsync_dir, utc_now
+from loracommons.coordinator.store import Store, utc_now
 from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.durable import TEMP_PREFIX, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, SigningKey, fingerprint_display
 from loracommons.protocol.release import (
@@ -169,7 +170,7 @@ def publish_release(
     try:
         files = {}
         for name, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights), (CARD_FILE, card.encode())):
-            _write_synced(tmp / name, data)
+            synced_write(tmp / name, data)
             files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = ReleaseManifest(
             format_version=FORMAT_VERSION, project_id=project_id, version=version, round=round,
@@ -179,7 +180,7 @@ def publish_release(
             metrics=metrics, created=utc_now(), signer=key.public.openssh,
         )
         signed = sign_release(key, manifest)
-        _write_synced(tmp / MANIFEST_FILE, signed.to_json())
+        synced_write(tmp / MANIFEST_FILE, signed.to_json())
         os.chmod(tmp, 0o755)
         fsync_dir(tmp)
         os.replace(tmp, final)
@@ -254,13 +255,6 @@ def _load_base_lines(base: str) -> list[str]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _remove_tree(path: Path) -> None:

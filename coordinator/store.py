@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -43,6 +41,7 @@ from sqlalchemy import (
     select,
 )
 
+from loracommons.protocol.durable import TEMP_PREFIX, atomic_write
 from loracommons.protocol.identity import KEY_TYPES, PublicKey, fingerprint_display
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ log = logging.getLogger(__name__)
 ROUND_STATUSES = ("open", "aggregated", "skipped", "failed")
 OUTCOMES = ("admitted", "rejected")
 RECENT_UPDATES = 200  # updates listed by `status()`
-TEMP_PREFIX = ".tmp-"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -64,34 +62,6 @@ class BlobCorrupt(StoreError):
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` holds either the old or the whole new content."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class BlobStore:
