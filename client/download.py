@@ -36,7 +36,9 @@ from loracommons.protocol.durable import atomic_write, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, fingerprint_display
 from loracommons.protocol.release import (
+    MANIFEST_FILE,
     MAX_RELEASE_BYTES,
+    REQUIRED_FILES,
     ReleaseManifest,
     SignedRelease,
     check_file_name,
@@ -46,8 +48,6 @@ from loracommons.protocol.release import (
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MANIFEST_FILE = "release.json"
 MAX_PROJECT_BYTES = 64 * 1024
 CHUNK = 256 * 1024
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

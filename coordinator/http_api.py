@@ -28,12 +28,12 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from loracommons.coordinator.releases import MANIFEST_FILE, read_release, release_dir
+from loracommons.coordinator.releases import read_release, release_dir
 from loracommons.coordinator.store import Store
 from loracommons.protocol.canonical import parse_json
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey
-from loracommons.protocol.release import ReleaseManifest, check_file_name
+from loracommons.protocol.release import MANIFEST_FILE, ReleaseManifest, check_file_name
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -34,7 +34,11 @@ from loracommons.protocol.durable import TEMP_PREFIX, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, SigningKey, fingerprint_display
 from loracommons.protocol.release import (
+    CARD_FILE,
+    CONFIG_FILE,
     FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
     ReleaseManifest,
     SignedRelease,
     sign_release,
@@ -46,10 +50,6 @@ from loracommons.protocol.release import (
 log = logging.getLogger(__name__)
 
 RELEASES = "releases"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CARD_FILE = "README.md"
-MANIFEST_FILE = "release.json"
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,9})$")
 _TRASH_PREFIX = ".trash-"
 DEMO_BASE_MODEL = "loracommons/demo-tiny"
@@ -225,7 +225,7 @@ def model_card(project: Any, version: int, round: int, metrics: Mapping, contrib
     lines += [
         "## Download and verify",
         "",
-        "`release.json` beside this card lists every file's size and sha256 and is signed by",
+        f"`{MANIFEST_FILE}` beside this card lists every file's size and sha256 and is signed by",
         "the coordinator key above; its manifest also holds the digest of the previous release.",
         "",
         "```",
