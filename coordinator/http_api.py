@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 
 from loracommons.coordinator.releases import read_release, release_dir
+from loracommons.coordinator.rows import ReleaseRow, RoundRow
 from loracommons.coordinator.store import Store
 from loracommons.protocol.canonical import parse_json
 from loracommons.protocol.errors import ProtocolError
@@ -121,15 +122,15 @@ def create_app(project_dir: str | Path, store: Store, info: Mapping | None = Non
                   description="Read-only public API of a LoRA Commons coordinator.")
     manifests: dict[str, ReleaseManifest] = {}
 
-    def manifest_of(row: dict) -> ReleaseManifest:
-        digest = row["manifest_digest"]
+    def manifest_of(row: ReleaseRow) -> ReleaseManifest:
+        digest = row.manifest_digest
         if digest not in manifests:
-            signed = read_release(project_dir, row["version"])
+            signed = read_release(project_dir, row.version)
             manifests[digest] = ReleaseManifest.from_dict(
                 parse_json(signed.manifest, max_bytes=1 << 20, what="release manifest"))
         return manifests[digest]
 
-    def release_row(version: int) -> dict:
+    def release_row(version: int) -> ReleaseRow:
         row = store.release(version)
         if row is None:
             raise HTTPException(404, f"no release v{version}")
@@ -144,12 +145,12 @@ def create_app(project_dir: str | Path, store: Store, info: Mapping | None = Non
 
     @app.get("/api/releases", response_model=list[ReleaseOut])
     def list_releases() -> list[ReleaseOut]:
-        return [ReleaseOut(version=r["version"], round=r["round"], created=r["created"],
-                           manifest_digest=r["manifest_digest"], metrics=manifest_of(r).metrics)
+        return [ReleaseOut(version=r.version, round=r.round, created=r.created,
+                           manifest_digest=r.manifest_digest, metrics=manifest_of(r).metrics)
                 for r in store.releases()]
 
-    def document(row: dict) -> Response:
-        path = release_dir(project_dir, row["version"]) / MANIFEST_FILE
+    def document(row: ReleaseRow) -> Response:
+        path = release_dir(project_dir, row.version) / MANIFEST_FILE
         return Response(path.read_bytes(), media_type="application/json",
                         headers={"Cache-Control": "no-cache"})
 
@@ -199,13 +200,13 @@ def create_app(project_dir: str | Path, store: Store, info: Mapping | None = Non
 
     @app.get("/api/rounds", response_model=list[RoundOut])
     def list_rounds() -> list[RoundOut]:
-        return [RoundOut(**{k: r[k] for k in RoundOut.model_fields}) for r in store.rounds()]
+        return [RoundOut(**{k: getattr(r, k) for k in RoundOut.model_fields}) for r in store.rounds()]
 
     @app.get("/api/volunteers", response_model=list[VolunteerOut])
     def list_volunteers() -> list[VolunteerOut]:
-        return [VolunteerOut(fingerprint=v["short"], display_name=v["display_name"],
-                             rounds_contributed=v["rounds_contributed"],
-                             examples_contributed=v["examples_contributed"]) for v in store.leaderboard()]
+        return [VolunteerOut(fingerprint=v.short, display_name=v.display_name,
+                             rounds_contributed=v.rounds_contributed,
+                             examples_contributed=v.examples_contributed) for v in store.leaderboard()]
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -249,7 +250,7 @@ def _project_info(project_dir: Path, store: Store, info: Mapping | None, manifes
     out.setdefault("id", project_dir.name)
     out.setdefault("name", out["id"])
     out.setdefault("base_model", "")
-    out["latest_version"] = latest["version"] if latest is not None else None
+    out["latest_version"] = latest.version if latest is not None else None
     known = set(ProjectOut.model_fields)
     return {k: (v if k == "latest_version" or v is None else str(v)) for k, v in out.items() if k in known}
 
@@ -327,9 +328,9 @@ def _num(value: float | int | None) -> str:
 
 
 def prometheus_text(store: Store, project: ProjectOut) -> str:
-    status = store.status()
+    status = store.status().to_json()
     rounds = store.rounds()
-    last = next((r for r in reversed(rounds) if r["status"] == "aggregated"), None)
+    last = next((r for r in reversed(rounds) if r.status == "aggregated"), None)
     latest = status["latest_release"]
     out: list[str] = []
 
@@ -357,9 +358,9 @@ def prometheus_text(store: Store, project: ProjectOut) -> str:
     metric("loracommons_latest_release_version", "gauge", "Version of the latest release (0: none).",
            [({}, latest["version"] if latest else 0)])
     metric("loracommons_train_loss", "gauge", "Example-weighted train loss of the last aggregated round.",
-           [({}, last["train_loss"] if last else None)])
+           [({}, last.train_loss if last else None)])
     metric("loracommons_eval_loss", "gauge", "Eval loss of the last aggregated round.",
-           [({}, last["eval_loss"] if last else None)])
+           [({}, last.eval_loss if last else None)])
     return "\n".join(out) + "\n"
 
 
@@ -405,13 +406,13 @@ def _line_chart(series: dict[str, list[tuple[int, float]]], colors: dict[str, st
     return "".join(parts)
 
 
-def _bar_chart(rounds: list[dict], width: int = 640, height: int = 200) -> str:
+def _bar_chart(rounds: list[RoundRow], width: int = 640, height: int = 200) -> str:
     """Admitted (green) and rejected (red) updates per round, stacked."""
     pad_l, pad_b, pad_t = 40, 28, 12
     if not rounds:
         return f'<svg id="participation-chart" width="{width}" height="{height}"><text x="20" y="40">' \
                "no round yet</text></svg>"
-    top = max(1, max(r["admitted"] + r["rejected"] for r in rounds))
+    top = max(1, max(r.admitted + r.rejected for r in rounds))
     step = (width - pad_l - 8) / len(rounds)
     bar = max(2.0, step * 0.7)
     scale = (height - pad_b - pad_t) / top
@@ -422,41 +423,41 @@ def _bar_chart(rounds: list[dict], width: int = 640, height: int = 200) -> str:
     for i, r in enumerate(rounds):
         x = pad_l + i * step
         base = height - pad_b
-        for count, color in ((r["admitted"], "#2e7d32"), (r["rejected"], "#c62828")):
+        for count, color in ((r.admitted, "#2e7d32"), (r.rejected, "#c62828")):
             if count:
                 parts.append(f'<rect x="{x:.1f}" y="{base - count * scale:.1f}" width="{bar:.1f}" '
-                             f'height="{count * scale:.1f}" fill="{color}"><title>round {r["round"]}: '
+                             f'height="{count * scale:.1f}" fill="{color}"><title>round {r.round}: '
                              f'{count}</title></rect>')
                 base -= count * scale
         if len(rounds) <= 30 or i % math.ceil(len(rounds) / 15) == 0:
             parts.append(f'<text x="{x + bar / 2:.1f}" y="{height - 10}" font-size="11" '
-                         f'text-anchor="middle">{r["round"]}</text>')
+                         f'text-anchor="middle">{r.round}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
 def render_dashboard(store: Store, project: ProjectOut, base_url: str) -> str:
     rounds = store.rounds()
-    closed = [r for r in rounds if r["status"] != "open"]
-    train = [(r["round"], r["train_loss"]) for r in closed if r["train_loss"] is not None]
-    evals = [(r["round"], r["eval_loss"]) for r in closed if r["eval_loss"] is not None]
+    closed = [r for r in rounds if r.status != "open"]
+    train = [(r.round, r.train_loss) for r in closed if r.train_loss is not None]
+    evals = [(r.round, r.eval_loss) for r in closed if r.eval_loss is not None]
     latest = store.latest_release()
     e = html.escape
     if latest is not None:
         pin = project.fingerprint or "FINGERPRINT"
         command = f"loracommons download {base_url} --out adapter --pin {pin}"
-        release = (f"<p>Version <b>v{latest['version']}</b> (round {latest['round']}, {e(latest['created'])})"
-                   f"<br>manifest <code>{latest['manifest_digest']}</code></p>"
+        release = (f"<p>Version <b>v{latest.version}</b> (round {latest.round}, {e(latest.created)})"
+                   f"<br>manifest <code>{latest.manifest_digest}</code></p>"
                    f"<pre>{e(command)}</pre>")
     else:
         release = "<p>No release yet.</p>"
     rows = "".join(
-        f"<tr><td>{r['round']}</td><td>{e(r['status'])}</td><td>{r['admitted']}</td><td>{r['rejected']}</td>"
-        f"<td>{_cell(r['train_loss'])}</td><td>{_cell(r['eval_loss'])}</td><td>{e(r['note'] or '')}</td></tr>"
+        f"<tr><td>{r.round}</td><td>{e(r.status)}</td><td>{r.admitted}</td><td>{r.rejected}</td>"
+        f"<td>{_cell(r.train_loss)}</td><td>{_cell(r.eval_loss)}</td><td>{e(r.note or '')}</td></tr>"
         for r in reversed(rounds[-20:]))
     board = "".join(
-        f"<tr><td><code>{v['short']}</code></td><td>{e(v['display_name'] or '')}</td>"
-        f"<td>{v['rounds_contributed']}</td><td>{v['examples_contributed']}</td></tr>"
+        f"<tr><td><code>{v.short}</code></td><td>{e(v.display_name or '')}</td>"
+        f"<td>{v.rounds_contributed}</td><td>{v.examples_contributed}</td></tr>"
         for v in store.leaderboard(limit=20))
     page = Template((_STATIC / "dashboard.html").read_text())
     return page.substitute(

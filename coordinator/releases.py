@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from loracommons.coordinator.store import Store, utc_now
+from loracommons.coordinator.config import ProjectSection
+from loracommons.coordinator.rows import ReleaseRow, utc_now
+from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.durable import TEMP_PREFIX, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
@@ -99,16 +101,6 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def _field(project: Any, *names: str, default: Any = None) -> Any:
-    """Read a project attribute from a mapping or an object, under any of its names."""
-    for name in names:
-        if isinstance(project, Mapping) and project.get(name) is not None:
-            return project[name]
-        if not isinstance(project, Mapping) and getattr(project, name, None) is not None:
-            return getattr(project, name)
-    return default
-
-
 @dataclass
 class ReconcileReport:
     adopted: list[int] = field(default_factory=list)
@@ -119,7 +111,7 @@ def publish_release(
     project_dir: str | Path,
     store: Store,
     key: SigningKey,
-    project: Any,
+    project: ProjectSection,
     version: int,
     round: int,
     adapter_tensors: Mapping[str, np.ndarray],
@@ -130,30 +122,27 @@ def publish_release(
 ) -> SignedRelease:
     """Write, sign and record release `version`; returns its signed manifest.
 
-    `project` is a mapping or object with `id` (or `project_id`), `name`, `base_model`
-    (or `base_model_id`) and optionally `base_model_revision`. `contributors` maps
-    fingerprints to examples (or lists fingerprints). Publishing a version that is
+    `project` gives the id, name, base model and revision the manifest and card carry.
+    `contributors` maps fingerprints to examples (or lists fingerprints). Publishing a version that is
     already recorded for the same round returns the recorded release unchanged.
     """
     project_dir = Path(project_dir)
     existing = store.release(version)
     if existing is not None:
-        if existing["round"] != round:
-            raise ReleaseError(f"release v{version} already exists for round {existing['round']}")
+        if existing.round != round:
+            raise ReleaseError(f"release v{version} already exists for round {existing.round}")
         return read_release(project_dir, version)
     latest = store.latest_release()
-    expected = (latest["version"] if latest else 0) + 1
+    expected = (latest.version if latest else 0) + 1
     if version != expected:
         raise ReleaseError(f"next release is v{expected}, not v{version}")
     previous = ""
     if latest is not None:
-        previous = read_release(project_dir, latest["version"]).digest
-        if previous != latest["manifest_digest"]:
-            raise ReleaseError(f"release v{latest['version']} on disk differs from the recorded one")
+        previous = read_release(project_dir, latest.version).digest
+        if previous != latest.manifest_digest:
+            raise ReleaseError(f"release v{latest.version} on disk differs from the recorded one")
 
-    project_id = str(_field(project, "id", "project_id", default=""))
-    base_model = str(_field(project, "base_model", "base_model_id", default=""))
-    if not project_id or not base_model:
+    if not project.id or not project.base_model:
         raise ReleaseError("project info needs an id and a base model")
     weights = encode_tensors(dict(adapter_tensors), metadata={"format": "pt"})
     contributors = dict(contributors) if isinstance(contributors, Mapping) else {c: 0 for c in contributors}
@@ -173,9 +162,8 @@ def publish_release(
             synced_write(tmp / name, data)
             files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = ReleaseManifest(
-            format_version=FORMAT_VERSION, project_id=project_id, version=version, round=round,
-            base_model_id=base_model,
-            base_model_revision=str(_field(project, "base_model_revision", default="")),
+            format_version=FORMAT_VERSION, project_id=project.id, version=version, round=round,
+            base_model_id=project.base_model, base_model_revision=project.base_model_revision,
             files=files, previous=previous, updates_digest=updates_digest(update_digests),
             metrics=metrics, created=utc_now(), signer=key.public.openssh,
         )
@@ -195,10 +183,9 @@ def publish_release(
     return signed
 
 
-def model_card(project: Any, version: int, round: int, metrics: Mapping, contributors: Mapping[str, int],
-               signer: PublicKey, previous: str) -> str:
-    name = _field(project, "name", "id", "project_id", default="LoRA Commons project")
-    base = _field(project, "base_model", "base_model_id", default="")
+def model_card(project: ProjectSection, version: int, round: int, metrics: Mapping,
+               contributors: Mapping[str, int], signer: PublicKey, previous: str) -> str:
+    name, base = project.name or project.id, project.base_model
     top = sorted(contributors.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
     lines = [
         f"# {name}: community LoRA adapter v{version}",
@@ -238,7 +225,7 @@ def model_card(project: Any, version: int, round: int, metrics: Mapping, contrib
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        *_load_base_lines(str(base)),
+        *_load_base_lines(base),
         'model = PeftModel.from_pretrained(base, "adapter")',
         "```",
         "",
@@ -333,9 +320,9 @@ def reconcile(project_dir: str | Path, store: Store, key: SigningKey | PublicKey
             else:
                 leftover.unlink(missing_ok=True)
             report.removed.append(leftover.name)
-    recorded = {row["version"]: row for row in store.releases()}
+    recorded = {row.version: row for row in store.releases()}
     for version, row in recorded.items():
-        if read_release(project_dir, version).digest != row["manifest_digest"]:
+        if read_release(project_dir, version).digest != row.manifest_digest:
             raise ReleaseError(f"release v{version} on disk differs from the recorded manifest")
     for version in local_versions(project_dir):
         if version in recorded:
@@ -357,14 +344,14 @@ def reconcile(project_dir: str | Path, store: Store, key: SigningKey | PublicKey
     return report
 
 
-def _adoptable(project_dir: Path, version: int, latest: dict | None, public: PublicKey) -> str | None:
+def _adoptable(project_dir: Path, version: int, latest: ReleaseRow | None, public: PublicKey) -> str | None:
     """Why folder v{version} cannot be adopted, or None when it can."""
-    expected = (latest["version"] if latest else 0) + 1
+    expected = (latest.version if latest else 0) + 1
     if version != expected:
         return f"expected v{expected}"
     try:
         signed = read_release(project_dir, version)
-        after = read_release(project_dir, latest["version"]) if latest else None
+        after = read_release(project_dir, latest.version) if latest else None
         manifest = verify_chain([signed], public, after=after)[0]
         if WEIGHTS_FILE not in manifest.files:
             return f"no {WEIGHTS_FILE}"

@@ -70,7 +70,7 @@ def test_releases_list_and_documents(served):
     client, folder, store = served
     listing = client.get("/api/releases").json()
     assert [(r["version"], r["round"]) for r in listing] == [(1, 1), (2, 2), (3, 3)]
-    assert [r["manifest_digest"] for r in listing] == [r["manifest_digest"] for r in store.releases()]
+    assert [r["manifest_digest"] for r in listing] == [r.manifest_digest for r in store.releases()]
     assert listing[2]["metrics"]["train_loss"] == pytest.approx(2 / 3)
     docs = []
     for version in (1, 2, 3):
