@@ -75,7 +75,7 @@ def bar_chart(rounds: list[RoundBar], width: int = 640, height: int = 200) -> st
              f'<text x="{pad_l - 6}" y="{height - pad_b}" font-size="11" text-anchor="end">0</text>']
     for i, r in enumerate(rounds):
         x = pad_l + i * step
-        base = height - pad_b
+        base: float = height - pad_b
         for count, color in ((r.admitted, "#2e7d32"), (r.rejected, "#c62828")):
             if count:
                 parts.append(f'<rect x="{x:.1f}" y="{base - count * scale:.1f}" width="{bar:.1f}" '

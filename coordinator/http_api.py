@@ -48,8 +48,9 @@ MAX_VERSION = 2**31 - 1
 RELEASE_PUBLIC_KEY = Path("keys") / "release_key.pub"  # written by `coordinator init`
 _MEDIA = {".json": "application/json", ".md": "text/markdown; charset=utf-8",
           ".safetensors": "application/octet-stream"}
-_NOT_FOUND = {404: {"description": "No such release or file"}}
-_BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such release or file"}}
+_BINARY: dict[str, Any] = {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                               "format": "binary"}}}}
 
 
 def create_app(project_dir: str | Path, store: Store, info: Mapping[str, Any] | None = None,
@@ -230,5 +231,5 @@ def project_facts(project_dir: Path, store: Store, info: Mapping[str, Any] | Non
     out.setdefault("base_model", "")
     out["latest_version"] = latest.version if latest is not None else None
     known = set(ProjectOut.model_fields)
-    return ProjectOut(**{k: (v if k == "latest_version" or v is None else str(v))
-                         for k, v in out.items() if k in known})
+    return ProjectOut.model_validate({k: (v if k == "latest_version" or v is None else str(v))
+                                      for k, v in out.items() if k in known})

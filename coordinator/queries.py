@@ -7,9 +7,10 @@ atomically and `status` sees one consistent snapshot.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from sqlalchemy import Connection, Row, func, select
+from sqlalchemy import Connection, func, select
 
 from loracommons.coordinator.blobs import StoreError
 from loracommons.coordinator.rows import (
@@ -78,8 +79,9 @@ def status(conn: Connection) -> StoreStatus:
     )
 
 
-def _counts(rows: Iterable[Row[tuple[str, int]]]) -> dict[str, int]:
-    return {key: count for key, count in rows}
+def _counts(rows: Iterable[Sequence[Any]]) -> dict[str, int]:
+    """`SELECT key, count(*) ... GROUP BY key` as a dict."""
+    return {str(row[0]): int(row[1]) for row in rows}
 
 
 def last_closed(conn: Connection) -> int:

@@ -146,9 +146,9 @@ def publish_release(
         raise ReleaseError("project info needs an id and a base model")
     weights = encode_tensors(dict(adapter_tensors), metadata={"format": "pt"})
     contributors = dict(contributors) if isinstance(contributors, Mapping) else {c: 0 for c in contributors}
-    metrics = _jsonable(dict(metrics or {}))
+    metrics_json: dict[str, Any] = _jsonable(dict(metrics or {}))
     config_bytes = (json.dumps(_jsonable(dict(adapter_config)), indent=2, sort_keys=True) + "\n").encode()
-    card = model_card(project, version, round, metrics, contributors, key.public, previous)
+    card = model_card(project, version, round, metrics_json, contributors, key.public, previous)
 
     root = project_dir / RELEASES
     root.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def publish_release(
             format_version=FORMAT_VERSION, project_id=project.id, version=version, round=round,
             base_model_id=project.base_model, base_model_revision=project.base_model_revision,
             files=files, previous=previous, updates_digest=updates_digest(update_digests),
-            metrics=metrics, created=utc_now(), signer=key.public.openssh,
+            metrics=metrics_json, created=utc_now(), signer=key.public.openssh,
         )
         signed = sign_release(key, manifest)
         synced_write(tmp / MANIFEST_FILE, signed.to_json())

@@ -129,7 +129,7 @@ class Coordinator:
             self.stop.wait(1.0)
         return None
 
-    def run_round(self, grid, r: int, nodes: list[int]) -> RoundRow:  # noqa: ANN001
+    def run_round(self, grid, r: int, nodes: list[int]) -> RoundRow | dict:  # noqa: ANN001
         from flwr.app import Message
 
         cfg, current = self.cfg, self.global_adapter

@@ -82,19 +82,19 @@ class ReleaseRow:
     path: str  # relative to the project folder
 
 
-def volunteer_row(row: Mapping[str, Any]) -> VolunteerRow:
+def volunteer_row(row: Mapping[Any, Any]) -> VolunteerRow:
     return VolunteerRow(**row)
 
 
-def round_row(row: Mapping[str, Any]) -> RoundRow:
+def round_row(row: Mapping[Any, Any]) -> RoundRow:
     return RoundRow(**row)
 
 
-def release_row(row: Mapping[str, Any]) -> ReleaseRow:
+def release_row(row: Mapping[Any, Any]) -> ReleaseRow:
     return ReleaseRow(**row)
 
 
-def update_row(row: Mapping[str, Any]) -> UpdateRow:
+def update_row(row: Mapping[Any, Any]) -> UpdateRow:
     values = dict(row)
     values["nbytes"] = values.pop("bytes")
     return UpdateRow(**values)

@@ -217,7 +217,7 @@ class Store:
                 round=round, fingerprint=fingerprint, update_digest=update_digest, outcome=outcome,
                 reason=reason, message=message[:MESSAGE_CHARS], examples=int(examples),
                 train_loss=_finite(train_loss), bytes=int(nbytes), received=received or utc_now()))
-            return int(result.inserted_primary_key[0])
+            return int(_must(result.inserted_primary_key)[0])
 
     def reject_admitted(self, round: int, update_digest: str, reason: str, message: str = "") -> None:
         """Turn an admitted update of an open round into a rejection (e.g. refused by a robust
@@ -254,9 +254,10 @@ class Store:
     def has_admitted(self, round: int, fingerprint: str) -> bool:
         """Whether this key already has an admitted update in the round (one per key per round)."""
         with self._read() as conn:
-            return conn.execute(select(func.count()).select_from(updates).where(
+            count = conn.execute(select(func.count()).select_from(updates).where(
                 updates.c.round == round, updates.c.fingerprint == fingerprint,
-                updates.c.outcome == "admitted")).scalar() > 0
+                updates.c.outcome == "admitted")).scalar()
+            return bool(count)
 
     def round_updates(self, round: int) -> list[UpdateRow]:
         with self._read() as conn:
