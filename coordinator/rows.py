@@ -137,7 +137,7 @@ class StoreStatus:
     updates: UpdateCounts
     latest_release: ReleaseRow | None
     recent_rounds: tuple[RoundRow, ...]  # oldest first
-    # Each update's outcome and reason ("clipped" or "weight_capped" on an admitted one
+    # Each update's outcome and reason (Reason.CLIPPED or Reason.WEIGHT_CAPPED on an admitted one
     # that a rule neutralized), oldest first.
     recent_updates: tuple[UpdateRow, ...]
 
