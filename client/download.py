@@ -32,10 +32,13 @@ import httpx
 
 from loracommons.paths import data_dir
 from loracommons.protocol.canonical import parse_json
+from loracommons.protocol.durable import atomic_write, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, fingerprint_display
 from loracommons.protocol.release import (
+    MANIFEST_FILE,
     MAX_RELEASE_BYTES,
+    REQUIRED_FILES,
     ReleaseManifest,
     SignedRelease,
     check_file_name,
@@ -45,8 +48,6 @@ from loracommons.protocol.release import (
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MANIFEST_FILE = "release.json"
 MAX_PROJECT_BYTES = 64 * 1024
 CHUNK = 256 * 1024
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -171,8 +172,8 @@ class _Download:
         staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{signed.digest[:16]}"
         staging.mkdir(parents=True, exist_ok=True)
         resumed = self._fetch_files(manifest, staging)
-        _write_synced(staging / MANIFEST_FILE, signed.to_json())
-        _fsync_dir(staging)
+        synced_write(staging / MANIFEST_FILE, signed.to_json())
+        fsync_dir(staging)
         self.where = "installing"
         _install(staging, self.out_dir)
         for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.partial-*"):
@@ -438,7 +439,7 @@ def _install(staging: Path, out_dir: Path) -> None:
     _check_out_dir(out_dir)
     if not out_dir.exists():
         os.replace(staging, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         return
     old = out_dir.parent / f".{out_dir.name}.old-{os.urandom(4).hex()}"
     os.replace(out_dir, old)
@@ -447,7 +448,7 @@ def _install(staging: Path, out_dir: Path) -> None:
     except OSError:
         os.replace(old, out_dir)
         raise
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -468,10 +469,7 @@ def _load_record(path: Path) -> dict | None:
 
 def _save_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_synced(tmp, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _sha256_file(path: Path) -> tuple[Any, int]:
@@ -481,24 +479,6 @@ def _sha256_file(path: Path) -> tuple[Any, int]:
             digest.update(chunk)
             n += len(chunk)
     return digest, n
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from loracommons.coordinator.config import ProjectConfig
-from loracommons.coordinator.store import Store, atomic_write
+from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.durable import atomic_write
 from loracommons.protocol.lora import hub_revision, init_adapter, resolve_base_model
 
 log = logging.getLogger(__name__)

@@ -28,13 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from loracommons.coordinator.store import TEMP_PREFIX, Store, fsync_dir, utc_now
+from loracommons.coordinator.config import ProjectSection
+from loracommons.coordinator.rows import ReleaseRow, utc_now
+from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.durable import TEMP_PREFIX, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, SigningKey, fingerprint_display
-from loracommons.protocol.lora import peft_adapter_config as peft_adapter_config  # re-exported (rounds.py)
+from loracommons.protocol.lora import DEMO_MODEL_ID
 from loracommons.protocol.release import (
+    CARD_FILE,
+    CONFIG_FILE,
     FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
     ReleaseManifest,
     SignedRelease,
     sign_release,
@@ -46,13 +53,8 @@ from loracommons.protocol.release import (
 log = logging.getLogger(__name__)
 
 RELEASES = "releases"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CARD_FILE = "README.md"
-MANIFEST_FILE = "release.json"
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,9})$")
 _TRASH_PREFIX = ".trash-"
-DEMO_BASE_MODEL = "loracommons/demo-tiny"
 
 
 class ReleaseError(Exception):
@@ -84,16 +86,6 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def _field(project: Any, *names: str, default: Any = None) -> Any:
-    """Read a project attribute from a mapping or an object, under any of its names."""
-    for name in names:
-        if isinstance(project, Mapping) and project.get(name) is not None:
-            return project[name]
-        if not isinstance(project, Mapping) and getattr(project, name, None) is not None:
-            return getattr(project, name)
-    return default
-
-
 @dataclass
 class ReconcileReport:
     adopted: list[int] = field(default_factory=list)
@@ -104,7 +96,7 @@ def publish_release(
     project_dir: str | Path,
     store: Store,
     key: SigningKey,
-    project: Any,
+    project: ProjectSection,
     version: int,
     round: int,
     adapter_tensors: Mapping[str, np.ndarray],
@@ -115,36 +107,33 @@ def publish_release(
 ) -> SignedRelease:
     """Write, sign and record release `version`; returns its signed manifest.
 
-    `project` is a mapping or object with `id` (or `project_id`), `name`, `base_model`
-    (or `base_model_id`) and optionally `base_model_revision`. `contributors` maps
-    fingerprints to examples (or lists fingerprints). Publishing a version that is
+    `project` gives the id, name, base model and revision the manifest and card carry.
+    `contributors` maps fingerprints to examples (or lists fingerprints). Publishing a version that is
     already recorded for the same round returns the recorded release unchanged.
     """
     project_dir = Path(project_dir)
     existing = store.release(version)
     if existing is not None:
-        if existing["round"] != round:
-            raise ReleaseError(f"release v{version} already exists for round {existing['round']}")
+        if existing.round != round:
+            raise ReleaseError(f"release v{version} already exists for round {existing.round}")
         return read_release(project_dir, version)
     latest = store.latest_release()
-    expected = (latest["version"] if latest else 0) + 1
+    expected = (latest.version if latest else 0) + 1
     if version != expected:
         raise ReleaseError(f"next release is v{expected}, not v{version}")
     previous = ""
     if latest is not None:
-        previous = read_release(project_dir, latest["version"]).digest
-        if previous != latest["manifest_digest"]:
-            raise ReleaseError(f"release v{latest['version']} on disk differs from the recorded one")
+        previous = read_release(project_dir, latest.version).digest
+        if previous != latest.manifest_digest:
+            raise ReleaseError(f"release v{latest.version} on disk differs from the recorded one")
 
-    project_id = str(_field(project, "id", "project_id", default=""))
-    base_model = str(_field(project, "base_model", "base_model_id", default=""))
-    if not project_id or not base_model:
+    if not project.id or not project.base_model:
         raise ReleaseError("project info needs an id and a base model")
     weights = encode_tensors(dict(adapter_tensors), metadata={"format": "pt"})
     contributors = dict(contributors) if isinstance(contributors, Mapping) else {c: 0 for c in contributors}
-    metrics = _jsonable(dict(metrics or {}))
+    metrics_json: dict[str, Any] = _jsonable(dict(metrics or {}))
     config_bytes = (json.dumps(_jsonable(dict(adapter_config)), indent=2, sort_keys=True) + "\n").encode()
-    card = model_card(project, version, round, metrics, contributors, key.public, previous)
+    card = model_card(project, version, round, metrics_json, contributors, key.public, previous)
 
     root = project_dir / RELEASES
     root.mkdir(parents=True, exist_ok=True)
@@ -155,17 +144,16 @@ def publish_release(
     try:
         files = {}
         for name, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights), (CARD_FILE, card.encode())):
-            _write_synced(tmp / name, data)
+            synced_write(tmp / name, data)
             files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = ReleaseManifest(
-            format_version=FORMAT_VERSION, project_id=project_id, version=version, round=round,
-            base_model_id=base_model,
-            base_model_revision=str(_field(project, "base_model_revision", default="")),
+            format_version=FORMAT_VERSION, project_id=project.id, version=version, round=round,
+            base_model_id=project.base_model, base_model_revision=project.base_model_revision,
             files=files, previous=previous, updates_digest=updates_digest(update_digests),
-            metrics=metrics, created=utc_now(), signer=key.public.openssh,
+            metrics=metrics_json, created=utc_now(), signer=key.public.openssh,
         )
         signed = sign_release(key, manifest)
-        _write_synced(tmp / MANIFEST_FILE, signed.to_json())
+        synced_write(tmp / MANIFEST_FILE, signed.to_json())
         os.chmod(tmp, 0o755)
         fsync_dir(tmp)
         os.replace(tmp, final)
@@ -180,10 +168,9 @@ def publish_release(
     return signed
 
 
-def model_card(project: Any, version: int, round: int, metrics: Mapping, contributors: Mapping[str, int],
-               signer: PublicKey, previous: str) -> str:
-    name = _field(project, "name", "id", "project_id", default="LoRA Commons project")
-    base = _field(project, "base_model", "base_model_id", default="")
+def model_card(project: ProjectSection, version: int, round: int, metrics: Mapping,
+               contributors: Mapping[str, int], signer: PublicKey, previous: str) -> str:
+    name, base = project.name or project.id, project.base_model
     top = sorted(contributors.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
     lines = [
         f"# {name}: community LoRA adapter v{version}",
@@ -210,7 +197,7 @@ def model_card(project: Any, version: int, round: int, metrics: Mapping, contrib
     lines += [
         "## Download and verify",
         "",
-        "`release.json` beside this card lists every file's size and sha256 and is signed by",
+        f"`{MANIFEST_FILE}` beside this card lists every file's size and sha256 and is signed by",
         "the coordinator key above; its manifest also holds the digest of the previous release.",
         "",
         "```",
@@ -223,7 +210,7 @@ def model_card(project: Any, version: int, round: int, metrics: Mapping, contrib
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        *_load_base_lines(str(base)),
+        *_load_base_lines(base),
         'model = PeftModel.from_pretrained(base, "adapter")',
         "```",
         "",
@@ -232,7 +219,7 @@ def model_card(project: Any, version: int, round: int, metrics: Mapping, contrib
 
 
 def _load_base_lines(base: str) -> list[str]:
-    if base == DEMO_BASE_MODEL:  # shipped inside the loracommons package, not on a hub
+    if base == DEMO_MODEL_ID:  # shipped inside the loracommons package, not on a hub
         return ["from loracommons.demo import base_model_path", "",
                 "base = AutoModelForCausalLM.from_pretrained(base_model_path())"]
     return [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})"]
@@ -240,13 +227,6 @@ def _load_base_lines(base: str) -> list[str]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _remove_tree(path: Path) -> None:
@@ -325,9 +305,9 @@ def reconcile(project_dir: str | Path, store: Store, key: SigningKey | PublicKey
             else:
                 leftover.unlink(missing_ok=True)
             report.removed.append(leftover.name)
-    recorded = {row["version"]: row for row in store.releases()}
+    recorded = {row.version: row for row in store.releases()}
     for version, row in recorded.items():
-        if read_release(project_dir, version).digest != row["manifest_digest"]:
+        if read_release(project_dir, version).digest != row.manifest_digest:
             raise ReleaseError(f"release v{version} on disk differs from the recorded manifest")
     for version in local_versions(project_dir):
         if version in recorded:
@@ -349,14 +329,14 @@ def reconcile(project_dir: str | Path, store: Store, key: SigningKey | PublicKey
     return report
 
 
-def _adoptable(project_dir: Path, version: int, latest: dict | None, public: PublicKey) -> str | None:
+def _adoptable(project_dir: Path, version: int, latest: ReleaseRow | None, public: PublicKey) -> str | None:
     """Why folder v{version} cannot be adopted, or None when it can."""
-    expected = (latest["version"] if latest else 0) + 1
+    expected = (latest.version if latest else 0) + 1
     if version != expected:
         return f"expected v{expected}"
     try:
         signed = read_release(project_dir, version)
-        after = read_release(project_dir, latest["version"]) if latest else None
+        after = read_release(project_dir, latest.version) if latest else None
         manifest = verify_chain([signed], public, after=after)[0]
         if WEIGHTS_FILE not in manifest.files:
             return f"no {WEIGHTS_FILE}"

@@ -25,13 +25,15 @@ from loracommons.coordinator.admission import admit, context_for, expected_for
 from loracommons.coordinator.aggregation import RoundAggregator
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
 from loracommons.coordinator.initial import decode_adapter, initial_adapter
-from loracommons.coordinator.releases import peft_adapter_config, publish_release, reconcile
+from loracommons.coordinator.releases import publish_release, reconcile
+from loracommons.coordinator.rows import RoundRow
 from loracommons.coordinator.store import Store, new_nonce
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import Envelope, sha256_hex
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.flower_app import read_envelope, task_content
 from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.lora import peft_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +86,15 @@ class Coordinator:
         if report.adopted or report.removed:
             log.warning("reconciled releases: adopted %s, removed %s", report.adopted, report.removed)
         last = self.store.last_aggregated_round()
-        if last is not None and last.get("adapter_digest"):
-            data = self.store.blobs.get(last["adapter_digest"])
+        if last is not None and last.adapter_digest:
+            data = self.store.blobs.get(last.adapter_digest)
         else:
             data = initial_adapter(self.project_dir, self.cfg, self.store)
         self.global_adapter = GlobalAdapter.from_bytes(data)
         if self._publish_due(final=False):
             self.publish()
         open_round = self.store.current_round()
-        next_round = open_round["round"] if open_round else self.store.last_closed_round() + 1
+        next_round = open_round.round if open_round else self.store.last_closed_round() + 1
         if open_round:
             self.on_event("resume", {"round": next_round, "note": "interrupted round will run again"})
         return next_round
@@ -128,7 +130,7 @@ class Coordinator:
             self.stop.wait(1.0)
         return None
 
-    def run_round(self, grid, r: int, nodes: list[int]) -> dict:  # noqa: ANN001
+    def run_round(self, grid, r: int, nodes: list[int]) -> RoundRow | dict:  # noqa: ANN001
         from flwr.app import Message
 
         cfg, current = self.cfg, self.global_adapter
@@ -136,7 +138,7 @@ class Coordinator:
         sampled = self.rng.sample(nodes, min(len(nodes), cfg.round.volunteers_per_round))
         nonce = new_nonce()
         latest = self.store.latest_release()
-        self.store.open_round(r, nonce, base_version=latest["version"] if latest else 0,
+        self.store.open_round(r, nonce, base_version=latest.version if latest else 0,
                               sampled=len(sampled), base_adapter_digest=current.digest)
         self.on_event("round_open", {"round": r, "sampled": len(sampled), "connected": len(nodes)})
         task_json = cfg.task(r, nonce, current.digest).to_bytes()
@@ -235,7 +237,7 @@ class Coordinator:
                                  message=f"update for round {old_round} arrived after that round closed")
         self.on_event("update", {"round": r, "accepted": False, "reason": "late"})
 
-    def _close(self, r: int, aggregator: RoundAggregator) -> dict:
+    def _close(self, r: int, aggregator: RoundAggregator) -> RoundRow:
         outcome = aggregator.finish()
         for rejection in outcome.rejected:
             self.store.reject_admitted(r, rejection.update_digest, rejection.reason, rejection.message)
@@ -253,8 +255,8 @@ class Coordinator:
         note = ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.metrics.items()))
         row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=note)
         self.global_adapter = GlobalAdapter.from_bytes(data)
-        self.on_event("round_closed", {"round": r, "status": "aggregated", "admitted": row["admitted"],
-                                       "rejected": row["rejected"], "train_loss": row["train_loss"]})
+        self.on_event("round_closed", {"round": r, "status": "aggregated", "admitted": row.admitted,
+                                       "rejected": row.rejected, "train_loss": row.train_loss})
         if self._publish_due(final=False):
             self.publish()
         return row
@@ -262,7 +264,7 @@ class Coordinator:
     # -- releases --------------------------------------------------------------
 
     def _dp_rounds(self) -> int:
-        return sum(row["status"] == "aggregated" for row in self.store.rounds())
+        return sum(row.status == "aggregated" for row in self.store.rounds())
 
     def privacy_metrics(self, extra_rounds: int = 0) -> dict:
         """Epsilon spent so far under central DP (every aggregated round is a DP release)."""
@@ -280,10 +282,10 @@ class Coordinator:
             return True
         return privacy.epsilon(self._dp_rounds() + 1, dp.noise_multiplier, dp.delta) <= dp.max_epsilon
 
-    def _unreleased_rounds(self) -> list[dict]:
+    def _unreleased_rounds(self) -> list[RoundRow]:
         latest = self.store.latest_release()
-        since = latest["round"] if latest else 0
-        return [row for row in self.store.rounds() if row["status"] == "aggregated" and row["round"] > since]
+        since = latest.round if latest else 0
+        return [row for row in self.store.rounds() if row.status == "aggregated" and row.round > since]
 
     def _publish_due(self, final: bool) -> bool:
         pending = self._unreleased_rounds()
@@ -293,23 +295,23 @@ class Coordinator:
         """Publish the latest aggregated adapter as the next signed release."""
         pending = self._unreleased_rounds()
         last = pending[-1]
-        data = self.store.blobs.get(last["adapter_digest"])
+        data = self.store.blobs.get(last.adapter_digest)
         digests, contributors = [], {}
         for row in pending:
-            for update in self.store.round_updates(row["round"]):
-                if update["outcome"] == "admitted":
-                    digests.append(update["update_digest"])
-                    fp = update["fingerprint"]
-                    contributors[fp] = contributors.get(fp, 0) + int(update["examples"] or 0)
+            for update in self.store.round_updates(row.round):
+                if update.outcome == "admitted":
+                    digests.append(update.update_digest)
+                    fp = update.fingerprint
+                    contributors[fp] = contributors.get(fp, 0) + int(update.examples or 0)
         latest = self.store.latest_release()
-        version = (latest["version"] if latest else 0) + 1
-        metrics = {"round": last["round"], "train_loss": last["train_loss"], "admitted": last["admitted"],
-                   "rejected": last["rejected"], "rounds_aggregated": len(pending), **self.privacy_metrics()}
+        version = (latest.version if latest else 0) + 1
+        metrics = {"round": last.round, "train_loss": last.train_loss, "admitted": last.admitted,
+                   "rejected": last.rejected, "rounds_aggregated": len(pending), **self.privacy_metrics()}
         project = self.cfg.project
         publish_release(
-            self.project_dir, self.store, self.key, project, version, last["round"],
+            self.project_dir, self.store, self.key, project, version, last.round,
             decode_adapter(data), peft_adapter_config(self.cfg.lora, project.base_model,
                                                       project.base_model_revision),
             metrics=metrics, update_digests=digests, contributors=contributors,
         )
-        self.on_event("published", {"version": version, "round": last["round"]})
+        self.on_event("published", {"version": version, "round": last.round})

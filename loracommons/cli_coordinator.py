@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.live import Live
 from rich.table import Table
 
 from loracommons.cli_common import fail
+
+if TYPE_CHECKING:
+    from loracommons.coordinator.rows import StoreStatus
 
 console = Console()
 app = typer.Typer(help="Run the coordinator of a community project.", no_args_is_help=True)
@@ -45,20 +49,19 @@ def init(
                   highlight=False)
 
 
-def _status_table(status: dict, ready: dict, events: list[str]) -> Table:
+def _status_table(status: StoreStatus, ready: dict, events: list[str]) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    rounds, updates = status["rounds"], status["updates"]
-    latest = status["latest_release"]
+    rounds, updates, latest = status.rounds, status.updates, status.latest_release
     table.add_row("volunteers", f"fleet {ready.get('fleet', '?')}")
     table.add_row("dashboard", ready.get("http", "?"))
-    current = f"round {rounds['open']} open" if rounds["open"] else "between rounds"
-    table.add_row("rounds", f"{rounds['by_status'].get('aggregated', 0)} aggregated, "
-                  f"{rounds['by_status'].get('skipped', 0)} skipped; {current}")
-    reasons = ", ".join(f"{k}: {v}" for k, v in updates["rejected_by_reason"].items()) or "none"
-    table.add_row("updates", f"{updates['admitted']} admitted, {updates['rejected']} rejected ({reasons})")
-    release = f"v{latest['version']} (round {latest['round']})" if latest else "none yet"
+    current = f"round {rounds.open} open" if rounds.open else "between rounds"
+    table.add_row("rounds", f"{rounds.by_status.get('aggregated', 0)} aggregated, "
+                  f"{rounds.by_status.get('skipped', 0)} skipped; {current}")
+    reasons = ", ".join(f"{k}: {v}" for k, v in updates.rejected_by_reason.items()) or "none"
+    table.add_row("updates", f"{updates.admitted} admitted, {updates.rejected} rejected ({reasons})")
+    release = f"v{latest.version} (round {latest.round})" if latest else "none yet"
     table.add_row("latest release", release)
     for line in events[-6:]:
         table.add_row("", line)
@@ -203,7 +206,7 @@ def status(
     finally:
         store.close()
     if as_json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info.to_json(), indent=2, default=str))
         return
     console.print(_status_table(info, {"fleet": "(see project.toml)", "http": "(see project.toml)"}, []))
 

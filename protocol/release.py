@@ -3,7 +3,7 @@
 A release is a PEFT adapter folder plus a manifest naming every file with its
 size and sha256, the digest of the previous release's manifest, and the digest
 of the admitted updates it aggregates; the coordinator signs it. On disk and
-over HTTP it is `release.json`: {"manifest": <canonical JSON text>, "signature": <base64>}.
+over HTTP it is `release.json` (MANIFEST_FILE): {"manifest": <canonical JSON text>, "signature": <base64>}.
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ from loracommons.protocol.errors import (
 from loracommons.protocol.identity import PublicKey, SigningKey
 
 FORMAT_VERSION = 1
+#: The files of a release folder: PEFT's two (what `PeftModel.from_pretrained` reads), the
+#: model card, and the signed manifest beside them, which is not listed in itself.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
+MANIFEST_FILE = "release.json"
+#: What a release must list for a loader to use it.
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 DOMAIN = b"loracommons/release/v1\x00"
 MAX_RELEASE_BYTES = 256 * 1024
 #: Only data formats a loader reads without executing anything.

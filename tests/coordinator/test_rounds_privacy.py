@@ -11,7 +11,7 @@ from loracommons.coordinator.rounds import Coordinator
 
 class _Store:
     def __init__(self, aggregated: int):
-        self._rows = [{"round": r, "status": "aggregated"} for r in range(1, aggregated + 1)]
+        self._rows = [SimpleNamespace(round=r, status="aggregated") for r in range(1, aggregated + 1)]
 
     def rounds(self):
         return self._rows

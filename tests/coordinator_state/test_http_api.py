@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from loracommons.coordinator.http_api import create_app
 from loracommons.coordinator.store import Store
+from loracommons.protocol.errors import Reason
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.release import SignedRelease, verify_chain
 
@@ -66,11 +68,21 @@ def test_project_info_falls_back_to_project_toml_and_key_file(tmp_path: Path):
     store.close()
 
 
+def test_project_info_without_a_loadable_project_toml(tmp_path: Path):
+    (tmp_path / "project.toml").write_text("[project]\nid = 'x'\nnot_a_key = 1\n")  # refused by the config
+    store = Store(tmp_path)
+    with TestClient(create_app(tmp_path, store)) as client:
+        project = client.get("/api/project").json()
+        assert client.get("/").status_code == 200 and client.get("/metrics").status_code == 200
+    assert (project["id"], project["name"], project["base_model"]) == (tmp_path.name, tmp_path.name, "")
+    store.close()
+
+
 def test_releases_list_and_documents(served):
     client, folder, store = served
     listing = client.get("/api/releases").json()
     assert [(r["version"], r["round"]) for r in listing] == [(1, 1), (2, 2), (3, 3)]
-    assert [r["manifest_digest"] for r in listing] == [r["manifest_digest"] for r in store.releases()]
+    assert [r["manifest_digest"] for r in listing] == [r.manifest_digest for r in store.releases()]
     assert listing[2]["metrics"]["train_loss"] == pytest.approx(2 / 3)
     docs = []
     for version in (1, 2, 3):
@@ -118,6 +130,11 @@ def test_file_download_whole_and_ranges(served):
         resp = client.get(url, headers={"Range": header})
         assert resp.status_code == 416, header
         assert resp.headers["content-range"] == f"bytes */{size}"
+    for header in ("bytes=" + "9" * 4300 + "-", "bytes=0-" + "9" * 5000):  # past int()'s digit limit
+        resp = client.get(url, headers={"Range": header})
+        assert resp.status_code in (206, 416), header[:20]
+    resp = client.get(url, headers={"Range": "bytes=" + "9" * 4300 + "-"})
+    assert (resp.status_code, resp.headers["content-range"]) == (416, f"bytes */{size}")
     for header in ("bytes=0-1,5-6", "items=0-1"):  # ignored: the whole file
         resp = client.get(url, headers={"Range": header})
         assert (resp.status_code, resp.content) == (200, data), header
@@ -159,16 +176,20 @@ def test_metrics_are_prometheus_text(served):
     client, _, _ = served
     resp = client.get("/metrics")
     assert resp.headers["content-type"].startswith("text/plain")
-    lines = resp.text.splitlines()
-    for needle in ('loracommons_rounds{status="aggregated"} 3',
-                   'loracommons_updates_total{outcome="admitted"} 8',
-                   'loracommons_updates_rejected_total{reason="bad_signature"} 3',
-                   "loracommons_latest_release_version 3", "loracommons_last_closed_round 3",
-                   "# TYPE loracommons_updates_total counter"):
-        assert needle in lines, needle
-    samples = [line for line in lines if not line.startswith("#")]
-    assert all(len(line.rsplit(" ", 1)) == 2 for line in samples)
-    assert "loracommons_eval_loss 1.1666666666666667" in lines
+    families = {f.name: f for f in text_string_to_metric_families(resp.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in families.values() for s in family.samples}
+    assert samples[("loracommons_rounds", (("status", "aggregated"),))] == 3
+    assert samples[("loracommons_updates_total", (("outcome", "admitted"),))] == 8
+    assert samples[("loracommons_updates_rejected_total", (("reason", "bad_signature"),))] == 3
+    assert samples[("loracommons_latest_release_version", ())] == 3
+    assert samples[("loracommons_last_closed_round", ())] == 3
+    assert samples[("loracommons_eval_loss", ())] == pytest.approx(3.5 / 3)
+    assert families["loracommons_updates"].type == "counter"
+    assert "# TYPE loracommons_updates_total counter" in resp.text.splitlines()
+    info = families["loracommons_info"].samples
+    assert info[0].labels == {"project": "test-project", "base_model": "tiny/llama", "mode": "ffa",
+                              "membership": "open"}
 
 
 def test_dashboard_draws_charts_offline(served):
@@ -180,6 +201,9 @@ def test_dashboard_draws_charts_offline(served):
     fingerprint = KEY.public.fingerprint
     assert f"loracommons download http://testserver --out adapter --pin {fingerprint}" in page
     assert "v3" in page and "Test community" in page
+    # Rejections by reason, each with its meaning from protocol.errors.Reason.
+    assert "<code>bad_signature</code></td><td>3</td>" in page
+    assert Reason.BAD_SIGNATURE.doc in page
 
 
 def test_openapi_declares_every_endpoint(served):

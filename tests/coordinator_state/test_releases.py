@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import signal
@@ -18,7 +19,6 @@ from loracommons.coordinator import releases as rel
 from loracommons.coordinator.releases import (
     ReleaseError,
     load_chain,
-    peft_adapter_config,
     publish_release,
     reconcile,
     verify_local_chain,
@@ -26,9 +26,10 @@ from loracommons.coordinator.releases import (
 from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import decode_tensors
 from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.lora import peft_adapter_config
 from loracommons.protocol.release import ReleaseManifest, updates_digest, verify_chain
 
-from . import ADAPTER_CONFIG, PROJECT, adapter, publish_n, publish_next, volunteer_fp
+from . import ADAPTER_CONFIG, SECTION, adapter, publish_n, publish_next, volunteer_fp
 
 KEY = SigningKey.generate("coordinator")
 
@@ -51,7 +52,7 @@ def test_three_releases_chain_and_verify(project):
     assert manifests[2].updates_digest == updates_digest([f"{103:064x}", f"{3:064x}"])
     assert manifests[2].metrics["train_loss"] == pytest.approx(2 / 3)
     assert verify_local_chain(folder, KEY.public.fingerprint[:16]) == manifests
-    assert [(r["version"], r["manifest_digest"]) for r in store.releases()] == [
+    assert [(r.version, r.manifest_digest) for r in store.releases()] == [
         (i + 1, s.digest) for i, s in enumerate(signed)]
     v3 = folder / "releases" / "v3"
     assert sorted(p.name for p in v3.iterdir()) == [
@@ -65,7 +66,7 @@ def test_three_releases_chain_and_verify(project):
     assert json.loads((v3 / "adapter_config.json").read_text()) == ADAPTER_CONFIG
     # The adapter of each version is also kept as a content-addressed blob.
     row = store.latest_release()
-    assert store.blobs.get(row["adapter_digest"]) == (v3 / "adapter_model.safetensors").read_bytes()
+    assert store.blobs.get(row.adapter_digest) == (v3 / "adapter_model.safetensors").read_bytes()
 
 
 def test_model_card_says_what_a_user_needs(project):
@@ -80,8 +81,8 @@ def test_model_card_says_what_a_user_needs(project):
 
 def test_model_card_of_the_demo_base_points_at_the_embedded_model(project):
     folder, store = project
-    publish_release(folder, store, KEY, {**PROJECT, "base_model": "loracommons/demo-tiny"}, 1, 1, adapter(1),
-                    ADAPTER_CONFIG)
+    demo = dataclasses.replace(SECTION, base_model="loracommons/demo-tiny")
+    publish_release(folder, store, KEY, demo, 1, 1, adapter(1), ADAPTER_CONFIG)
     card = (folder / "releases" / "v1" / "README.md").read_text()
     assert "AutoModelForCausalLM.from_pretrained(base_model_path())" in card
 
@@ -90,11 +91,11 @@ def test_version_must_follow_and_republishing_is_idempotent(project):
     folder, store = project
     first = publish_next(folder, store, KEY)
     with pytest.raises(ReleaseError, match="next release is v2"):
-        publish_release(folder, store, KEY, PROJECT, 3, 3, adapter(3), ADAPTER_CONFIG)
-    again = publish_release(folder, store, KEY, PROJECT, 1, 1, adapter(9), ADAPTER_CONFIG)
+        publish_release(folder, store, KEY, SECTION, 3, 3, adapter(3), ADAPTER_CONFIG)
+    again = publish_release(folder, store, KEY, SECTION, 1, 1, adapter(9), ADAPTER_CONFIG)
     assert again.digest == first.digest and len(store.releases()) == 1
     with pytest.raises(ReleaseError, match="already exists for round 1"):
-        publish_release(folder, store, KEY, PROJECT, 1, 5, adapter(9), ADAPTER_CONFIG)
+        publish_release(folder, store, KEY, SECTION, 1, 5, adapter(9), ADAPTER_CONFIG)
 
 
 def test_tampered_local_file_fails_verification(project):
@@ -121,10 +122,10 @@ def test_reconcile_adopts_a_release_renamed_but_not_recorded(project, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         publish_next(folder, store, KEY)
     monkeypatch.undo()
-    assert (folder / "releases" / "v3").is_dir() and store.latest_release()["version"] == 2
+    assert (folder / "releases" / "v3").is_dir() and store.latest_release().version == 2
     report = reconcile(folder, store, KEY)
     assert report.adopted == [3] and report.removed == []
-    assert [r["version"] for r in store.releases()] == [1, 2, 3]
+    assert [r.version for r in store.releases()] == [1, 2, 3]
     assert [m.version for m in verify_local_chain(folder, KEY.public)] == [1, 2, 3]
     assert reconcile(folder, store, KEY).adopted == []  # idempotent
     publish_next(folder, store, KEY)
@@ -193,7 +194,7 @@ def test_kill_9_while_publishing_keeps_the_chain(tmp_path: Path, delay: float):
     store = Store(folder)
     reconcile(folder, store, KEY)
     manifests = verify_local_chain(folder, KEY.public)
-    recorded = [r["version"] for r in store.releases()]
+    recorded = [r.version for r in store.releases()]
     assert recorded == [m.version for m in manifests] == list(range(1, len(recorded) + 1))
     assert sorted(p.name for p in (folder / "releases").iterdir()) == sorted(f"v{v}" for v in recorded)
     publish_next(folder, store, KEY)  # and the next release continues the chain
@@ -235,7 +236,7 @@ def test_release_loads_with_plain_peft_and_gives_the_same_logits(project, tmp_pa
                 param.normal_(0, 0.5)
     state = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in state
-    publish_release(folder, store, KEY, PROJECT, 1, 1, state, adapter_config, metrics={"eval_loss": 1.0},
+    publish_release(folder, store, KEY, SECTION, 1, 1, state, adapter_config, metrics={"eval_loss": 1.0},
                     contributors=[volunteer_fp(1)])
 
     loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), folder / "releases" / "v1")
@@ -248,7 +249,7 @@ def test_release_loads_with_plain_peft_and_gives_the_same_logits(project, tmp_pa
     assert torch.allclose(want, got, atol=1e-6)
     assert not torch.allclose(plain, got, atol=1e-3)  # the adapter really is applied
     manifest = ReleaseManifest.from_dict(json.loads(load_chain(folder)[0].manifest))
-    assert manifest.base_model_id == PROJECT["base_model"]
+    assert manifest.base_model_id == SECTION.base_model
 
 
 def test_release_dir_layout():

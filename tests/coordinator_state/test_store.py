@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from loracommons.coordinator.store import BlobCorrupt, BlobStore, Store, StoreError, volunteers
+from loracommons.coordinator.blobs import BlobCorrupt, BlobStore
+from loracommons.coordinator.schema import volunteers
+from loracommons.coordinator.store import Store, StoreError
 from loracommons.protocol.identity import SigningKey
 
 from . import volunteer_fp
@@ -35,7 +37,7 @@ def test_database_is_wal_and_persists(tmp_path: Path):
     mode = sqlite3.connect(tmp_path / "state.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     again = Store(tmp_path)
-    assert again.volunteer(key.fingerprint)["display_name"] == "alice"
+    assert again.volunteer(key.fingerprint).display_name == "alice"
     assert again.registered_fingerprints() == {key.fingerprint}
     again.close()
 
@@ -43,9 +45,9 @@ def test_database_is_wal_and_persists(tmp_path: Path):
 def test_register_updates_name_and_refuses_coordinator_keys(store: Store):
     key = SigningKey.generate().public
     first = store.register_volunteer(key.openssh, "alice")
-    assert first["registered"] and not first["banned"] and first["public_key"] == key.openssh
-    assert store.register_volunteer(key, "alice2")["display_name"] == "alice2"
-    assert store.register_volunteer(key)["display_name"] == "alice2"
+    assert first.registered and not first.banned and first.public_key == key.openssh
+    assert store.register_volunteer(key, "alice2").display_name == "alice2"
+    assert store.register_volunteer(key).display_name == "alice2"
     assert store.registered_public_keys() == [key.openssh]
     with pytest.raises(StoreError, match="ecdsa"):
         store.register_volunteer(SigningKey.generate("coordinator").public)
@@ -89,13 +91,13 @@ def test_round_lifecycle_credits_contributors_once(store: Store):
     store.record_update(1, None, "rejected", reason="malformed")
     assert store.has_admitted(1, volunteer_fp(1)) and not store.has_admitted(1, volunteer_fp(3))
     closed = store.close_round(1, "aggregated", eval_loss=2.2, adapter_digest="a" * 64, note="ok")
-    assert (closed["admitted"], closed["rejected"]) == (2, 2)
-    assert closed["train_loss"] == pytest.approx((300 * 1.0 + 100 * 3.0) / 400)
-    assert closed["eval_loss"] == 2.2 and closed["status"] == "aggregated" and closed["closed"]
+    assert (closed.admitted, closed.rejected) == (2, 2)
+    assert closed.train_loss == pytest.approx((300 * 1.0 + 100 * 3.0) / 400)
+    assert closed.eval_loss == 2.2 and closed.status == "aggregated" and closed.closed
     # Closing again (a resumed coordinator repeating itself) changes nothing.
     assert store.close_round(1, "aggregated") == closed
     board = store.leaderboard()
-    assert [(v["fingerprint"], v["rounds_contributed"], v["examples_contributed"]) for v in board] == [
+    assert [(v.fingerprint, v.rounds_contributed, v.examples_contributed) for v in board] == [
         (volunteer_fp(1), 1, 300), (volunteer_fp(2), 1, 100)]
     with pytest.raises(StoreError, match="already closed as aggregated"):
         store.close_round(1, "skipped")
@@ -104,7 +106,7 @@ def test_round_lifecycle_credits_contributors_once(store: Store):
     with pytest.raises(StoreError, match="already closed"):
         store.open_round(1, "again", base_version=0)
     assert store.last_closed_round() == 1 and store.current_round() is None
-    assert store.last_aggregated_round()["adapter_digest"] == "a" * 64
+    assert store.last_aggregated_round().adapter_digest == "a" * 64
 
 
 def test_rejection_at_aggregation_time_is_recorded_and_not_credited(store: Store):
@@ -115,9 +117,9 @@ def test_rejection_at_aggregation_time_is_recorded_and_not_credited(store: Store
     with pytest.raises(StoreError, match="no admitted update"):
         store.reject_admitted(1, "2" * 64, "krum")
     row = store.close_round(1, "aggregated")
-    assert (row["admitted"], row["rejected"], row["train_loss"]) == (1, 1, 1.0)
-    assert [v["fingerprint"] for v in store.leaderboard()] == [volunteer_fp(1)]
-    assert store.status()["updates"]["rejected_by_reason"] == {"krum": 1}
+    assert (row.admitted, row.rejected, row.train_loss) == (1, 1, 1.0)
+    assert [v.fingerprint for v in store.leaderboard()] == [volunteer_fp(1)]
+    assert store.status().updates.rejected_by_reason == {"krum": 1}
     with pytest.raises(StoreError, match="not open"):
         store.reject_admitted(1, "1" * 64, "krum")
 
@@ -126,7 +128,7 @@ def test_skipped_round_credits_nobody(store: Store):
     store.open_round(1, "n", base_version=0)
     store.record_update(1, volunteer_fp(1), "admitted", examples=5)
     row = store.close_round(1, "skipped", note="1 admitted, need 2")
-    assert row["note"] == "1 admitted, need 2" and row["admitted"] == 1
+    assert row.note == "1 admitted, need 2" and row.admitted == 1
     assert store.leaderboard() == []
 
 
@@ -135,13 +137,13 @@ def test_reopening_an_interrupted_round_drops_its_updates(store: Store):
     store.close_round(1, "aggregated")
     store.open_round(2, "first-try", base_version=1)
     store.record_update(2, volunteer_fp(1), "admitted", examples=7)
-    assert store.current_round()["round"] == 2
+    assert store.current_round().round == 2
     # The coordinator was killed; on restart it runs round 2 again with a new nonce.
     again = store.open_round(2, "second-try", base_version=1, sampled=2)
-    assert again["nonce"] == "second-try" and store.round_updates(2) == []
+    assert again.nonce == "second-try" and store.round_updates(2) == []
     store.record_update(2, volunteer_fp(1), "admitted", examples=7)
     store.close_round(2, "aggregated")
-    assert store.leaderboard()[0]["examples_contributed"] == 7
+    assert store.leaderboard()[0].examples_contributed == 7
     with pytest.raises(StoreError, match="not after the last closed round"):
         store.open_round(0, "x", base_version=0)
 
@@ -170,14 +172,14 @@ def test_write_is_one_transaction(store: Store):
 def test_releases_are_consecutive_and_idempotent(store: Store):
     assert store.next_release_version() == 1 and store.latest_release() is None
     store.add_release(1, 1, "1" * 64, created="t", path="releases/v1")
-    assert store.add_release(1, 1, "1" * 64, created="t", path="releases/v1")["version"] == 1
+    assert store.add_release(1, 1, "1" * 64, created="t", path="releases/v1").version == 1
     with pytest.raises(StoreError, match="another manifest"):
         store.add_release(1, 1, "2" * 64, created="t", path="releases/v1")
     with pytest.raises(StoreError, match="does not follow"):
         store.add_release(3, 3, "3" * 64, created="t", path="releases/v3")
     store.add_release(2, 4, "2" * 64, created="t", path="releases/v2")
-    assert [r["version"] for r in store.releases()] == [1, 2]
-    assert store.latest_release()["round"] == 4 and store.next_release_version() == 3
+    assert [r.version for r in store.releases()] == [1, 2]
+    assert store.latest_release().round == 4 and store.next_release_version() == 3
 
 
 def test_unreleased_aggregate_after_crash_before_publish(store: Store):
@@ -187,7 +189,7 @@ def test_unreleased_aggregate_after_crash_before_publish(store: Store):
     assert store.unreleased_aggregate() is None
     store.open_round(2, "n", base_version=1)
     store.close_round(2, "aggregated", adapter_digest="b" * 64)
-    assert store.unreleased_aggregate()["adapter_digest"] == "b" * 64
+    assert store.unreleased_aggregate().adapter_digest == "b" * 64
 
 
 def test_status_dict(store: Store):
@@ -202,7 +204,9 @@ def test_status_dict(store: Store):
     store.open_round(2, "n2", base_version=1)
     store.record_update(2, volunteer_fp(9), "rejected", reason="wrong_nonce")
     store.ban(volunteer_fp(9))
-    status = store.status()
+    typed = store.status()
+    assert (typed.updates.rejected, typed.rounds.open, typed.latest_release.version) == (3, 2, 1)
+    status = typed.to_json()  # what `coordinator status --json` prints
     assert status["rounds"] == {"total": 2, "last_closed": 1, "open": 2,
                                 "by_status": {"open": 1, "aggregated": 1, "skipped": 0, "failed": 0}}
     assert status["volunteers"] == {"known": 2, "registered": 1, "banned": 1, "contributed": 1}
@@ -211,6 +215,13 @@ def test_status_dict(store: Store):
     assert status["latest_release"]["version"] == 1
     assert [r["round"] for r in status["recent_rounds"]] == [1, 2]
     assert status["recent_rounds"][0]["train_loss"] == 1.5
+    assert set(status["recent_rounds"][0]) == {"round", "status", "started", "closed", "sampled", "admitted",
+                                               "rejected", "train_loss", "eval_loss", "note"}
+    assert [(u["round"], u["outcome"], u["reason"]) for u in status["recent_updates"]] == [
+        (1, "admitted", ""), (1, "rejected", "wrong_nonce"), (1, "rejected", "malformed"),
+        (2, "rejected", "wrong_nonce")]
+    assert set(status["recent_updates"][0]) == {"round", "fingerprint", "outcome", "reason", "message",
+                                                "examples", "update_digest"}
 
 
 def test_blobs_roundtrip_and_detect_corruption(tmp_path: Path):
@@ -233,7 +244,7 @@ def test_blobs_roundtrip_and_detect_corruption(tmp_path: Path):
 
 _WRITER = textwrap.dedent("""
     import os, sys
-    from loracommons.coordinator.store import BlobStore
+    from loracommons.coordinator.blobs import BlobStore
     blobs = BlobStore(sys.argv[1])
     print("ready", flush=True)
     i = 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import uvicorn
 
+from loracommons.coordinator.config import ProjectSection
 from loracommons.coordinator.http_api import create_app
 from loracommons.coordinator.releases import publish_release
 from loracommons.coordinator.store import Store
@@ -24,6 +25,7 @@ from loracommons.protocol.identity import SigningKey
 
 PROJECT = {"id": "dl-project", "name": "Download test", "base_model": "tiny/llama", "mode": "ffa",
            "membership": "open"}
+SECTION = ProjectSection(id=PROJECT["id"], name=PROJECT["name"], base_model=PROJECT["base_model"])
 ADAPTER_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
                   "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny/llama"}
 WEIGHTS = "adapter_model.safetensors"
@@ -41,7 +43,7 @@ def make_project(project_dir: Path, n: int, key: SigningKey | None = None) -> tu
     key = key or SigningKey.generate("coordinator")
     store = Store(project_dir)
     for version in range(1, n + 1):
-        publish_release(project_dir, store, key, PROJECT, version, version, adapter(version), ADAPTER_CONFIG,
+        publish_release(project_dir, store, key, SECTION, version, version, adapter(version), ADAPTER_CONFIG,
                         metrics={"train_loss": 1.0 / version}, update_digests=[f"{version:064x}"],
                         contributors={"ab" * 32: 10})
     return store, key

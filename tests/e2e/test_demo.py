@@ -44,7 +44,7 @@ def coordinator_logits(project: Path, base: Path) -> np.ndarray:
     store = Store(project)
     try:
         latest = store.latest_release()
-        tensors = decode_adapter(store.blobs.get(latest["adapter_digest"]))
+        tensors = decode_adapter(store.blobs.get(latest.adapter_digest))
     finally:
         store.close()
     tok = AutoTokenizer.from_pretrained(base)

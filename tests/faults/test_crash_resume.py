@@ -69,26 +69,26 @@ def at_rest(project: Path) -> dict:
     try:
         recorded = store.releases()
         open_round = store.current_round()
-        open_updates = len(store.round_updates(open_round["round"])) if open_round else None
+        open_updates = len(store.round_updates(open_round.round)) if open_round else None
     finally:
         store.close()
     chain = release_chain(project)  # every v* folder, verified from v1 against the release key
     on_disk = [m.version for m in chain]
-    assert [r["version"] for r in recorded] == list(range(1, len(recorded) + 1))
-    assert set(r["version"] for r in recorded) <= set(on_disk), (recorded, on_disk)
+    assert [r.version for r in recorded] == list(range(1, len(recorded) + 1))
+    assert set(r.version for r in recorded) <= set(on_disk), (recorded, on_disk)
     assert torn_blobs(project) == []
     releases = project / "releases"
     leftovers = sorted(p.name for p in releases.glob(".*")) if releases.exists() else []
-    return {"recorded_versions": [r["version"] for r in recorded], "folders": on_disk,
-            "unrecorded_folders": sorted(set(on_disk) - {r["version"] for r in recorded}),
-            "release_temp_dirs": leftovers, "open_round": open_round["round"] if open_round else None,
+    return {"recorded_versions": [r.version for r in recorded], "folders": on_disk,
+            "unrecorded_folders": sorted(set(on_disk) - {r.version for r in recorded}),
+            "release_temp_dirs": leftovers, "open_round": open_round.round if open_round else None,
             "open_round_updates": open_updates}
 
 
 def aggregated_rounds(project: Path) -> int:
     store = Store(project)
     try:
-        return sum(1 for row in store.rounds() if row["status"] == "aggregated")
+        return sum(1 for row in store.rounds() if row.status == "aggregated")
     finally:
         store.close()
 
@@ -198,7 +198,7 @@ def test_resume_loses_and_duplicates_no_release(crash_run):
         recorded = store.releases()
     finally:
         store.close()
-    assert [(r["version"], r["round"]) for r in recorded] == [(v, v) for v in range(1, total + 1)]
+    assert [(r.version, r.round) for r in recorded] == [(v, v) for v in range(1, total + 1)]
     assert torn_blobs(project) == []
     assert not [p for p in (project / "blobs" / "sha256").iterdir() if p.name.startswith(".tmp-")]
     assert not list((project / "releases").glob(".*"))

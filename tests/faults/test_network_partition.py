@@ -95,11 +95,11 @@ def outcomes(project, key) -> list[tuple[int, str]]:  # noqa: ANN001
     """(round, outcome or reason) of every update signed by `key`, read in-process from the store."""
     store = Store(project)
     try:
-        rows = store.status()["recent_updates"]
+        rows = store.status().recent_updates
     finally:
         store.close()
     fp = fingerprint(key)
-    return [(u["round"], u["reason"] or u["outcome"]) for u in rows if u["fingerprint"] == fp]
+    return [(u.round, u.reason or u.outcome) for u in rows if u.fingerprint == fp]
 
 
 def admitted_rounds(project, key) -> list[int]:  # noqa: ANN001
@@ -145,13 +145,13 @@ def test_volunteer_loses_its_link_for_30_s(tmp_path, tiny_base, honest, netns):
         community.stop_all()
     store = Store(project)
     try:
-        rounds = {r["round"]: r for r in store.rounds()}
+        rounds = {r.round: r for r in store.rounds()}
     finally:
         store.close()
     assert alive
-    assert rounds[cut_round]["status"] == "aggregated" and rounds[cut_round]["admitted"] >= 2
+    assert rounds[cut_round].status == "aggregated" and rounds[cut_round].admitted >= 2
     for r in range(1, back + 1):  # every round up to the comeback aggregated (the steady two at least)
-        assert rounds[r]["status"] == "aggregated", rounds[r]
+        assert rounds[r].status == "aggregated", rounds[r]
     for key in honest.keys:
         assert set(admitted_rounds(project, key)) >= set(range(1, back + 1))
     record_result("faults", "network_partition_30s", {

@@ -51,7 +51,7 @@ def install_hooks() -> None:
 
         rounds.Coordinator.wait_for_nodes = wait_for_nodes
     if publish_delay:
-        write, add_release = releases._write_synced, Store.add_release
+        write, add_release = releases.synced_write, Store.add_release
 
         def slow_write(path, data):  # noqa: ANN001, ANN202
             mark("test_release_write", path.name)
@@ -63,7 +63,7 @@ def install_hooks() -> None:
             time.sleep(publish_delay)  # the folder is renamed into place, not yet recorded
             return add_release(self, *args, **kwargs)
 
-        releases._write_synced = slow_write
+        releases.synced_write = slow_write
         Store.add_release = slow_add_release
     if admit_delay:
         admit = admission.admit

@@ -246,7 +246,7 @@ def test_payload_attacks_are_rejected_or_neutralized(tmp_path_factory, tiny_base
     assert run.reasons("free_rider") == ["free_rider"] * ROUNDS
     store = Store(run.project)
     try:
-        credit = {v["fingerprint"]: v["examples_contributed"] for v in store.leaderboard()}
+        credit = {v.fingerprint: v.examples_contributed for v in store.leaderboard()}
     finally:
         store.close()
     assert credit[run.fingerprints["inflated"]] == cap * ROUNDS  # no leaderboard credit for the claim
