@@ -81,6 +81,11 @@ class Procs:
                 with self.lock:
                     self.lines.append((stamp, name, line.rstrip("\n")))
 
+    def save_timeline(self) -> None:
+        """Every line with its arrival time (CLOCK_MONOTONIC, comparable across processes)."""
+        with self.lock, open(self.logs / "timeline.tsv", "w") as fh:
+            fh.writelines(f"{stamp:.3f}\t{name}\t{line}\n" for stamp, name, line in self.lines)
+
     def record(self) -> list[dict]:
         return [{"name": name, "pid": proc.pid, "exit_code": proc.returncode} for name, proc in self.procs]
 
@@ -234,6 +239,7 @@ def run_loracommons(work: Path, rounds: int, steps: int, timeout: float, log) ->
         total = time.monotonic() - started
     finally:
         procs.stop()
+        procs.save_timeline()
     if coordinator.returncode != 0:
         raise BenchError(f"coordinator exited with {coordinator.returncode}; see {procs.logs}")
     events = []

@@ -1,7 +1,8 @@
 """A volunteer's node: a Flower SuperNode plus our own runner of the installed ClientApp.
 
-`flower-supernode --isolation process` keeps the connection to the coordinator's
-SuperLink (and reconnects by itself) but starts no app process. This module's
+`flower-supernode --isolation process` (started through `client/supernode.py`, which
+paces its polls) keeps the connection to the coordinator's SuperLink (and reconnects
+by itself) but starts no app process. This module's
 `NodeRunner` takes each task from the SuperNode's local Runtime API, checks that
 the run's app bundle is exactly the installed loracommons app
 (`protocol.flower_app.check_fab`), and only then calls the installed ClientApp
@@ -25,10 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracommons.protocol.flower_app import ForeignApp, check_fab, safe_retry_invoker
+from loracommons.protocol.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+"""Longest wait between two asks for a task; right after a task the runner asks every POLL_FLOOR s."""
+POLL_FLOOR = 0.02
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,7 +90,11 @@ class NodeRunner:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: I001
         from flwr.supercore.constant import TaskType
 
+        from loracommons.protocol.flower_timing import quick_object_pulls
+
+        quick_object_pulls("flwr.supernode.runtime.run_clientapp")  # pull_task_input's downloads
         acquirer = None
+        pace = Pacer(POLL_FLOOR, POLL_SECONDS)  # the SuperNode is local: quick asks are cheap
         while not self.stopping.is_set():
             try:
                 acquirer = acquirer or self._client()
@@ -98,8 +106,9 @@ class NodeRunner:
                 continue
             if res.HasField("task") and res.token:
                 self.run_task(res.token)
+                pace.restart()
             else:
-                self.stopping.wait(POLL_SECONDS)
+                self.stopping.wait(pace.interval())
 
     def run_task(self, token: str) -> str:
         """Pull one task, check its app, run the installed ClientApp or refuse; push the reply."""
@@ -165,7 +174,8 @@ class NodeOptions:
 
 def supernode_command(opts: NodeOptions, runtime_port: int, secret_file: Path) -> list[str]:
     node_config = " ".join(f"{key}={toml_string(value)}" for key, value in opts.node_config.items())
-    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", opts.superlink,
+    # Flower's SuperNode with its idle polls paced for quick rounds (client/supernode.py)
+    cmd = [sys.executable, "-m", "loracommons.client.supernode", "--superlink", opts.superlink,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
            "--superexec-auth-secret-file", str(secret_file), "--node-config", node_config]
     if opts.insecure:
