@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 OnEvent = Callable[[str, dict], None]
 POLL_SECONDS = 0.5
-"""Longest wait between two asks for replies; just after the round's tasks go out, POLL_FLOOR s."""
-POLL_FLOOR = 0.02
+"""Longest wait between two asks for replies; just after the round's tasks go out, POLL_FLOOR s
+(not less: each ask costs the SuperLink, which is then busy handing out the tasks)."""
+POLL_FLOOR = 0.05
 
 
 @dataclass
