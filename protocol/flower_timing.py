@@ -17,6 +17,12 @@ at each, and none of it is configurable through a public API:
   `quick_object_pulls` rebinds the puller those modules call to start at 50 ms
   (doubling, so a slow upload is still not hammered).
 
+Load on the SuperLink: only a node that has just handled a message polls quickly, so
+the burst after a round is at most 10 pulls a second from each volunteer sampled in
+it, for about 2 s, whatever the size of the community; a node idle for a minute is
+back at Flower's 3 s. The other side of that: a node that sat out the last rounds
+takes up to 3 s to see a task (rounds that sample a subset pay it).
+
 Both act only on module globals of the process that calls them, and only the
 durations named here. tests/protocol/test_flower_timing.py pins the internals
 relied on (the sleeps and their branches, the pullers and their backoff), so a
