@@ -15,8 +15,13 @@ lines of the round's volunteers; plain Flower trains nothing). Round 1 includes 
 the model (LoRA Commons) or starting the ClientApp processes (Flower) and is reported
 apart; the ratio compares the mean overhead of rounds 2..R.
 
+Each LoRA Commons round is also split into its parts (dispatch, volunteer, reply, close,
+next: bench/overhead_breakdown.py), and every process line is kept with its arrival time
+in the work folder's logs/timeline.tsv.
+
     python bench/overhead_bench.py                    # 4 rounds each, about 2 minutes
     python bench/overhead_bench.py --rounds 1 --out /tmp/overhead.json
+    python bench/overhead_bench.py --no-flower --out /tmp/lc.json   # LoRA Commons alone, ~1 minute
 """
 
 from __future__ import annotations
