@@ -1,7 +1,8 @@
 """A volunteer's node: a Flower SuperNode plus our own runner of the installed ClientApp.
 
-`flower-supernode --isolation process` keeps the connection to the coordinator's
-SuperLink (and reconnects by itself) but starts no app process. This module's
+`flower-supernode --isolation process` (started through `client/supernode.py`, which
+paces its polls) keeps the connection to the coordinator's SuperLink (and reconnects
+by itself) but starts no app process. This module's
 `NodeRunner` takes each task from the SuperNode's local Runtime API, checks that
 the run's app bundle is exactly the installed loracommons app
 (`protocol.flower_app.check_fab`), and only then calls the installed ClientApp
@@ -29,10 +30,14 @@ from loracommons.client.flower_runtime import ClientTask, failure, refusal
 from loracommons.protocol import processes
 from loracommons.protocol.flower_app import ForeignApp
 from loracommons.protocol.flower_runtime import acquire_task, acquirer
+from loracommons.protocol.flower_timing import quick_object_pulls
+from loracommons.protocol.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+"""Longest wait between two asks for a task; right after a task the runner asks every POLL_FLOOR s."""
+POLL_FLOOR = 0.02
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,7 +72,9 @@ class NodeRunner:
 
     def serve(self) -> None:
         """Poll for tasks until `stopping` is set."""
+        quick_object_pulls("flwr.supernode.runtime.run_clientapp")  # pull_task_input's downloads
         client = None
+        pace = Pacer(POLL_FLOOR, POLL_SECONDS)  # the SuperNode is local: quick asks are cheap
         while not self.stopping.is_set():
             try:
                 client = client or acquirer(self.runtime_address, self.secret, self.stopping, max_time=30.0)
@@ -79,8 +86,9 @@ class NodeRunner:
                 continue
             if task is not None:
                 self.run_task(task.token)
+                pace.restart()
             else:
-                self.stopping.wait(POLL_SECONDS)
+                self.stopping.wait(pace.interval())
 
     def run_task(self, token: str) -> str:
         """Pull one task, check its app, run the installed ClientApp or refuse; push the reply."""
@@ -137,7 +145,8 @@ class NodeOptions:
 
 def supernode_command(opts: NodeOptions, runtime_port: int, secret_file: Path) -> list[str]:
     node_config = " ".join(f"{key}={toml_string(value)}" for key, value in opts.node_config.items())
-    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", opts.superlink,
+    # Flower's SuperNode with its idle polls paced for quick rounds (client/supernode.py)
+    cmd = [sys.executable, "-m", "loracommons.client.supernode", "--superlink", opts.superlink,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
            "--superexec-auth-secret-file", str(secret_file), "--node-config", node_config]
     if opts.insecure:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracommons.client.data import load_records, split_heldout, tokenize
+from loracommons.client.data import TokenizedData, load_records, split_heldout, tokenize
 from loracommons.protocol.codec import decode_tensors, encode_tensors
 from loracommons.protocol.envelope import Envelope, sign_update
 from loracommons.protocol.identity import SigningKey
@@ -49,6 +49,7 @@ class Volunteer:
         self.key = SigningKey.load(settings.identity_path)
         self.records = load_records(settings.data_path)  # fails fast on a malformed file
         self.on_status = on_status or (lambda state, details: None)
+        self._tokenized: tuple[tuple, tuple[TokenizedData, TokenizedData | None]] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -66,11 +67,7 @@ class Volunteer:
         base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
                                     device=self.settings.device)
         model = apply_adapter(base, task.lora, dict(global_adapter), task.mode)
-        train_records, heldout_records = split_heldout(
-            self.records, self.settings.heldout_fraction, task.train.seed
-        )
-        data = tokenize(train_records, tokenizer, task.train.seq_len)
-        heldout = tokenize(heldout_records, tokenizer, task.train.seq_len) if heldout_records else None
+        data, heldout = self._tokenize(tokenizer, task)
         settings = task.train
         if self.settings.max_minutes is not None:
             settings = dataclasses.replace(settings, max_minutes=min(settings.max_minutes,
@@ -97,6 +94,19 @@ class Volunteer:
                                 "eval_loss": result.eval_loss, "seconds": time.monotonic() - started,
                                 "bytes": len(payload) + len(envelope.manifest), "digest": envelope.digest})
         return envelope
+
+
+    def _tokenize(self, tokenizer: object, task: RoundTask) -> tuple[TokenizedData, TokenizedData | None]:
+        """Training and held-out tokens; the same every round of a project, so made once."""
+        key = (id(tokenizer), task.base_model_id, task.train.seed, task.train.seq_len)
+        if self._tokenized is None or self._tokenized[0] != key:
+            train_records, heldout_records = split_heldout(
+                self.records, self.settings.heldout_fraction, task.train.seed
+            )
+            data = tokenize(train_records, tokenizer, task.train.seq_len)
+            heldout = tokenize(heldout_records, tokenizer, task.train.seq_len) if heldout_records else None
+            self._tokenized = key, (data, heldout)
+        return self._tokenized[1]
 
 
 def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volunteer:

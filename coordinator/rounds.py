@@ -32,13 +32,18 @@ from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import Envelope, sha256_hex
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.flower_app import read_envelope, task_content
+from loracommons.protocol.flower_timing import quick_object_pulls
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.lora import peft_adapter_config
+from loracommons.protocol.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
 OnEvent = Callable[[str, dict], None]
 POLL_SECONDS = 0.5
+"""Longest wait between two asks for replies; just after the round's tasks go out, POLL_FLOOR s
+(not less: each ask costs the SuperLink, which is then busy handing out the tasks)."""
+POLL_FLOOR = 0.05
 
 
 @dataclass
@@ -102,6 +107,7 @@ class Coordinator:
     # -- the loop --------------------------------------------------------------
 
     def run(self, grid) -> None:  # noqa: ANN001 (flwr Grid)
+        quick_object_pulls("flwr.superlink.grid.http_grid")  # replies are read as soon as they are whole
         r = self.resume()
         total = self.cfg.round.rounds
         while not self.stop.is_set() and (total == 0 or r <= total):
@@ -159,6 +165,7 @@ class Coordinator:
         ]
         waiting = {mid: node for mid, node in zip(grid.push_messages(messages), sampled, strict=True) if mid}
         deadline = time.monotonic() + cfg.round.timeout_s
+        pace = Pacer(POLL_FLOOR, POLL_SECONDS)  # asks our own local SuperLink: quick asks are cheap
         while waiting and time.monotonic() < deadline:
             if self.stop.is_set():
                 return {"round": r, "status": "interrupted"}
@@ -169,7 +176,7 @@ class Coordinator:
                 elif mid in waiting:
                     self._handle(r, waiting.pop(mid), reply, ctx, aggregator, admitted)
             if waiting:
-                self.stop.wait(POLL_SECONDS)
+                self.stop.wait(pace.interval())
         for mid, node in waiting.items():  # stragglers: their replies are refused if they come
             self._late[mid] = (r, node)
             self._notes[node] = {"round": r, "outcome": "missed", "reason": "no reply before the timeout"}

@@ -33,7 +33,8 @@ def no_node_started() -> bool:
 
 def supernode_child(join_pid: int) -> int | None:
     return next((pid for pid, argv in children(join_pid).items()
-                 if any(arg.endswith("flower-supernode") for arg in argv)), None)
+                 if any(arg.endswith("flower-supernode") or arg == "loracommons.client.supernode"
+                        for arg in argv)), None)
 
 
 def connected(home: Path, times: int = 1) -> bool:
