@@ -65,3 +65,17 @@ def failure(message: Message, reason: str) -> Message:
     from flwr.common.constant import ErrorCode
 
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason[:500]), reply_to=message)
+
+
+def run_supernode() -> None:
+    """Flower's `flower-supernode` command line, unchanged but for its paced waits
+    (`protocol.flower_timing`): the node's SuperNode runs through this."""
+    import sys
+
+    from flwr.supernode.cli import flower_supernode
+
+    from loracommons.protocol.flower_timing import pace_supernode
+
+    pace_supernode()
+    sys.argv[0] = "flower-supernode"  # Flower's own usage and error lines
+    flower_supernode()

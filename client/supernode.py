@@ -8,18 +8,7 @@ SuperNode this way. What is paced and why: `loracommons.protocol.flower_timing`.
 
 from __future__ import annotations
 
-import sys
-
-from loracommons.protocol.flower_timing import pace_supernode
-
-
-def main() -> None:
-    pace_supernode()
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv[0] = "flower-supernode"  # Flower's own usage and error lines
-    flower_supernode()
-
+from loracommons.client.flower_runtime import run_supernode
 
 if __name__ == "__main__":
-    main()
+    run_supernode()
