@@ -168,7 +168,7 @@ class _Download:
         want, record, first_use = self._choose_key(project, record)
 
         signed = self._release(self.version)
-        if first_use and want is None:  # the server announced no key: trust the release's signer
+        if want is None:  # first use, and the server announced no key: trust the release's signer
             want = PublicKey.from_openssh(_signer_of(signed)).fingerprint
         if first_use:
             first_use = self._check_address_pins(project_id, want)

@@ -2,8 +2,8 @@
 
 The review's case: an unsigned reply arriving after its round closed, whose manifest carries a
 400-digit `train_loss`, raised OverflowError out of `Coordinator._record_late` and killed
-`Coordinator.run`. Here the reply is a stand-in spec'd like flwr's `Message`; the end-to-end
-case with real processes is in tests/security/test_hostile_volunteers.py (`late_overflow`).
+`Coordinator.run`. The unit cases use a stand-in spec'd like flwr's `Message`; the last test
+runs it end to end with real processes (hostile_node.py mode `late_overflow`).
 """
 
 from __future__ import annotations
@@ -69,3 +69,42 @@ def test_late_reply_is_recorded_late_whatever_it_holds(coordinator, content):
     args, kwargs = coordinator.store.record_update.call_args
     assert args[:3] == (3, None, "rejected") and kwargs["reason"] == Reason.LATE
     assert coordinator.events == [("update", {"round": 3, "accepted": False, "reason": "late"})]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_late_reply_with_a_huge_number_does_not_stop_the_coordinator(tmp_path, tiny_base, honest):
+    """Real processes on 127.0.0.1: two honest `join` nodes and a straggler whose round-1 reply
+    arrives in round 2 with a 400-digit train_loss. The coordinator records it late and runs on."""
+    from tests.e2e.procs import free_port, release_chain, status, wait_for
+    from tests.security.community import Community, fingerprint, make_project, record_result
+
+    timeout_s = 22.0
+    project = make_project(tmp_path, tiny_base, round={"rounds": 2, "volunteers_per_round": 3,
+                                                        "min_volunteers": 2, "timeout_s": timeout_s})
+    community = Community(tmp_path)
+    port, http_port = free_port(), free_port()
+    straggler = honest.key("late-overflow")
+    try:
+        coordinator = community.coordinator(project, port, http_port, wait_nodes=3)
+        address = f"127.0.0.1:{port}"
+        procs = [community.node(None, address, honest.data[i], honest.keys[i], f"honest{i}") for i in (0, 1)]
+        procs.append(community.node("late_overflow", address, honest.extra_data("late", 52), straggler,
+                                    "late-overflow", env={"LC_HOSTILE_SLEEP": str(timeout_s + 3)}))
+        wait_for(lambda: coordinator.poll() is not None, 300, "two rounds to finish", procs=procs[:2])
+        log = community.log("coordinator.log")
+        assert coordinator.returncode == 0, log[-3000:]
+    finally:
+        community.stop_all()
+    assert "OverflowError" not in log
+    info = status(project)
+    rounds = {r["round"]: r["status"] for r in info["recent_rounds"]}
+    assert rounds == {1: "aggregated", 2: "aggregated"}
+    late = [u for u in info["recent_updates"] if u["reason"] == "late"]
+    assert len(late) == 1 and late[0]["fingerprint"] is None  # unsigned: attributed to no key
+    assert [m.round for m in release_chain(project)] == [1, 2]
+    ours = [u["reason"] or u["outcome"] for u in info["recent_updates"]
+            if u["fingerprint"] == fingerprint(straggler)]
+    record_result("faults", "late_reply_400_digit_number", {
+        "tries": 1, "coordinator_survived": True, "recorded_as": "late", "rounds_aggregated": 2,
+        "straggler_round_2": ours})
