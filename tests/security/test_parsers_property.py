@@ -219,3 +219,17 @@ def test_hostile_note_never_raises_past_read_task(note):
         return
     task, _, parsed = read_task(note_content(note))
     assert task == TASK.to_bytes() and isinstance(parsed, dict)
+
+
+def safetensors_with_shape(shape: str) -> bytes:
+    header = b'{"t":{"dtype":"F32","shape":' + shape.encode() + b',"data_offsets":[0,0]}}'
+    return len(header).to_bytes(8, "little") + header
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="protocol/codec._entry bounds no dimension: a zero-size tensor of shape "
+                          "[10**400, 0] passes its size check and numpy's reshape raises ValueError "
+                          "(a coordinator's global adapter is decoded without a spec by the volunteer)")
+def test_zero_size_tensor_with_a_huge_dimension_is_bad_tensor():
+    only_protocol_errors(lambda data: decode_tensors(data, max_bytes=1 << 20),
+                         safetensors_with_shape("[" + "9" * 400 + ", 0]"))
