@@ -179,6 +179,8 @@ def test_the_reviews_late_reply_manifest_is_malformed():
         open_manifest(with_fragment(MANIFEST, ["train_loss"], "1" * 400))
     with pytest.raises(Malformed, match="examples"):
         open_manifest(with_fragment(MANIFEST, ["examples"], "1" * 400))
+    with pytest.raises(Malformed, match="at most 63 bits"):  # SQLite's INTEGER would overflow later
+        open_manifest(with_fragment(MANIFEST, ["examples"], str(2**63)))
 
 
 def test_deep_nesting_is_malformed_before_the_recursive_parser():
