@@ -1,12 +1,16 @@
 """Download a community adapter from a coordinator and verify it before a loader can see it.
 
     from loracommons.client.download import download
-    result = download("http://coordinator:8000", "adapter", pin="3f2a-91bc-0d44-e7a1")
+    result = download("http://coordinator:8000", "adapter", pin="<the coordinator's fingerprint>")
     # PeftModel.from_pretrained(base, "adapter")
 
 Order of checks: the release manifest is verified against the pinned coordinator key
 (given, or trusted on first use and stored in the user data dir), then against the chain
-from the last version this user saw (an older version is refused as a rollback). Each
+from the last version this user saw (an older version is refused as a rollback). Trust on
+first use never overrides an earlier pin: a project id the server announces for the first
+time, at an address pinned to another project and key, is refused (a renamed project or a
+server in the middle), and so is installing over an adapter of another project or key in
+`out_dir`, unless `replace=True` (`--replace`) asks for it. Each
 file is streamed into a staging folder beside `out_dir`, reading at most its declared size,
 and its sha256 checked; an interrupted download resumes there with an HTTP range
 request. Only when every file verifies does the staging folder replace `out_dir`, in
@@ -35,9 +39,11 @@ from loracommons.protocol.canonical import parse_json
 from loracommons.protocol.durable import atomic_write, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, fingerprint_display
+from loracommons.protocol.release import DOMAIN as RELEASE_DOMAIN
 from loracommons.protocol.release import (
     MANIFEST_FILE,
     MAX_RELEASE_BYTES,
+    MIN_PIN_DIGITS,
     REQUIRED_FILES,
     ReleaseManifest,
     SignedRelease,
@@ -73,15 +79,20 @@ class DownloadResult:
 
 
 def normalize_pin(pin: str) -> str:
-    """A fingerprint or its prefix as lowercase hex: dashes, colons and spaces are dropped."""
+    """A fingerprint or its prefix of 128 bits or more as lowercase hex: dashes, colons and spaces dropped."""
     text = re.sub(r"[\s:-]", "", str(pin)).lower()
-    if not re.fullmatch(r"[0-9a-f]{16,64}", text):
-        raise DownloadError(f"--pin {str(pin)[:80]!r} must be a hex fingerprint of at least 16 digits")
+    if not re.fullmatch(rf"[0-9a-f]{{{MIN_PIN_DIGITS},64}}", text):
+        raise DownloadError(f"--pin {str(pin)[:80]!r} must be a hex fingerprint of at least {MIN_PIN_DIGITS} "
+                            "digits (a shorter one can be matched by a made-up key); give the full one")
     return text
 
 
+def trust_dir(state_dir: str | Path | None = None) -> Path:
+    return Path(state_dir or data_dir()) / "trust"
+
+
 def trust_file(project_id: str, state_dir: str | Path | None = None) -> Path:
-    return Path(state_dir or data_dir()) / "trust" / f"{project_id}.json"
+    return trust_dir(state_dir) / f"{project_id}.json"
 
 
 def download(
@@ -96,14 +107,16 @@ def download(
     timeout_s: float = 3600.0,
     read_timeout_s: float = 30.0,
     max_total_bytes: int = 64 << 30,
+    replace: bool = False,
 ) -> DownloadResult:
     """Fetch, verify and install release `version` ("latest" or a number) into `out_dir`.
 
     Raises `DownloadError` for every failure; `out_dir` then holds what it held before.
     `timeout_s` bounds the whole download, `read_timeout_s` each wait for the server.
+    `replace` allows another project or key than the one pinned at `url` or installed in `out_dir`.
     """
     job = _Download(url, Path(out_dir), version, pin, state_dir, bool(progress), notify or log.warning,
-                    timeout_s, read_timeout_s, max_total_bytes)
+                    timeout_s, read_timeout_s, max_total_bytes, replace)
     try:
         return job.run()
     except DownloadError:
@@ -125,8 +138,9 @@ def download(
 class _Download:
     def __init__(self, url: str, out_dir: Path, version: int | str, pin: str | None,
                  state_dir: str | Path | None, progress: bool, notify: Callable[[str], None],
-                 timeout_s: float, read_timeout_s: float, max_total_bytes: int):
+                 timeout_s: float, read_timeout_s: float, max_total_bytes: int, replace: bool = False):
         self.url = _base_url(url)
+        self.replace = replace
         self.out_dir = out_dir.expanduser().absolute()
         self.version = _parse_version(version)
         self.pin = normalize_pin(pin) if pin else None
@@ -155,8 +169,10 @@ class _Download:
         want, record, first_use = self._choose_key(project, record)
 
         signed = self._release(self.version)
-        if first_use and want is None:  # the server announced no key: trust the release's signer
+        if want is None:  # first use, and the server announced no key: trust the release's signer
             want = PublicKey.from_openssh(_signer_of(signed)).fingerprint
+        if first_use:
+            first_use = self._check_address_pins(project_id, want)
         if first_use:
             self.notify(f"trusting coordinator key {fingerprint_display(want)} ({want}) of project "
                         f"{project_id} on first use; pass --pin {want} to check it next time")
@@ -168,6 +184,7 @@ class _Download:
             raise DownloadError(f"asked for release v{self.version}, the server sent v{manifest.version}")
         previous = self._check_chain(signed, manifest, want, record)
         self._check_files(manifest)
+        self._check_installed(manifest)
 
         staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{signed.digest[:16]}"
         staging.mkdir(parents=True, exist_ok=True)
@@ -211,6 +228,36 @@ class _Download:
                     f"{fingerprint_display(announced)}; refusing (pass --pin {announced} if you trust it)")
             return record["fingerprint"], record, False
         return announced, None, True
+
+    def _check_address_pins(self, project_id: str, want: str) -> bool:
+        """On first use of `project_id`: refuse a key other than the one pinned at this address for
+        another project (a renamed project, or another server answering there). Returns whether
+        `want` is still trusted on first use (False: the address's pinned key itself)."""
+        for other in _records_at(self.url, self.state_dir):
+            if other["fingerprint"] == want:
+                return False
+            if not self.replace:
+                raise DownloadError(
+                    f"{self.url} was pinned to project {other.get('project_id')!r} (key "
+                    f"{fingerprint_display(other['fingerprint'])}); it now announces project {project_id!r} "
+                    f"with key {fingerprint_display(want)}: refusing (a renamed project or another server at "
+                    f"that address); if you trust the new key, pass --pin {want}")
+        return True
+
+    def _check_installed(self, manifest: ReleaseManifest) -> None:
+        """Refuse to install over an adapter of another project or coordinator key unless `replace`."""
+        installed = _installed_release(self.out_dir)
+        new = (manifest.project_id, PublicKey.from_openssh(manifest.signer).fingerprint)
+        if installed == new or not (self.out_dir / MANIFEST_FILE).is_file():
+            return
+        what = ("an adapter whose release.json does not verify" if installed is None else
+                f"project {installed[0]!r} signed by key {fingerprint_display(installed[1])}")
+        if self.replace:
+            self.notify(f"replacing {self.out_dir}, which holds {what} (--replace)")
+            return
+        raise DownloadError(f"{self.out_dir} holds {what}; this release is project {new[0]!r} signed by key "
+                            f"{fingerprint_display(new[1])}: refusing to install over it (pass --replace to "
+                            "replace it, or choose another --out)")
 
     def _check_chain(self, signed: SignedRelease, manifest: ReleaseManifest, want: str,
                      record: dict | None) -> int | None:
@@ -465,6 +512,33 @@ def _load_record(path: Path) -> dict | None:
         raise DownloadError(f"trust record {path} is damaged; remove it to trust the coordinator "
                             "again") from None
     return obj
+
+
+def _records_at(url: str, state_dir: str | Path | None) -> list[dict]:
+    """The trust records of every project downloaded before from `url`."""
+    out = []
+    for path in sorted(trust_dir(state_dir).glob("*.json")):
+        try:
+            record = _load_record(path)
+        except DownloadError:  # a damaged record of another project: reported when that one is used
+            continue
+        if record is not None and record.get("url") == url:
+            out.append(record)
+    return out
+
+
+def _installed_release(out_dir: Path) -> tuple[str, str] | None:
+    """(project id, signer fingerprint) of the release installed in `out_dir`; None if none parses."""
+    try:
+        data = (out_dir / MANIFEST_FILE).read_bytes()
+        signed = SignedRelease.from_json(data)
+        manifest = ReleaseManifest.from_dict(parse_json(signed.manifest, max_bytes=MAX_RELEASE_BYTES,
+                                                        what="installed release manifest"))
+        signer = PublicKey.from_openssh(manifest.signer)
+        signer.verify(signed.signature, RELEASE_DOMAIN + bytes.fromhex(signed.digest))
+    except (OSError, ProtocolError):
+        return None
+    return manifest.project_id, signer.fingerprint
 
 
 def _save_record(path: Path, record: dict) -> None:

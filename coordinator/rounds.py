@@ -238,8 +238,8 @@ class Coordinator:
                 manifest, public = open_envelope(Envelope(*read_envelope(reply.content, limit)),
                                                  max_payload_bytes=limit)
                 signer = public.fingerprint
-            except ProtocolError:
-                signer = None
+            except Exception:  # refused as late whatever it holds: no reply may stop the loop
+                log.debug("late reply did not open", exc_info=True)
         self.store.record_update(r, signer, "rejected", reason="late",
                                  message=f"update for round {old_round} arrived after that round closed")
         self.on_event("update", {"round": r, "accepted": False, "reason": "late"})

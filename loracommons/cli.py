@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from loracommons import __version__, cli_download, cli_join  # none imports torch or flwr at import
 from loracommons.cli_common import fail
@@ -90,7 +91,7 @@ def identity_show(
         print(json.dumps(info))
     else:
         for name, value in info.items():
-            console.print(f"{name}: {value}", highlight=False)
+            console.print(escape(f"{name}: {value}"), highlight=False)
 
 
 @app.command("demo")

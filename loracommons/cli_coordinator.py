@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from loracommons.cli_common import fail
 
@@ -40,7 +42,8 @@ def init(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     key = SigningKey.load(directory / RELEASE_KEY)
-    console.print(f"project [bold]{cfg.project.id}[/] created in {directory}", highlight=False)
+    console.print(f"project [bold]{escape(cfg.project.id)}[/] created in {escape(str(directory))}",
+                  highlight=False)
     config_path = directory / "project.toml"
     console.print(f"  config:      {config_path} (edit before the first start)", highlight=False)
     console.print(f"  release key: {directory / RELEASE_KEY} (keep it secret; back it up)", highlight=False)
@@ -60,11 +63,11 @@ def _status_table(status: StoreStatus, ready: dict, events: list[str]) -> Table:
     table.add_row("rounds", f"{rounds.by_status.get('aggregated', 0)} aggregated, "
                   f"{rounds.by_status.get('skipped', 0)} skipped; {current}")
     reasons = ", ".join(f"{k}: {v}" for k, v in updates.rejected_by_reason.items()) or "none"
-    table.add_row("updates", f"{updates.admitted} admitted, {updates.rejected} rejected ({reasons})")
+    table.add_row("updates", Text(f"{updates.admitted} admitted, {updates.rejected} rejected ({reasons})"))
     release = f"v{latest.version} (round {latest.round})" if latest else "none yet"
     table.add_row("latest release", release)
-    for line in events[-6:]:
-        table.add_row("", line)
+    for line in events[-6:]:  # event details carry volunteers' and peers' text: never markup
+        table.add_row("", Text(line))
     return table
 
 
@@ -146,7 +149,7 @@ def start(
         console.print("coordinator stopped before its last round; `loracommons coordinator start "
                       f"{directory}` resumes where it left off", highlight=False)
         return
-    console.print(f"coordinator stopped: {outcome}", highlight=False)
+    console.print(escape(f"coordinator stopped: {outcome}"), highlight=False)
 
 
 @app.command("register")
@@ -168,8 +171,8 @@ def register(
         store.register_volunteer(public, name)
     finally:
         store.close()
-    console.print(f"registered {public.short} ({public.fingerprint})"
-                  + (f" as {name!r}" if name else ""), highlight=False)
+    registered = f"registered {public.short} ({public.fingerprint})" + (f" as {name!r}" if name else "")
+    console.print(escape(registered), highlight=False)
     console.print("restart the coordinator for SuperNode authentication to admit the new key",
                   highlight=False)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from loracommons.cli_common import err_console
@@ -21,7 +22,7 @@ console = Console(soft_wrap=True)  # status lines stay whole in logs and pipes
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """One error line, never wrapped (a long path would otherwise span lines when piped or logged)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -42,7 +43,8 @@ class JoinView:
         os.replace(tmp, self.status_file)
 
     def say(self, line: str) -> None:
-        console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False)
+        # text from the coordinator (notes, reasons) is never Rich markup
+        console.print(f"{time.strftime('%H:%M:%S')} {escape(line)}", highlight=False)
 
     def event(self, state: str, details: dict) -> None:
         with self.lock:
@@ -143,9 +145,10 @@ def join(
                        root_certificates=str(root_certificates.resolve()) if root_certificates else None,
                        auth_key=str(identity.resolve()) if use_auth else None, flwr_home=home)
     view = JoinView(status_file, live=console.is_terminal)
-    console.print(f"volunteer {public.short}{f' ({name})' if name else ''}: {len(records)} examples in "
-                  f"{data} (stay on this machine); coordinator {coordinator}"
-                  + (" [INSECURE: local test only]" if insecure else ""), highlight=False)
+    joined = (f"volunteer {public.short}{f' ({name})' if name else ''}: {len(records)} examples in "
+              f"{data} (stay on this machine); coordinator {coordinator}"
+              + (" [INSECURE: local test only]" if insecure else ""))
+    console.print(escape(joined), highlight=False)
     client_app.set_status_callback(view.event)
     try:
         if view.live is not None:

@@ -1,13 +1,24 @@
 """Canonical JSON: the one byte form that is hashed and signed.
 
 Sorted keys, UTF-8, no whitespace, no NaN. Parsing is strict: a size limit
-before decoding, duplicate keys and non-finite numbers refused.
+before decoding, a nesting limit before the recursive parser sees the text,
+duplicate keys and non-finite numbers (NaN, Infinity, 1e400) refused, and
+every failure a `Malformed` or `TooLarge`.
 """
 
 import json
+import math
+import re
 from typing import Any
 
 from loracommons.protocol.errors import Malformed, TooLarge
+
+#: Deeper than anything the protocol writes (a safetensors header nests 3 levels), far
+#: below the interpreter's recursion limit.
+MAX_DEPTH = 32
+#: A string literal, or an unterminated one up to the end: never backtracks, so linear in the text.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -29,15 +40,38 @@ def _no_constants(name: str) -> Any:
     raise Malformed(f"non-finite number {name} in JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Malformed(f"number {text[:40]} in JSON is out of range")
+    return value
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Refuse nesting deeper than `max_depth` without recursing (brackets inside strings don't count)."""
+    bare = _STRING.sub("", text)
+    if bare.count("[") + bare.count("{") <= max_depth:
+        return
+    depth = 0
+    for bracket in _BRACKETS.findall(bare):
+        depth += 1 if bracket in "[{" else -1
+        if depth > max_depth:
+            raise Malformed(f"JSON nested deeper than {max_depth} levels")
+
+
 def parse_json(data: bytes, *, max_bytes: int, what: str) -> dict[str, Any]:
-    """Parse a JSON object from untrusted bytes."""
+    """Parse a JSON object from untrusted bytes; raises only `Malformed` or `TooLarge`."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise Malformed(f"{what} is {type(data).__name__}, not bytes")
     if len(data) > max_bytes:
         raise TooLarge(f"{what} is {len(data)} bytes, limit {max_bytes}")
     try:
-        text = data.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except Malformed:
-        raise
+        text = bytes(data).decode("utf-8")
+        _check_depth(text, MAX_DEPTH)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                         parse_float=_finite_float)
+    except Malformed as exc:
+        raise Malformed(f"{what}: {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise Malformed(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -43,6 +43,29 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: Integers a manifest may carry: what SQLite and numpy hold (a 400-digit number is refused here,
+#: not by whatever stores or converts it later).
+MAX_INT = 2**63 - 1
+
+
+def _check_type(name: str, kind: object, value: object) -> None:
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INT):
+        raise Malformed(f"manifest field {name!r} must be an integer of at most 63 bits")
+    if kind == "str" and not isinstance(value, str):
+        raise Malformed(f"manifest field {name!r} must be a string")
+    if kind == "float" and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value)
+    ):
+        raise Malformed(f"manifest field {name!r} must be a finite number")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 @dataclass(frozen=True)
 class UpdateManifest:
     """What an update claims about itself. Every field is signed."""
@@ -73,15 +96,7 @@ class UpdateManifest:
         if missing:
             raise MissingField(f"manifest lacks field {missing[0]!r}")
         for name, kind in known.items():
-            value = obj[name]
-            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-                raise Malformed(f"manifest field {name!r} must be an integer")
-            if kind == "str" and not isinstance(value, str):
-                raise Malformed(f"manifest field {name!r} must be a string")
-            if kind == "float" and (
-                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            ):
-                raise Malformed(f"manifest field {name!r} must be a finite number")
+            _check_type(name, kind, obj[name])
         if obj["format_version"] != FORMAT_VERSION:
             raise UnsupportedVersion(f"envelope format {obj['format_version']}, this reads {FORMAT_VERSION}")
         for name in ("round", "examples", "steps", "payload_bytes"):

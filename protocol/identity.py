@@ -1,8 +1,9 @@
 """Keys: volunteer identities (ECDSA P-256) and coordinator release keys (Ed25519).
 
-A volunteer's key is one OpenSSH private key file (mode 0600) with its `.pub`
-beside it. P-256 is what Flower's SuperNode authentication accepts, so the same
-file identifies the volunteer to the SuperLink and signs its updates.
+A volunteer's key is one OpenSSH private key file (mode 0600: refused when group
+or others may read it, as ssh does) with its `.pub` beside it. P-256 is what
+Flower's SuperNode authentication accepts, so the same file identifies the
+volunteer to the SuperLink and signs its updates.
 
 A key's fingerprint is the hex sha256 of its OpenSSH public-key blob; the same
 blob `ssh-keygen -lf key.pub` hashes (it prints base64 where we print hex).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,8 @@ class PublicKey:
                 text = text.decode("ascii")
             except UnicodeDecodeError:
                 raise BadKey("public key is not ASCII OpenSSH text") from None
+        if not isinstance(text, str):
+            raise BadKey(f"public key must be OpenSSH text, got {type(text).__name__}")
         parts = text.strip().split()
         if len(parts) < 2 or parts[0] not in (_ECDSA, _ED25519):
             raise BadKey(f"unsupported public key type {parts[0] if parts else '(empty)'!r}")
@@ -114,17 +118,20 @@ class SigningKey:
         path = Path(path)
         try:
             data = path.read_bytes()
+            mode = stat.S_IMODE(path.stat().st_mode)
         except OSError as exc:
             raise BadKey(f"cannot read key file {path}: {exc.strerror}") from None
         try:
             key = serialization.load_ssh_private_key(data, password=None)
         except _LOAD_ERRORS as exc:
             raise BadKey(f"{path} is not an unencrypted OpenSSH private key: {exc}") from None
-        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
-            return cls(key)
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            return cls(key)
-        raise BadKey(f"{path}: only ECDSA P-256 and Ed25519 keys are supported")
+        if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+                or isinstance(key, ed25519.Ed25519PrivateKey)):
+            raise BadKey(f"{path}: only ECDSA P-256 and Ed25519 keys are supported")
+        if mode & 0o077:  # as ssh does: a key others can read is no longer only its owner's
+            raise BadKey(f"private key {path} is accessible by others (mode {mode:04o}); "
+                         f"run `chmod 600 {path}` (and replace the key if others may have read it)")
+        return cls(key)
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the private key (mode 0600) and `<path>.pub`; refuse to overwrite."""

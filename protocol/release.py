@@ -42,6 +42,9 @@ MAX_RELEASE_BYTES = 256 * 1024
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".md")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: A pin is a fingerprint prefix of at least 128 bits: 64 bits can be matched by a key
+#: made for it (a collision search of ~2^32 keys per pin is within reach).
+MIN_PIN_DIGITS = 32
 
 
 def check_file_name(name: str) -> None:
@@ -55,6 +58,11 @@ def check_file_name(name: str) -> None:
 def updates_digest(update_digests: Iterable[str]) -> str:
     """Digest of the admitted updates, independent of arrival order."""
     return sha256_hex(canonical_json(sorted(update_digests)))
+
+
+def _count(value: object) -> bool:
+    """A non-negative integer that fits in 63 bits (what SQLite and file sizes hold)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,8 @@ class ReleaseManifest:
             raise UnsupportedVersion(f"release format {version!r}")
         for name in ("version", "round"):
             value = obj[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise Malformed(f"release field {name!r} must be a non-negative integer")
+            if not _count(value):
+                raise Malformed(f"release field {name!r} must be a non-negative integer of at most 63 bits")
         for name in ("project_id", "base_model_id", "base_model_revision", "previous", "created", "signer"):
             if not isinstance(obj[name], str):
                 raise Malformed(f"release field {name!r} must be a string")
@@ -101,9 +109,7 @@ class ReleaseManifest:
             if (
                 not isinstance(info, dict)
                 or set(info) != {"size", "sha256"}
-                or not isinstance(info["size"], int)
-                or isinstance(info["size"], bool)
-                or info["size"] < 0
+                or not _count(info["size"])
                 or not isinstance(info["sha256"], str)
                 or not _HEX64.match(info["sha256"])
             ):
@@ -157,13 +163,15 @@ def _pinned_fingerprint(pinned: PublicKey | str) -> str:
 
 
 def verify_release(signed: SignedRelease, pinned: PublicKey | str) -> ReleaseManifest:
-    """Check the signature against the pinned key (or a fingerprint, or its prefix)."""
+    """Check the signature against the pinned key (or its fingerprint, or a prefix of 32+ hex digits)."""
     manifest = ReleaseManifest.from_dict(
         parse_json(signed.manifest, max_bytes=MAX_RELEASE_BYTES, what="release manifest")
     )
     signer = PublicKey.from_openssh(manifest.signer)
     want = _pinned_fingerprint(pinned)
-    if len(want) < 16 or not signer.fingerprint.startswith(want):
+    if len(want) < MIN_PIN_DIGITS:
+        raise UntrustedKey(f"pin {want[:16]!r} has {len(want)} hex digits, a pin needs {MIN_PIN_DIGITS}+")
+    if not signer.fingerprint.startswith(want):
         raise UntrustedKey(f"release is signed by {signer.short}, not by the pinned key {want[:16]}")
     signer.verify(signed.signature, DOMAIN + bytes.fromhex(signed.digest))
     return manifest

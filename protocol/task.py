@@ -62,7 +62,7 @@ class LoraSettings:
         obj = _check_fields(cls, obj, "lora settings")
         try:
             return cls(**obj)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a 400-digit alpha
             raise Malformed(f"lora settings: {exc}") from None
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from loracommons.client.node import free_port
@@ -174,16 +175,17 @@ class Community:
         head.add_row("updates", f"{admitted} admitted, {rejected} rejected")
         latest = releases[-1] if releases else None
         release = f"v{latest['version']} (round {latest['round']})" if latest else "none"
-        head.add_row("latest release", release)
+        head.add_row("latest release", escape(release))  # API and status-file text: never markup
         table = Table(box=None, header_style="bold")
         for col in ("volunteer", "skills", "state", "round", "step", "loss", "sent"):
             table.add_column(col)
         for i, volunteer in enumerate(plan["volunteers"]):
             state = _read_json(self.out / "logs" / f"volunteer-{i}.json") or {}
             loss = state.get("loss", state.get("train_loss"))
-            table.add_row(volunteer["name"], ", ".join(volunteer["skills"]), state.get("state", "starting"),
-                          str(state.get("round", "-")),
-                          f"{state.get('step', '-')}/{state.get('max_steps', '-')}",
+            table.add_row(volunteer["name"], ", ".join(volunteer["skills"]),
+                          escape(str(state.get("state", "starting"))),
+                          escape(str(state.get("round", "-"))),
+                          escape(f"{state.get('step', '-')}/{state.get('max_steps', '-')}"),
                           f"{loss:.3f}" if isinstance(loss, float) else "-", str(state.get("rounds_sent", 0)))
         return Group(head, table)
 
@@ -260,7 +262,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: 
         community.wait_rounds(coordinator, plan)
         federated_s = time.monotonic() - started
         downloaded = community.download(fingerprint)
-        console.print(f"downloaded and verified the community adapter: {downloaded['output']}",
+        console.print(escape(f"downloaded and verified the community adapter: {downloaded['output']}"),
                       highlight=False)
         if not keep_running:
             community.stop_all()

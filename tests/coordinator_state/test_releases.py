@@ -51,7 +51,7 @@ def test_three_releases_chain_and_verify(project):
     assert manifests[1].previous == signed[0].digest and manifests[2].previous == signed[1].digest
     assert manifests[2].updates_digest == updates_digest([f"{103:064x}", f"{3:064x}"])
     assert manifests[2].metrics["train_loss"] == pytest.approx(2 / 3)
-    assert verify_local_chain(folder, KEY.public.fingerprint[:16]) == manifests
+    assert verify_local_chain(folder, KEY.public.fingerprint[:32]) == manifests
     assert [(r.version, r.manifest_digest) for r in store.releases()] == [
         (i + 1, s.digest) for i, s in enumerate(signed)]
     v3 = folder / "releases" / "v3"

@@ -80,7 +80,7 @@ def test_download_latest_trusts_on_first_use(server, place):
 def test_chain_is_verified_from_the_last_version_seen(server, place):
     url, folder, key, hostile = server
     out, state = place
-    first = download(url, out, version=1, pin=key.public.short, state_dir=state)
+    first = download(url, out, version=1, pin=key.public.fingerprint[:32], state_dir=state)
     assert first.version == 1 and not first.trusted_on_first_use
     assert (out / WEIGHTS).read_bytes() == weights(folder, 1)
     hostile.requests.clear()
@@ -276,8 +276,9 @@ def test_refuses_to_replace_a_folder_it_did_not_write(server, place):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"pin": "abc"}, "at least 16 digits"),
-    ({"pin": "zz" * 10}, "hex fingerprint"),
+    ({"pin": "abc"}, "at least 32 digits"),
+    ({"pin": "zz" * 16}, "hex fingerprint"),
+    ({"pin": "3f2a-91bc-0d44-e7a1"}, "at least 32 digits"),  # 64 bits: within reach of a collision search
     ({"version": "newest"}, "'latest' or a release number"),
     ({"version": 0}, "'latest' or a release number"),
     ({"version": 9}, "no release v9 on this server"),
@@ -302,8 +303,10 @@ def test_unreachable_server_is_one_line(place):
 
 def test_normalize_pin():
     fp = "3f2a91bc0d44e7a1" + "0" * 48
-    assert normalize_pin("3F2A-91BC-0D44-E7A1") == fp[:16]
+    assert normalize_pin("3F2A-91BC-0D44-E7A1-0000-0000-0000-0000") == fp[:32]
     assert normalize_pin(fp) == fp
+    with pytest.raises(DownloadError, match="at least 32 digits"):
+        normalize_pin(fp[:31])
 
 
 _NO_TORCH = textwrap.dedent("""

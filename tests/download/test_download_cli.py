@@ -39,7 +39,7 @@ def run(*args: str, no_torch: bool = False) -> subprocess.CompletedProcess:
 def test_download_command_installs_and_summarizes(live, tmp_path: Path):
     url, folder, key = live
     out = tmp_path / "adapter"
-    proc = run("download", url, "--out", str(out), "--pin", key.public.short, no_torch=True)
+    proc = run("download", url, "--out", str(out), "--pin", key.public.fingerprint[:32], no_torch=True)
     assert proc.returncode == 0, proc.stderr
     assert f"release v2 (round 2) of project dl-project installed in {out}" in proc.stdout
     assert f"signed by coordinator key {key.public.fingerprint}" in proc.stdout
@@ -61,7 +61,8 @@ def test_first_use_is_announced_then_remembered(live, tmp_path: Path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--pin", "00" * 32], "not by the pinned key"),
-    (["--pin", "xyz"], "at least 16 digits"),
+    (["--pin", "xyz"], "at least 32 digits"),
+    (["--pin", "3f2a-91bc-0d44-e7a1"], "at least 32 digits"),
     (["--version", "7"], "no release v7"),
 ])
 def test_errors_are_one_line_with_exit_code_1(live, tmp_path: Path, args, message):
@@ -72,3 +73,9 @@ def test_errors_are_one_line_with_exit_code_1(live, tmp_path: Path, args, messag
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_help_documents_replace_and_the_pin_length():
+    proc = run("download", "--help", no_torch=True)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "--replace" in text and "at least 32" in text

@@ -245,3 +245,15 @@ def test_keys_made_by_ssh_keygen(tmp_path, args, accepted):
 def test_missing_key_file_refused(tmp_path):
     with pytest.raises(BadKey, match="cannot read"):
         SigningKey.load(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o700], ids=oct)
+def test_private_key_others_may_read_is_refused(tmp_path, mode):
+    """As ssh does (issue 15, item 13): a release or volunteer key readable by others is not loaded."""
+    path = SigningKey.generate("coordinator").save(tmp_path / "release_key")
+    os.chmod(path, mode)
+    if mode & 0o077:
+        with pytest.raises(BadKey, match=rf"accessible by others \(mode {mode:04o}\).*chmod 600"):
+            SigningKey.load(path)
+        os.chmod(path, 0o600)
+    assert SigningKey.load(path).public == PublicKey.load(f"{path}.pub")

@@ -99,8 +99,8 @@ def test_valid_chain_of_four_verifies():
 
 @pytest.mark.parametrize(
     "pinned",
-    [PINNED, PINNED.fingerprint, PINNED.fingerprint.upper(), PINNED.short, PINNED.fingerprint[:16]],
-    ids=["key", "fingerprint", "upper", "short-display", "prefix-16"],
+    [PINNED, PINNED.fingerprint, PINNED.fingerprint.upper(), PINNED.fingerprint[:32]],
+    ids=["key", "fingerprint", "upper", "prefix-32"],
 )
 def test_pinned_key_forms(pinned):
     assert len(verify_chain(CHAIN, pinned)) == 4
@@ -108,8 +108,10 @@ def test_pinned_key_forms(pinned):
 
 @pytest.mark.parametrize(
     "pinned",
-    ["", PINNED.fingerprint[:15], "0" * 64, OTHER.public],
-    ids=["empty", "prefix-15", "zeros", "other"],
+    # 64 bits (the 16-digit display form) is within reach of a collision search: at least 128 bits
+    ["", PINNED.fingerprint[:15], PINNED.short, PINNED.fingerprint[:16], PINNED.fingerprint[:31], "0" * 64,
+     OTHER.public],
+    ids=["empty", "prefix-15", "short-display", "prefix-16", "prefix-31", "zeros", "other"],
 )
 def test_unpinned_or_short_pin_refused(pinned):
     with pytest.raises(UntrustedKey):

@@ -28,6 +28,8 @@ Modes (MODES below) and what each changes:
     sybil             trains nothing: one crafted update (global + 50 x a fixed unit direction),
                       byte-identical on every node that runs this mode
     slow              sleeps LC_HOSTILE_SLEEP seconds before its first round (a straggler)
+    late_overflow     a straggler like `slow` whose late round-1 reply's manifest carries a 400-digit
+                      train_loss, unsigned (issue 15, item 1: it once stopped the coordinator)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import time
 import numpy as np
 
 from loracommons.client import volunteer as volunteer_module
+from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.codec import decode_tensors, encode_tensors
 from loracommons.protocol.envelope import Envelope, sign_update
 from loracommons.protocol.identity import SigningKey
@@ -112,7 +115,7 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
                                       for n, d in direction.items()})
     if mode == "replay" and "first" in _state:
         return _state["first"]
-    if mode == "slow" and _state["rounds"] == 1:
+    if mode in ("slow", "late_overflow") and _state["rounds"] == 1:
         print(f"hostile: round {task.round}: holding the task, sleeping {os.environ['LC_HOSTILE_SLEEP']} s",
               flush=True)  # a test can aim a kill at this point
         time.sleep(float(os.environ["LC_HOSTILE_SLEEP"]))
@@ -121,6 +124,11 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
     _state["nonce"] = task.nonce
     if mode in ("slow", "honest"):
         return envelope
+    if mode == "late_overflow":
+        if _state["rounds"] > 1:
+            return envelope
+        manifest = canonical_json({**json.loads(envelope.manifest), "train_loss": "@@"})
+        return Envelope(manifest.replace(b'"@@"', b"1" * 400), envelope.payload, b"\0" * 64)
     if mode == "replay":
         _state["first"] = envelope
         return envelope
@@ -162,7 +170,8 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
 
 
 MODES = ("honest", "forged_signature", "unregistered_key", "twin", "replay", "wrong_project", "stale_nonce",
-         "nonfinite", "bad_tensor", "oversize", "pickle", "scaled", "inflated", "free_rider", "sybil", "slow")
+         "nonfinite", "bad_tensor", "oversize", "pickle", "scaled", "inflated", "free_rider", "sybil", "slow",
+         "late_overflow")
 
 
 def main(argv: list[str]) -> None:

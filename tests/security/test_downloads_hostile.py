@@ -171,3 +171,35 @@ def test_signed_manifest_naming_an_unsafe_file_is_refused(server, tmp_path, name
     assert not list(tmp_path.rglob("*escape*")) and not Path("/tmp/escape.json").exists()
     record_result("download_file_names", repr(name), {"tries": 1, "refused": True,
                                                        "error": str(info.value)[:160]})
+
+
+def test_renamed_project_at_the_pinned_address_is_refused_and_changes_nothing(server, tmp_path):
+    """Issue 15, item 2: the server at the pinned address announces another project id with its own
+    key and serves releases it signed; the user updates without --pin, as a pinned user does."""
+    from tests.download.test_trust import other_project
+
+    url, folder, key, hostile = server
+    hostile.overrides.clear()
+    sandbox = tmp_path / "sandbox"
+    out = sandbox / "adapters" / "community"
+    out.parent.mkdir(parents=True)
+    download(url, out, version=2, pin=key.public.fingerprint)
+    state = Path(os.environ["XDG_DATA_HOME"])
+    before, trust_before = snapshot(sandbox), snapshot(state)
+    real = hostile.real
+    attacker = SigningKey.generate("coordinator")
+    hostile.real, store = other_project(tmp_path / "mirror", "community-renamed", attacker)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "loracommons", "download", url, "--out", str(out)],
+                              capture_output=True, text=True, timeout=120, env=os.environ)
+    finally:
+        hostile.real = real
+        store.close()
+    seconds = time.monotonic() - started
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(lines) == 1 and "was pinned to project" in lines[0], proc.stderr
+    assert snapshot(sandbox) == before and snapshot(state) == trust_before
+    record_result("downloads", "renamed_project_new_key", {
+        "tries": 1, "refused": True, "exit_code": proc.returncode, "installed_adapter_unchanged": True,
+        "written_outside_out": 0, "error": lines[0][:160], "seconds": round(seconds, 2)})
