@@ -59,8 +59,9 @@ def test_join_status_lines_print_the_coordinators_note_as_is():
 
 def test_coordinator_live_view_prints_event_lines_as_is():
     from loracommons.cli_coordinator import _status_table
+    from loracommons.coordinator.rows import RoundCounts, StoreStatus, UpdateCounts, VolunteerCounts
 
-    status = {"rounds": {"open": None, "by_status": {}}, "latest_release": None,
-              "updates": {"admitted": 0, "rejected": 1, "rejected_by_reason": {HOSTILE: 1}}}
+    status = StoreStatus(RoundCounts(0, 0, None, {}), VolunteerCounts(0, 0, 0, 0),
+                         UpdateCounts(0, 1, {HOSTILE: 1}), None, (), ())
     text = rendered(_status_table(status, {"fleet": "x", "http": "y"}, [f"12:00:00 update reason={HOSTILE}"]))
     assert text.count(HOSTILE) == 2

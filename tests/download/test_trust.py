@@ -10,6 +10,7 @@ adapter of another project or key in `--out` is replaced only with `--replace`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from loracommons.coordinator.releases import publish_release
 from loracommons.coordinator.store import Store
 from loracommons.protocol.identity import SigningKey
 
-from . import ADAPTER_CONFIG, PROJECT, WEIGHTS, adapter, served_project
+from . import ADAPTER_CONFIG, PROJECT, SECTION, WEIGHTS, adapter, served_project
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -32,9 +33,10 @@ def snapshot(root: Path) -> dict[str, str]:
 def other_project(folder: Path, project_id: str, key: SigningKey):  # noqa: ANN201
     """The API of a project `project_id` with two releases signed by `key` (what the attacker serves)."""
     info = {**PROJECT, "id": project_id, "public_key": key.public.openssh}
+    section = dataclasses.replace(SECTION, id=project_id)
     store = Store(folder)
     for version in (1, 2):
-        publish_release(folder, store, key, info, version, version, adapter(100 + version), ADAPTER_CONFIG,
+        publish_release(folder, store, key, section, version, version, adapter(100 + version), ADAPTER_CONFIG,
                         metrics={}, update_digests=[f"{version:064x}"], contributors={"cd" * 32: 1})
     return create_app(folder, store, info=info), store
 
