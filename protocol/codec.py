@@ -27,6 +27,7 @@ _RAW_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bfloat16 as its bits
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_NAME_CHARS = 512
+MAX_DIM = 1 << 31  # per dimension: a zero-size tensor may not hide a huge one (numpy refuses it)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _entry(name: object, meta: object, data_len: int) -> tuple[str, tuple[int, .
     if (
         not isinstance(shape, list)
         or len(shape) > 8
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
     ):
         raise BadTensor(f"tensor {name!r}: bad shape {shape!r}")
     if (

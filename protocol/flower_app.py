@@ -17,6 +17,7 @@ import sys
 import zipfile
 
 from loracommons.protocol import wire
+from loracommons.protocol.canonical import parse_json
 from loracommons.protocol.errors import ProtocolError
 
 if sys.version_info >= (3, 11):
@@ -27,6 +28,7 @@ else:  # pragma: no cover
 APP_PUBLISHER = "loracommons"
 APP_NAME = "loracommons-app"
 MAX_FAB_BYTES = 1 << 20
+MAX_NOTE_BYTES = 4096  # the outcome of a volunteer's previous update; longer ones are dropped
 FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 SERVER_APP = "loracommons.coordinator.server_app:app"
 CLIENT_APP = "loracommons.client.client_app:app"
@@ -151,7 +153,6 @@ def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
     The note is advisory (the outcome of the previous round): one that does not
     parse as a small JSON object is dropped, not an error.
     """
-    import json
 
     try:
         task, adapter = _config_bytes(content, "task"), _raw_bytes(content, "lc-adapter", "adapter")
@@ -160,9 +161,9 @@ def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
         raise
     except Exception as exc:  # the coordinator's records can be shaped any way at all
         raise ProtocolError(f"message is not a round task: {exc}") from None
-    try:
-        note = json.loads(note_raw) if len(note_raw) < 4096 else {}
-    except ValueError:
+    try:  # strict and bounded (size, nesting): a hostile note is dropped, never raised
+        note = parse_json(note_raw, max_bytes=MAX_NOTE_BYTES, what="task note")
+    except ProtocolError:
         note = {}
     return task, adapter, note if isinstance(note, dict) else {}
 
