@@ -30,10 +30,10 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
@@ -44,9 +44,9 @@ from loracommons.coordinator.robust import (
     clip_scale,
     module_pairs,
     multi_krum,
-    sent_names,
     trimmed_mean_deltas,
 )
+from loracommons.protocol import modes
 
 if TYPE_CHECKING:
     from loracommons.coordinator.admission import Verdict
@@ -62,14 +62,20 @@ class AggregationError(RuntimeError):
 class Aggregator(ABC):
     """Streaming aggregator: `add` folds one update; `result` returns the full new global adapter."""
 
-    mode: str
+    mode: ClassVar[str]
+    """The registered mode it folds (set by `register_aggregator`)."""
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
         self.global_tensors = dict(global_tensors)
         self.pairs = module_pairs(self.global_tensors)
-        self.names = sent_names(self.global_tensors, self.mode)
+        self.names = modes.get(self.mode).sent_names(self.global_tensors)
         self.count = 0
         self.total_weight = 0.0
+
+    @classmethod
+    def build(cls, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> Aggregator:
+        """The aggregator for one round; options a mode does not use are ignored."""
+        return cls(global_tensors)
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float = 1.0) -> None:
         """Fold one update; `scale` shrinks its delta toward the global (clipping)."""
@@ -92,6 +98,29 @@ class Aggregator(ABC):
 
     @abstractmethod
     def _result(self) -> dict[str, np.ndarray]: ...
+
+
+_AGGREGATORS: dict[str, type[Aggregator]] = {}
+_A = TypeVar("_A", bound=type[Aggregator])
+
+
+def register_aggregator(mode: str) -> Callable[[_A], _A]:
+    """Class decorator: the `Aggregator` that folds updates of the registered mode `mode`."""
+
+    def register(cls: _A) -> _A:
+        modes.get(mode)  # a mode the registry knows, or KeyError now rather than at the first round
+        if _AGGREGATORS.get(mode, cls) is not cls:
+            raise ValueError(f"mode {mode!r} already has an aggregator: {_AGGREGATORS[mode].__name__}")
+        cls.mode = mode
+        _AGGREGATORS[mode] = cls
+        return cls
+
+    return register
+
+
+def unregister_aggregator(mode: str) -> None:
+    """Remove a mode's aggregator (tests that add a toy mode clean up with this)."""
+    _AGGREGATORS.pop(mode, None)
 
 
 class MeanAggregator(Aggregator):
@@ -131,12 +160,14 @@ class MeanAggregator(Aggregator):
         return out
 
 
+@register_aggregator("ffa")
 class FfaAggregator(MeanAggregator):
-    mode = "ffa"
+    pass
 
 
+@register_aggregator("fedavg")
 class FedAvgAggregator(MeanAggregator):
-    mode = "fedavg"
+    pass
 
 
 class _LowRank:
@@ -205,6 +236,7 @@ def _direct_core(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return qp, rp @ rq.T, qq
 
 
+@register_aggregator("exact")
 class ExactAggregator(Aggregator):
     """Rank-r SVD of the weighted mean of B_i A_i, folded from factors (see the module doc).
 
@@ -213,8 +245,6 @@ class ExactAggregator(Aggregator):
     columns are orthogonalized against U (and the new rows against V), and only a
     (j + b) x (j + b) core is decomposed: no d x k matrix, no QR wider than the pending block.
     """
-
-    mode = "exact"
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> None:
         super().__init__(global_tensors)
@@ -231,6 +261,10 @@ class ExactAggregator(Aggregator):
         self.compressions = 0
         self._stats: dict[str, float] = {}
         self._out: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def build(cls, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> Aggregator:
+        return cls(global_tensors, sketch_rank)
 
     def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
         if self._out is not None:
@@ -292,13 +326,12 @@ class ExactAggregator(Aggregator):
 def make_aggregator(
     mode: str, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None
 ) -> Aggregator:
-    if mode == "ffa":
-        return FfaAggregator(global_tensors)
-    if mode == "fedavg":
-        return FedAvgAggregator(global_tensors)
-    if mode == "exact":
-        return ExactAggregator(global_tensors, sketch_rank)
-    raise ConfigError(f"[aggregation] mode = {mode!r}: expected one of ffa, exact, fedavg")
+    """The registered aggregator of `mode`; ConfigError for a mode without one."""
+    cls = _AGGREGATORS.get(mode)
+    if cls is None:
+        known = ", ".join(_AGGREGATORS)
+        raise ConfigError(f"[aggregation] mode = {mode!r}: no aggregator registered (known: {known})")
+    return cls.build(global_tensors, sketch_rank)
 
 
 @dataclass(frozen=True)

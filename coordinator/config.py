@@ -21,9 +21,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from loracommons.protocol import modes
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.task import MODES, LoraSettings, RoundTask, TrainSettings
+from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +44,10 @@ class ConfigError(ValueError):
 
 
 def _key(default: Any, doc: str, unit: str = "", **checks: Any) -> Any:
-    """A config field: default, one-line doc, unit, and checks (choices, ge, gt, le, lt, nonempty)."""
+    """A config field: default, one-line doc, unit, and checks (choices, ge, gt, le, lt, nonempty).
+
+    `choices` may be a function returning them, asked at each validation (the mode registry).
+    """
     return field(default=default, metadata={"doc": doc, "unit": unit, **checks})
 
 
@@ -85,7 +89,7 @@ class AggregationSection:
     mode: str = _key(
         "ffa",
         "ffa: mean of B, A frozen; exact: rank-r SVD of mean B_i A_i; fedavg: separate means",
-        choices=MODES,
+        choices=modes.names,
     )
     max_examples_weight: int = _key(10_000, "cap on the examples an update's weight counts", "examples", ge=1)
     clip: str = _key(
@@ -193,6 +197,8 @@ def key_info(section_cls: type) -> dict[str, dict]:
     out = {}
     for f in fields(section_cls):
         meta = dict(_EXTERNAL[section_cls][f.name] if section_cls in _EXTERNAL else f.metadata)
+        if callable(meta.get("choices")):
+            meta["choices"] = tuple(meta["choices"]())
         meta["default"] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         out[f.name] = meta
     return out
