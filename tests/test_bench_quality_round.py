@@ -62,8 +62,9 @@ def test_federate_drives_the_products_round(method, tmp_path, monkeypatch):
 
     settings = quality_bench.Settings(rounds=2, steps=1, em_every=0)
     participants = [{"name": f"v{i}", "data": ""} for i in range(3)]
+    quiet = lambda line: None  # noqa: E731
     out = quality_bench.federate(
-        quality_bench.BY_NAME[method], participants, 1, settings, evaluate, tmp_path, method, lambda line: None
+        quality_bench.BY_NAME[method], participants, 1, settings, evaluate, tmp_path, method, quiet
     )
     assert offered == ["accepted"] * 6
     assert len(out["rounds"]) == 2 and out["payload_dtype"] in ("float32", "bfloat16")
