@@ -21,8 +21,8 @@ Memory per module: (d + k) x 2K numbers, whatever N.
 Clipping enters every mode as a scale s_i in [0, 1] on the update's delta:
 contribution = global + s_i (update - global); in `exact`, B_g A_g + s_i (B_i A_i - B_g A_g).
 
-`RoundAggregator` runs one round's rules on top (see its doc): streaming when no rule
-needs the round's median, buffering the round's updates otherwise.
+`RoundAggregator` runs one round's rules (coordinator.rules) on top (see its doc): streaming
+when no rule needs the round's median, buffering the round's updates otherwise.
 """
 
 from __future__ import annotations
@@ -37,15 +37,10 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
-from loracommons.coordinator import privacy
+from loracommons.coordinator import rules
 from loracommons.coordinator.config import ConfigError, ProjectConfig
-from loracommons.coordinator.robust import (
-    HeldUpdates,
-    clip_scale,
-    module_pairs,
-    multi_krum,
-    trimmed_mean_deltas,
-)
+from loracommons.coordinator.robust import HeldUpdates, module_pairs
+from loracommons.coordinator.rules import Held, HeldView, Rejection, Tally
 from loracommons.protocol import modes
 
 if TYPE_CHECKING:
@@ -335,16 +330,6 @@ def make_aggregator(
 
 
 @dataclass(frozen=True)
-class Rejection:
-    """An admitted update the round's rules excluded at the end (free rider, Krum outlier)."""
-
-    update_digest: str
-    signer: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
 class RoundOutcome:
     tensors: dict[str, np.ndarray] | None  # the new global adapter; None = keep the previous version
     aggregated: tuple[str, ...]  # update digests folded in
@@ -355,25 +340,17 @@ class RoundOutcome:
     message: str = ""
 
 
-@dataclass
-class _Pending:
-    digest: str
-    signer: str
-    weight: float
-    norm: float
-
-
 class RoundAggregator:
     """One round: `offer` each accepted verdict as it arrives, then `finish` once.
 
+    The configured rules (coordinator.rules) run on top of the mode's aggregator.
     Streaming (memory flat in N) when no rule needs the whole round: the plain modes,
-    and dp (a fixed clip bound). Median clipping, free-rider rejection, trimmed mean
-    and Krum need every norm (or update) of the round first: those updates are held
-    until `finish` (`buffers` is True), in memory, or with `spill_dir` in files on disk,
-    read back one update (or one tensor) at a time. At `finish`:
-    free riders are rejected (norm < free_rider_ratio x median of all admitted norms),
-    Multi-Krum drops f, the clip bound is clip_factor x median of the remaining norms,
-    then the mean (or trimmed mean) is taken, and under dp Gaussian noise is added.
+    and dp (a fixed clip bound, applied as each update arrives). Median clipping,
+    free-rider rejection, trimmed mean and Krum need every norm (or update) of the round
+    first: those updates are held until `finish` (`buffers` is True), in memory, or with
+    `spill_dir` in files on disk, read back one update (or one tensor) at a time. At
+    `finish` the rules run in order on the held updates, the kept ones are folded (or
+    combined by the rule that combines), and the rules finish the new tensors (dp noise).
     """
 
     def __init__(
@@ -385,23 +362,22 @@ class RoundAggregator:
         rng: np.random.Generator | None = None,
     ) -> None:
         self.cfg = config
-        self.agg = config.aggregation
-        self.dp = config.privacy if config.privacy.dp else None
         self.global_tensors = dict(global_tensors)
-        self.aggregator = make_aggregator(self.agg.mode, self.global_tensors, config.sketch_rank)
-        self.buffers = self.agg.clip != "none" or self.agg.free_rider_ratio > 0 or self.agg.robust != "none"
+        self.aggregator = make_aggregator(config.aggregation.mode, self.global_tensors, config.sketch_rank)
+        self.rules = rules.configured(config)
+        self.buffers = any(rule.buffers for rule in self.rules)
+        self._uniform = any(rule.uniform_weights for rule in self.rules)
         self._held = HeldUpdates(spill_dir) if self.buffers else None
-        self._pending: list[_Pending] = []
+        self._pending: list[Held] = []
         self._scales: dict[str, float] = {}  # digest -> clip scale of each update aggregated
         self._weight = 0.0
         self._signers: set[str] = set()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._finished = False
-        self._note = ""
 
     def weight(self, examples: int) -> float:
-        """Examples reported, capped; uniform under dp (each volunteer's sensitivity is the same)."""
-        return 1.0 if self.dp else float(min(examples, self.agg.max_examples_weight))
+        """Examples reported, capped; 1 for every update under a rule that wants uniform weights (dp)."""
+        return 1.0 if self._uniform else float(min(examples, self.cfg.aggregation.max_examples_weight))
 
     def offer(self, verdict: Verdict) -> None:
         """Take an accepted verdict; fold it now or hold it for `finish`. Drop the verdict afterwards."""
@@ -409,17 +385,18 @@ class RoundAggregator:
             raise RuntimeError("round already finished")
         if not verdict.accepted or verdict.tensors is None or verdict.manifest is None:
             raise ValueError(f"only accepted verdicts can be aggregated (got {verdict.reason!r})")
-        if verdict.signer in self._signers:
-            raise ValueError(f"signer {verdict.signer[:16]} already offered an update this round")
-        self._signers.add(verdict.signer)
-        weight, norm = self.weight(verdict.manifest.examples), float(verdict.delta_norm)
+        signer, digest = verdict.signer or "", verdict.update_digest
+        if signer in self._signers:
+            raise ValueError(f"signer {signer[:16]} already offered an update this round")
+        self._signers.add(signer)
+        weight, norm = self.weight(verdict.manifest.examples), float(verdict.delta_norm or 0.0)
         if self._held is not None:
-            self._held.add(verdict.update_digest, verdict.tensors)
-            self._pending.append(_Pending(verdict.update_digest, verdict.signer, weight, norm))
+            self._held.add(digest, verdict.tensors)
+            self._pending.append(Held(digest, signer, weight, norm))
             return
-        scale = clip_scale(norm, self.dp.clip_norm) if self.dp else 1.0
+        scale = math.prod(rule.scale(norm) for rule in self.rules)
         self.aggregator.add(verdict.tensors, weight, scale)
-        self._record(verdict.update_digest, weight, scale)
+        self._record(digest, weight, scale)
 
     def _record(self, digest: str, weight: float, scale: float) -> None:
         self._scales[digest] = scale
@@ -431,101 +408,50 @@ class RoundAggregator:
             raise RuntimeError("round already finished")
         self._finished = True
         metrics: dict[str, float] = {"admitted": float(len(self._signers))}
-        rejected: list[Rejection] = []
-        trimmed = None
-        try:
-            if self._held is not None:
-                keep = self._apply_rules(metrics, rejected)
-                trimmed = self._fold_held(keep, metrics)
-        finally:
-            if self._held is not None:
+        tally = Tally((), ())
+        if self._held is not None:
+            try:
+                tally = self._apply_rules(self._held, metrics)
+                metrics.update(tally.metrics)
+            finally:
                 self._held.close()
         need = self.cfg.round.min_volunteers
         if len(self._scales) < need:
             message = (
                 f"{len(self._scales)} of {len(self._signers)} admitted updates usable, {need} required"
-                f"{self._note}: keeping the previous version"
+                f"{tally.why_none}: keeping the previous version"
             )
             log.info("round not aggregated: %s", message)
-            return RoundOutcome(None, (), tuple(rejected), {}, metrics, "too_few", message)
-        tensors = self.aggregator.result() if trimmed is None else self._apply_delta(trimmed)
+            return RoundOutcome(None, (), tally.rejected, {}, metrics, "too_few", message)
+        tensors = self.aggregator.result() if tally.delta is None else self._apply_delta(tally.delta)
         metrics.update(
             aggregated=float(len(self._scales)),
             total_weight=self._weight,
             clipped=float(sum(s < 1 for s in self._scales.values())),
             **self.aggregator.metrics(),
         )
-        if self.dp:
-            std = self.dp.noise_multiplier * self.dp.clip_norm / len(self._scales)
-            privacy.add_gaussian_noise(tensors, self.aggregator.names, std, self._rng)
-            metrics["dp_noise_std"] = std
-        return RoundOutcome(tensors, tuple(self._scales), tuple(rejected), dict(self._scales), metrics)
+        for rule in self.rules:
+            metrics.update(rule.finish(tensors, self.aggregator.names, len(self._scales), self._rng))
+        return RoundOutcome(tensors, tuple(self._scales), tally.rejected, dict(self._scales), metrics)
 
-    def _apply_rules(self, metrics: dict[str, float], rejected: list[Rejection]) -> list[_Pending]:
-        """Free riders, then Multi-Krum; returns the updates to aggregate (possibly too few)."""
-        pending = self._pending
-        if not pending:
-            return []
-        median = float(np.median([p.norm for p in pending]))
-        metrics["median_norm"] = median
-        if self.agg.free_rider_ratio > 0:
-            floor = self.agg.free_rider_ratio * median
-            for p in pending:
-                if p.norm < floor:
-                    rejected.append(
-                        Rejection(
-                            p.digest,
-                            p.signer,
-                            "free_rider",
-                            f"delta norm {p.norm:.4g} is below {self.agg.free_rider_ratio} x "
-                            f"the round median {median:.4g}",
-                        )
-                    )
-            pending = [p for p in pending if p.norm >= floor]
-        if self.agg.robust == "krum":
-            f = self.agg.krum_f
-            if len(pending) <= 2 * f + 2:  # Krum cannot run: aggregate nothing rather than unprotected
-                self._note = f"; Multi-Krum with f = {f} needs more than {2 * f + 2} updates"
-                return []
-            kept = set(
-                multi_krum(
-                    self._held, [p.digest for p in pending], self.aggregator.names, self.global_tensors, f
-                )
-            )
-            for p in pending:
-                if p.digest not in kept:
-                    rejected.append(
-                        Rejection(
-                            p.digest,
-                            p.signer,
-                            "krum_outlier",
-                            f"among the {f} updates farthest from the others (Multi-Krum)",
-                        )
-                    )
-            pending = [p for p in pending if p.digest in kept]
-        return pending
-
-    def _fold_held(self, keep: list[_Pending], metrics: dict[str, float]) -> dict[str, np.ndarray] | None:
-        """Clip with the median bound and fold (or trimmed-mean) the kept updates."""
-        if len(keep) < self.cfg.round.min_volunteers:
-            return None
-        scales = [1.0] * len(keep)
-        if self.agg.clip == "median":
-            bound = self.agg.clip_factor * float(np.median([p.norm for p in keep]))
-            metrics["clip_bound"] = bound
-            scales = [clip_scale(p.norm, bound) for p in keep]
-        trimmed = None
-        if self.agg.robust == "trimmed_mean":
-            trim = math.floor(self.agg.trim_fraction * len(keep))
-            trimmed = trimmed_mean_deltas(
-                self._held, [p.digest for p in keep], self.aggregator.names, self.global_tensors, trim, scales
-            )
-            metrics["trimmed_per_side"] = float(trim)
-        for p, scale in zip(keep, scales, strict=True):
-            if trimmed is None:
-                self.aggregator.add(self._held.tensors(p.digest), p.weight, scale)
-            self._record(p.digest, p.weight, scale)
-        return trimmed
+    def _apply_rules(self, held: HeldUpdates, metrics: dict[str, float]) -> Tally:
+        """Run the rules on the held updates, then fold the kept ones (unless a rule combined them)."""
+        if not self._pending:
+            return Tally((), ())
+        metrics["median_norm"] = float(np.median([h.norm for h in self._pending]))
+        need = self.cfg.round.min_volunteers
+        view = HeldView(held, self.aggregator.names, self.global_tensors)
+        tally = Tally(tuple(self._pending), (1.0,) * len(self._pending))
+        for rule in self.rules:
+            if rule.needs_quorum and len(tally.kept) < need:
+                continue  # nothing will be aggregated: the rule has nothing to act on
+            tally = rule.apply(tally, view)
+        if len(tally.kept) >= need:
+            for h, scale in zip(tally.kept, tally.scales, strict=True):
+                if tally.delta is None:
+                    self.aggregator.add(held.tensors(h.digest), h.weight, scale)
+                self._record(h.digest, h.weight, scale)
+        return tally
 
     def _apply_delta(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}
