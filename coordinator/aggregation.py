@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
@@ -329,6 +331,19 @@ def make_aggregator(
     return cls.build(global_tensors, sketch_rank)
 
 
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_FOLD_THREAD: dict[int, ThreadPoolExecutor] = {}  # per process id: a forked child starts its own
+
+
+def _fold_thread() -> ThreadPoolExecutor:
+    """The one thread streaming rounds fold on (started on first use, shared by every round)."""
+    pid = os.getpid()
+    if pid not in _FOLD_THREAD:
+        _FOLD_THREAD.clear()
+        _FOLD_THREAD[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lc-fold")
+    return _FOLD_THREAD[pid]
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     tensors: dict[str, np.ndarray] | None  # the new global adapter; None = keep the previous version
@@ -374,6 +389,7 @@ class RoundAggregator:
         self._signers: set[str] = set()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._finished = False
+        self._folding: Future[None] | None = None
 
     def weight(self, examples: int) -> float:
         """Examples reported, capped; 1 for every update under a rule that wants uniform weights (dp)."""
@@ -395,8 +411,23 @@ class RoundAggregator:
             self._pending.append(Held(digest, signer, weight, norm))
             return
         scale = math.prod(rule.scale(norm) for rule in self.rules)
-        self.aggregator.add(verdict.tensors, weight, scale)
+        self._fold_behind(verdict.tensors, weight, scale)
         self._record(digest, weight, scale)
+
+    def _fold_behind(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        """Fold on the fold thread while the caller admits the next update (numpy and hashlib
+        release the GIL). One fold in flight at a time: the order of the sums is the order of
+        the offers, and memory stays at one update."""
+        self._wait_fold()
+        if _CPUS < 2:
+            self.aggregator.add(tensors, weight, scale)
+            return
+        self._folding = _fold_thread().submit(self.aggregator.add, tensors, weight, scale)
+
+    def _wait_fold(self) -> None:
+        folding, self._folding = self._folding, None
+        if folding is not None:
+            folding.result()
 
     def _record(self, digest: str, weight: float, scale: float) -> None:
         self._scales[digest] = scale
@@ -407,6 +438,7 @@ class RoundAggregator:
         if self._finished:
             raise RuntimeError("round already finished")
         self._finished = True
+        self._wait_fold()
         metrics: dict[str, float] = {"admitted": float(len(self._signers))}
         tally = Tally((), ())
         if self._held is not None:
