@@ -199,7 +199,8 @@ def key_info(section_cls: type) -> dict[str, dict]:
         meta = dict(_EXTERNAL[section_cls][f.name] if section_cls in _EXTERNAL else f.metadata)
         if callable(meta.get("choices")):
             meta["choices"] = tuple(meta["choices"]())
-        meta["default"] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        factory = f.default_factory  # every key has a default or a factory
+        meta["default"] = f.default if f.default is not MISSING else factory() if callable(factory) else None
         out[f.name] = meta
     return out
 
