@@ -163,16 +163,18 @@ class ExactnessProbe:
 
     def __init__(self, global_tensors: dict[str, np.ndarray], mode: str, scale: float):
         from loracommons.coordinator.robust import module_pairs
+        from loracommons.protocol import modes
 
         self.pairs = module_pairs(global_tensors)
         self.global_tensors = global_tensors
         self.mode, self.scale = mode, scale
+        self.trains_a = modes.get(mode).trains("lora_A")
         self.sums = {m: 0.0 for m in self.pairs}
         self.weight = 0.0
 
     def add(self, tensors, weight: float) -> None:  # noqa: ANN001
         for module, (a_name, b_name) in self.pairs.items():
-            a = tensors[a_name] if self.mode != "ffa" else self.global_tensors[a_name]
+            a = tensors[a_name] if self.trains_a else self.global_tensors[a_name]
             self.sums[module] = self.sums[module] + weight * (
                 np.asarray(tensors[b_name], np.float64) @ np.asarray(a, np.float64)
             )
