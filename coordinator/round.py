@@ -83,7 +83,7 @@ class UpdateRecord:
         }
 
     @classmethod
-    def failed(cls, reason: Reason, message: str) -> UpdateRecord:
+    def failed(cls, reason: str, message: str) -> UpdateRecord:
         """A reply that carried no envelope to admit (an error reply, unreadable records)."""
         return cls(False, reason, message)
 
