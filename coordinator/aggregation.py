@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
-from loracommons.coordinator import rules
+from loracommons.coordinator import background, rules
 from loracommons.coordinator.config import ConfigError, ProjectConfig
 from loracommons.coordinator.lowrank import LowRank
 from loracommons.coordinator.robust import HeldUpdates, module_pairs
@@ -263,19 +262,6 @@ def make_aggregator(
     return cls.build(global_tensors, sketch_rank)
 
 
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_FOLD_THREAD: dict[int, ThreadPoolExecutor] = {}  # per process id: a forked child starts its own
-
-
-def _fold_thread() -> ThreadPoolExecutor:
-    """The one thread streaming rounds fold on (started on first use, shared by every round)."""
-    pid = os.getpid()
-    if pid not in _FOLD_THREAD:
-        _FOLD_THREAD.clear()
-        _FOLD_THREAD[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lc-fold")
-    return _FOLD_THREAD[pid]
-
-
 @dataclass(frozen=True)
 class RoundOutcome:
     tensors: dict[str, np.ndarray] | None  # the new global adapter; None = keep the previous version
@@ -347,14 +333,15 @@ class RoundAggregator:
         self._record(digest, weight, scale)
 
     def _fold_behind(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
-        """Fold on the fold thread while the caller admits the next update (numpy and hashlib
-        release the GIL). One fold in flight at a time: the order of the sums is the order of
+        """Fold on the helper thread (coordinator.background) while the caller admits the next
+        update. One fold in flight at a time: the order of the sums is the order of
         the offers, and memory stays at one update."""
         self._wait_fold()
-        if _CPUS < 2:
+        thread = background.helper()
+        if thread is None:
             self.aggregator.add(tensors, weight, scale)
             return
-        self._folding = _fold_thread().submit(self.aggregator.add, tensors, weight, scale)
+        self._folding = thread.submit(self.aggregator.add, tensors, weight, scale)
 
     def _wait_fold(self) -> None:
         folding, self._folding = self._folding, None
