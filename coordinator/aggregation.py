@@ -29,14 +29,13 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
-from loracommons.coordinator import background, rules
+from loracommons.coordinator import rules
 from loracommons.coordinator.config import ConfigError, ProjectConfig
 from loracommons.coordinator.lowrank import LowRank
 from loracommons.coordinator.robust import HeldUpdates, module_pairs
@@ -307,7 +306,6 @@ class RoundAggregator:
         self._signers: set[str] = set()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._finished = False
-        self._folding: Future[None] | None = None
 
     def weight(self, examples: int) -> float:
         """Examples reported, capped; 1 for every update under a rule that wants uniform weights (dp)."""
@@ -329,24 +327,8 @@ class RoundAggregator:
             self._pending.append(Held(digest, signer, weight, norm))
             return
         scale = math.prod(rule.scale(norm) for rule in self.rules)
-        self._fold_behind(verdict.tensors, weight, scale)
+        self.aggregator.add(verdict.tensors, weight, scale)
         self._record(digest, weight, scale)
-
-    def _fold_behind(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
-        """Fold on the helper thread (coordinator.background) while the caller admits the next
-        update. One fold in flight at a time: the order of the sums is the order of
-        the offers, and memory stays at one update."""
-        self._wait_fold()
-        thread = background.helper()
-        if thread is None:
-            self.aggregator.add(tensors, weight, scale)
-            return
-        self._folding = thread.submit(self.aggregator.add, tensors, weight, scale)
-
-    def _wait_fold(self) -> None:
-        folding, self._folding = self._folding, None
-        if folding is not None:
-            folding.result()
 
     def _record(self, digest: str, weight: float, scale: float) -> None:
         self._scales[digest] = scale
@@ -357,7 +339,6 @@ class RoundAggregator:
         if self._finished:
             raise RuntimeError("round already finished")
         self._finished = True
-        self._wait_fold()
         metrics: dict[str, float] = {"admitted": float(len(self._signers))}
         tally = Tally((), ())
         if self._held is not None:
