@@ -35,6 +35,7 @@ import numpy as np
 from loracommons.coordinator.admission import admit, context_for, expected_for
 from loracommons.coordinator.aggregation import RoundAggregator
 from loracommons.coordinator.config import ProjectConfig
+from loracommons.protocol import modes
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import sha256_hex, sign_update
 from loracommons.protocol.identity import SigningKey
@@ -135,7 +136,7 @@ def _run_one(variant: str, n: int, model: dict, seed: int, check: bool, traced: 
     expected = expected_for(cfg, 1, nonce, g, digest)
     admitted: set[str] = set()
     ctx = context_for(cfg, expected, g, admitted=admitted)
-    sent = [name for name in sorted(g) if ".lora_B." in name or cfg.aggregation.mode != "ffa"]
+    sent = modes.get(cfg.aggregation.mode).sent_names(g)
     spill_dir = tempfile.TemporaryDirectory(prefix="aggbench-") if spill else None
 
     if traced:

@@ -34,7 +34,6 @@ import benchlib
 import numpy as np
 
 DEFAULT_OUT = benchlib.RESULTS / "comm.json"
-MODES = ("ffa", "exact", "fedavg")
 DTYPES = ("float32", "float16", "bfloat16")
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA_1B = {"layers": 16, "hidden": 2048, "kv": 512, "intermediate": 8192}
@@ -88,11 +87,10 @@ def wire_bytes(tensors: dict[str, np.ndarray], cfg, mode: str, dtype: str) -> di
     """Bytes of one round for one volunteer, from a real task and a real signed envelope."""
     import dataclasses
 
-    from loracommons.protocol import wire
+    from loracommons.protocol import modes, wire
     from loracommons.protocol.codec import DTYPES, encode_tensors
     from loracommons.protocol.envelope import sha256_hex, sign_update
     from loracommons.protocol.identity import SigningKey
-    from loracommons.protocol.task import update_tensor_names
 
     cfg = dataclasses.replace(
         cfg,
@@ -101,7 +99,7 @@ def wire_bytes(tensors: dict[str, np.ndarray], cfg, mode: str, dtype: str) -> di
     )
     adapter = encode_tensors(tensors)
     task = cfg.task(3, "ab" * 16, sha256_hex(adapter))
-    payload = encode_tensors({n: tensors[n] for n in update_tensor_names(list(tensors), mode)}, dtype=dtype)
+    payload = encode_tensors({n: tensors[n] for n in modes.get(mode).sent_names(tensors)}, dtype=dtype)
     env = sign_update(
         SigningKey.generate(), payload, **task.claims(), examples=400, steps=40, train_loss=0.12345
     )
@@ -121,7 +119,9 @@ def wire_bytes(tensors: dict[str, np.ndarray], cfg, mode: str, dtype: str) -> di
 
 
 def table(tensors: dict[str, np.ndarray], cfg) -> dict:  # noqa: ANN001
-    rows = [wire_bytes(tensors, cfg, mode, dtype) for mode in MODES for dtype in DTYPES]
+    from loracommons.protocol import modes
+
+    rows = [wire_bytes(tensors, cfg, mode, dtype) for mode in modes.names() for dtype in DTYPES]
     base = next(r for r in rows if r["mode"] == "fedavg" and r["dtype"] == "float32")
     for row in rows:
         row["up_ratio_to_fp32_ab"] = round(row["up_bytes"] / base["up_bytes"], 4)

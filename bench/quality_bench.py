@@ -19,8 +19,9 @@ round, how far the aggregated ΔW is from the exact weighted mean of the B_i A_i
 The driver is in-process but runs the project's own code end to end: each volunteer is a
 `loracommons.client.volunteer.Volunteer` (reads its JSONL file, loads the base, applies
 the global adapter, trains with the project's trainer, signs a real envelope) and the
-coordinator side is `admit` + `RoundAggregator`, as `Coordinator.run_round` calls them.
-Only Flower's transport and the state store are left out.
+coordinator side is the product's `coordinator.round.Round` (admission, the examples cap,
+aggregation and the round's rules), the object `Coordinator.run_round` drives. Only
+Flower's transport and the state store are left out.
 
     python bench/quality_bench.py --workers 2                   # 3 and 6 volunteers, ~15 min on 2 cores
     python bench/quality_bench.py --tiny --out /tmp/quality.json
@@ -162,16 +163,18 @@ class ExactnessProbe:
 
     def __init__(self, global_tensors: dict[str, np.ndarray], mode: str, scale: float):
         from loracommons.coordinator.robust import module_pairs
+        from loracommons.protocol import modes
 
         self.pairs = module_pairs(global_tensors)
         self.global_tensors = global_tensors
         self.mode, self.scale = mode, scale
+        self.trains_a = modes.get(mode).trains("lora_A")
         self.sums = {m: 0.0 for m in self.pairs}
         self.weight = 0.0
 
     def add(self, tensors, weight: float) -> None:  # noqa: ANN001
         for module, (a_name, b_name) in self.pairs.items():
-            a = tensors[a_name] if self.mode != "ffa" else self.global_tensors[a_name]
+            a = tensors[a_name] if self.trains_a else self.global_tensors[a_name]
             self.sums[module] = self.sums[module] + weight * (
                 np.asarray(tensors[b_name], np.float64) @ np.asarray(a, np.float64)
             )
@@ -226,12 +229,11 @@ def federate(
     log,
 ) -> dict:  # noqa: ANN001
     """R rounds of the real round protocol, in one process; the history of the global adapter."""
-    from loracommons.coordinator.admission import admit, context_for, expected_for
-    from loracommons.coordinator.aggregation import RoundAggregator
     from loracommons.coordinator.initial import build_initial_adapter, decode_adapter
+    from loracommons.coordinator.round import Round
     from loracommons.coordinator.store import new_nonce
     from loracommons.protocol import wire
-    from loracommons.protocol.codec import DTYPES, encode_tensors
+    from loracommons.protocol.codec import DTYPES, decode_tensors, encode_tensors
     from loracommons.protocol.envelope import sha256_hex
     from loracommons.protocol.task import RoundTask
 
@@ -244,27 +246,22 @@ def federate(
     tensors = decode_adapter(data)
     history, started = [], time.monotonic()
     for r in range(1, s.rounds + 1):
-        nonce, digest = new_nonce(), sha256_hex(data)
-        task_json = cfg.task(r, nonce, digest).to_bytes()
-        admitted: set[str] = set()
-        ctx = context_for(cfg, expected_for(cfg, r, nonce, tensors, digest), tensors, admitted=admitted)
-        aggregator = RoundAggregator(cfg, tensors)
+        rnd = Round(cfg, r, new_nonce(), tensors, sha256_hex(data))
+        task_json = rnd.task_bytes
         probe = ExactnessProbe(tensors, cfg.aggregation.mode, cfg.lora.alpha / cfg.lora.r)
         up, up_wire, sent[:] = [], [], []
         for volunteer in volunteers:
             envelope = volunteer.run_round(RoundTask.from_bytes(task_json), data)
-            verdict = admit(envelope, ctx)
-            if not verdict.accepted:
-                raise BenchError(f"{label}: round {r} update refused: {verdict.reason}: {verdict.message}")
-            admitted.add(verdict.signer)
-            probe.add(verdict.tensors, aggregator.weight(verdict.manifest.examples))
-            aggregator.offer(verdict)
+            record = rnd.offer(envelope)
+            if not record.accepted:
+                raise BenchError(f"{label}: round {r} update refused: {record.reason}: {record.message}")
+            probe.add(decode_tensors(envelope.payload, max_bytes=len(envelope.payload)), record.weight)
             up.append(len(envelope.manifest) + len(envelope.payload) + len(envelope.signature))
             encoding, packed = wire.pack(envelope.payload, DTYPES[method.dtype][1])  # as client_app sends it
             up_wire.append(up[-1] - len(envelope.payload) + len(packed) + len(encoding))
-        outcome = aggregator.finish()
-        if outcome.tensors is None:
-            raise BenchError(f"{label}: round {r} not aggregated: {outcome.message}")
+        result = rnd.close()
+        if result.tensors is None:
+            raise BenchError(f"{label}: round {r} not aggregated: {result.message}")
         row = {
             "round": r,
             "bytes_down_per_volunteer": len(task_json) + len(data),
@@ -273,7 +270,7 @@ def federate(
             "train_loss": round(float(np.mean([d["train_loss"] for d in sent])), 5),
             "volunteer_seconds": round(sum(d["seconds"] for d in sent), 2),
         }
-        data = encode_tensors(outcome.tensors)  # what the coordinator stores and sends next round
+        data = encode_tensors(result.tensors)  # what the coordinator stores and sends next round
         tensors = decode_adapter(data)
         if method.kind == "federated":
             row["exactness"] = probe.compare(tensors, cfg.lora.r)
@@ -479,8 +476,9 @@ def run(volunteer_counts: list[int], s: Settings, workers: int, bf16_counts: lis
         "date": benchlib.now(),
         "machine": benchlib.machine_info(),
         "driver": "in-process: volunteers are loracommons.client.volunteer.Volunteer (real data loading, "
-        "project trainer, signed envelopes); the coordinator side is admission.admit + "
-        "aggregation.RoundAggregator; Flower transport and the state store are not involved",
+        "project trainer, signed envelopes); the coordinator side is coordinator.round.Round "
+        "(admission, examples cap, aggregation, robust rules); Flower transport and the state store "
+        "are not involved",
         "config": {
             **asdict(s),
             "volunteer_counts": volunteer_counts,

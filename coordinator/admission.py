@@ -7,7 +7,7 @@ Checks run cheapest first and stop at the first failure:
     -> payload digest -> tensor names/shapes/dtypes -> finite values -> delta norm bound
 
 `admit` is pure and never raises for a peer's bytes: every failure is a `Verdict`
-with a stable reason code (a `ProtocolError.reason`, or one of REASONS below).
+with a stable reason code (`protocol.errors.Reason`; REASONS below are those admission adds).
 Signature comes before the signer checks so that a forged manifest naming someone
 else's key is recorded as a bad signature, not against that key.
 
@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from loracommons.coordinator.config import ProjectConfig
-from loracommons.coordinator.robust import delta_norm, sent_names
+from loracommons.coordinator.robust import delta_norm
+from loracommons.protocol import modes
 from loracommons.protocol.codec import TensorSpec
 from loracommons.protocol.envelope import (
     MAX_MANIFEST_BYTES,
@@ -37,20 +38,23 @@ from loracommons.protocol.envelope import (
     check_payload,
     open_envelope,
 )
-from loracommons.protocol.errors import NonFinite, ProtocolError
+from loracommons.protocol.errors import NonFinite, ProtocolError, Reason
 
 log = logging.getLogger(__name__)
 
-#: Reason codes admission adds to those of protocol.errors.
+#: Reason codes admission adds to those of protocol.errors' exceptions, with their docs.
 REASONS = {
-    "accepted": "passed every check",
-    "banned": "signer's key is banned from the project",
-    "not_registered": "allowlist project and the signer's key is not registered",
-    "duplicate_signer": "signer already has an update admitted this round",
-    "wrong_dtype": "manifest claims a payload dtype the round does not use",
-    "no_examples": "update reports zero training examples",
-    "norm_too_large": "delta norm above the project's absolute max_norm",
-    "internal_error": "admission itself failed (a bug): logged with its traceback",
+    r.value: r.doc
+    for r in (
+        Reason.ACCEPTED,
+        Reason.BANNED,
+        Reason.NOT_REGISTERED,
+        Reason.DUPLICATE_SIGNER,
+        Reason.WRONG_DTYPE,
+        Reason.NO_EXAMPLES,
+        Reason.NORM_TOO_LARGE,
+        Reason.INTERNAL_ERROR,
+    )
 }
 
 
@@ -72,7 +76,7 @@ class AdmissionContext:
 @dataclass(frozen=True)
 class Verdict:
     accepted: bool
-    reason: str  # stable code: "accepted", a ProtocolError.reason, or a key of REASONS
+    reason: str  # stable code (a `Reason`): "accepted", a ProtocolError.reason, or a key of REASONS
     message: str
     update_digest: str  # sha256 of the manifest bytes (also for rejected envelopes)
     signer: str | None = None  # fingerprint, once the signature verified
@@ -103,7 +107,7 @@ class Verdict:
 
 def update_spec(global_tensors: Mapping[str, np.ndarray], mode: str, dtype: str) -> TensorSpec:
     """Names and shapes an update must carry in `mode`, in exactly `dtype`."""
-    names = sent_names(global_tensors, mode)
+    names = modes.get(mode).sent_names(global_tensors)
     return TensorSpec({n: tuple(global_tensors[n].shape) for n in names}, frozenset({dtype}))
 
 
@@ -155,7 +159,7 @@ def context_for(
 
 
 class _Reject(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -174,19 +178,22 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
     manifest: UpdateManifest | None = None
     try:
         if not all(isinstance(x, bytes) for x in (env.manifest, env.payload, env.signature)):
-            raise _Reject("malformed", "envelope parts must be bytes")
+            raise _Reject(Reason.MALFORMED, "envelope parts must be bytes")
         if len(env.manifest) > MAX_MANIFEST_BYTES:
-            raise _Reject("too_large", f"manifest is {len(env.manifest)} bytes, limit {MAX_MANIFEST_BYTES}")
+            raise _Reject(
+                Reason.TOO_LARGE, f"manifest is {len(env.manifest)} bytes, limit {MAX_MANIFEST_BYTES}"
+            )
         manifest, key = open_envelope(env, max_payload_bytes=ctx.expected.max_payload_bytes)
         signer = key.fingerprint
         _check_signer(signer, ctx)
         check_claims(manifest, ctx.expected)
         if manifest.payload_dtype != ctx.payload_dtype:
             raise _Reject(
-                "wrong_dtype", f"payload dtype {manifest.payload_dtype!r}, round uses {ctx.payload_dtype!r}"
+                Reason.WRONG_DTYPE,
+                f"payload dtype {manifest.payload_dtype!r}, round uses {ctx.payload_dtype!r}",
             )
         if manifest.examples < 1:
-            raise _Reject("no_examples", "update reports 0 training examples")
+            raise _Reject(Reason.NO_EXAMPLES, "update reports 0 training examples")
         # The norm doubles as the finiteness check: computed from float32 values it is finite
         # exactly when every value is (see robust.delta_norm), so the payload is read once less.
         tensors = check_payload(env, manifest, ctx.expected, require_finite=False)
@@ -195,21 +202,21 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
             bad = next((n for n, t in tensors.items() if not np.isfinite(t).all()), "?")
             raise NonFinite(f"tensor {bad!r} holds NaN or Inf")
         if ctx.max_norm and not norm <= ctx.max_norm:
-            raise _Reject("norm_too_large", f"delta norm {norm:.4g} exceeds max_norm {ctx.max_norm:.4g}")
+            raise _Reject(Reason.NORM_TOO_LARGE, f"delta norm {norm:.4g} exceeds max_norm {ctx.max_norm:.4g}")
     except ProtocolError as exc:
         return Verdict(False, exc.reason, str(exc), digest, signer, manifest)
     except _Reject as exc:
         return Verdict(False, exc.reason, str(exc), digest, signer, manifest)
     except Exception as exc:  # a bug must not stop the round; it is logged and recorded
         log.exception("admission failed on update %s", digest[:16])
-        return Verdict(False, "internal_error", f"{type(exc).__name__}: {exc}", digest, signer, manifest)
-    return Verdict(True, "accepted", f"delta norm {norm:.4g}", digest, signer, manifest, tensors, norm)
+        return Verdict(False, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", digest, signer, manifest)
+    return Verdict(True, Reason.ACCEPTED, f"delta norm {norm:.4g}", digest, signer, manifest, tensors, norm)
 
 
 def _check_signer(fingerprint: str, ctx: AdmissionContext) -> None:
     if fingerprint in ctx.banned:
-        raise _Reject("banned", f"key {fingerprint[:16]} is banned")
+        raise _Reject(Reason.BANNED, f"key {fingerprint[:16]} is banned")
     if ctx.membership == "allowlist" and fingerprint not in ctx.allowlist:
-        raise _Reject("not_registered", f"key {fingerprint[:16]} is not registered with this project")
+        raise _Reject(Reason.NOT_REGISTERED, f"key {fingerprint[:16]} is not registered with this project")
     if fingerprint in ctx.admitted:
-        raise _Reject("duplicate_signer", f"key {fingerprint[:16]} already has an update in this round")
+        raise _Reject(Reason.DUPLICATE_SIGNER, f"key {fingerprint[:16]} already has an update in this round")

@@ -8,10 +8,8 @@ Modes (ΔW = alpha/r · B @ A; every mode returns A and B for every module):
 
 `exact` keeps, per module, the running sum Σ w_i B_i A_i as U diag(s) Vᵀ of rank <= K
 (K = sketch rank, default 4r) plus pending factor columns, and never forms a d x k
-matrix. When more than K columns are pending it absorbs them by an incremental SVD:
-the new B columns are orthogonalized against U (the new A rows against V), QR'd, and
-only a small (j + b) x (j + b) core goes through an SVD; singular values below 1e-12 of
-the largest are dropped, and at most K are kept. That is lossless while the sum's rank
+matrix. When more than K columns are pending it absorbs them by an incremental SVD
+(coordinator.lowrank); at most K singular values are kept. That is lossless while the sum's rank
 stays within K; beyond it the dropped singular values are summed into the metric
 `exact_truncation_bound` (by the triangle inequality an upper bound on the Frobenius
 error of the mean before its final rank-r cut, relative to the mean's norm; the final
@@ -21,8 +19,8 @@ Memory per module: (d + k) x 2K numbers, whatever N.
 Clipping enters every mode as a scale s_i in [0, 1] on the update's delta:
 contribution = global + s_i (update - global); in `exact`, B_g A_g + s_i (B_i A_i - B_g A_g).
 
-`RoundAggregator` runs one round's rules on top (see its doc): streaming when no rule
-needs the round's median, buffering the round's updates otherwise.
+`RoundAggregator` runs one round's rules (coordinator.rules) on top (see its doc): streaming
+when no rule needs the round's median, buffering the round's updates otherwise.
 """
 
 from __future__ import annotations
@@ -30,29 +28,24 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
-from loracommons.coordinator import privacy
+from loracommons.coordinator import rules
 from loracommons.coordinator.config import ConfigError, ProjectConfig
-from loracommons.coordinator.robust import (
-    HeldUpdates,
-    clip_scale,
-    module_pairs,
-    multi_krum,
-    sent_names,
-    trimmed_mean_deltas,
-)
+from loracommons.coordinator.lowrank import LowRank
+from loracommons.coordinator.robust import HeldUpdates, module_pairs
+from loracommons.coordinator.rules import Held, HeldView, Rejection, Tally
+from loracommons.protocol import modes
 
 if TYPE_CHECKING:
     from loracommons.coordinator.admission import Verdict
 
 log = logging.getLogger(__name__)
-ZERO_RTOL = 1e-12
 
 
 class AggregationError(RuntimeError):
@@ -62,14 +55,20 @@ class AggregationError(RuntimeError):
 class Aggregator(ABC):
     """Streaming aggregator: `add` folds one update; `result` returns the full new global adapter."""
 
-    mode: str
+    mode: ClassVar[str]
+    """The registered mode it folds (set by `register_aggregator`)."""
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
         self.global_tensors = dict(global_tensors)
         self.pairs = module_pairs(self.global_tensors)
-        self.names = sent_names(self.global_tensors, self.mode)
+        self.names = modes.get(self.mode).sent_names(self.global_tensors)
         self.count = 0
         self.total_weight = 0.0
+
+    @classmethod
+    def build(cls, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> Aggregator:
+        """The aggregator for one round; options a mode does not use are ignored."""
+        return cls(global_tensors)
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float = 1.0) -> None:
         """Fold one update; `scale` shrinks its delta toward the global (clipping)."""
@@ -92,6 +91,29 @@ class Aggregator(ABC):
 
     @abstractmethod
     def _result(self) -> dict[str, np.ndarray]: ...
+
+
+_AGGREGATORS: dict[str, type[Aggregator]] = {}
+_A = TypeVar("_A", bound=type[Aggregator])
+
+
+def register_aggregator(mode: str) -> Callable[[_A], _A]:
+    """Class decorator: the `Aggregator` that folds updates of the registered mode `mode`."""
+
+    def register(cls: _A) -> _A:
+        modes.get(mode)  # a mode the registry knows, or KeyError now rather than at the first round
+        if _AGGREGATORS.get(mode, cls) is not cls:
+            raise ValueError(f"mode {mode!r} already has an aggregator: {_AGGREGATORS[mode].__name__}")
+        cls.mode = mode
+        _AGGREGATORS[mode] = cls
+        return cls
+
+    return register
+
+
+def unregister_aggregator(mode: str) -> None:
+    """Remove a mode's aggregator (tests that add a toy mode clean up with this)."""
+    _AGGREGATORS.pop(mode, None)
 
 
 class MeanAggregator(Aggregator):
@@ -131,80 +153,17 @@ class MeanAggregator(Aggregator):
         return out
 
 
+@register_aggregator("ffa")
 class FfaAggregator(MeanAggregator):
-    mode = "ffa"
+    pass
 
 
+@register_aggregator("fedavg")
 class FedAvgAggregator(MeanAggregator):
-    mode = "fedavg"
+    pass
 
 
-class _LowRank:
-    """A d x k sum kept as U diag(s) Vᵀ (U, V orthonormal) plus pending blocks P Q not yet folded in."""
-
-    def __init__(self, d: int, k: int) -> None:
-        self.u, self.s, self.v = np.zeros((d, 0)), np.zeros(0), np.zeros((k, 0))
-        self.p: list[tuple[np.ndarray, float]] = []  # (B block as sent, its coefficient w_i s_i)
-        self.q: list[np.ndarray] = []
-        self.pending = 0
-        self.dropped = 0.0  # Σ over absorptions of the Frobenius norm of what was dropped
-        self.spare = np.zeros((k, 0))  # unit row directions of zero energy, for padding
-
-    def push(self, p: np.ndarray, q: np.ndarray, coef: float) -> None:
-        """Queue coef * p @ q; the blocks are copied (float32 when sent so), releasing the payload."""
-        dtype = np.float64 if p.dtype == np.float64 else np.float32
-        self.p.append((np.array(p, dtype=dtype), coef))
-        self.q.append(np.array(q, dtype=dtype))
-        self.pending += p.shape[1]
-
-    def absorb(self, keep: int, spare: int = 0) -> np.ndarray:
-        """Fold the pending blocks in, keeping at most `keep` singular values; returns the full spectrum.
-
-        `spare`: also keep that many unit directions of the row space beyond the kept ones.
-        """
-        if not self.pending:
-            return self.s
-        p = np.hstack([block.astype(np.float64) * coef for block, coef in self.p])
-        q = np.vstack(self.q).astype(np.float64)
-        self.p, self.q = [], []
-        j, b = self.s.size, p.shape[1]
-        if j + b > min(self.u.shape[0], self.v.shape[0]):
-            # [U, P] cannot have j + b orthonormal columns: factor the stack directly.
-            left, core, right = _direct_core(np.hstack([self.u * self.s, p]), np.vstack([self.v.T, q]))
-        else:
-            c, qa, ra = _orthogonalize(self.u, p)
-            dq, qb, rb = _orthogonalize(self.v, q.T)
-            lower = np.block([[np.eye(j), c], [np.zeros((b, j)), ra]])
-            upper = np.block([[np.eye(j), dq], [np.zeros((b, j)), rb]])
-            core = (lower * np.concatenate([self.s, np.ones(b)])) @ upper.T
-            left, right = np.hstack([self.u, qa]), np.hstack([self.v, qb])
-        uc, sc, vct = np.linalg.svd(core, full_matrices=False)
-        rank = int(np.sum(sc > ZERO_RTOL * sc[0])) if sc.size and sc[0] > 0 else 0
-        kept = min(rank, keep)
-        self.dropped += math.sqrt(float(np.sum(sc[kept:] ** 2)))
-        self.u, self.s, self.v = left @ uc[:, :kept], sc[:kept], right @ vct[:kept].T
-        self.spare = right @ vct[kept : kept + spare].T
-        self.pending = 0
-        return sc
-
-
-def _orthogonalize(basis: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """block = basis @ c + qa @ ra, qa orthonormal and orthogonal to basis (Gram-Schmidt twice, then QR)."""
-    c = basis.T @ block
-    rest = block - basis @ c
-    c2 = basis.T @ rest
-    rest -= basis @ c2
-    qa, ra = np.linalg.qr(rest)
-    return c + c2, qa, ra
-
-
-def _direct_core(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """P Q = left @ core @ rightᵀ with orthonormal left and right (QR of each factor)."""
-    qp, rp = np.linalg.qr(p)
-    qq, rq = np.linalg.qr(q.T)
-    return qp, rp @ rq.T, qq
-
-
+@register_aggregator("exact")
 class ExactAggregator(Aggregator):
     """Rank-r SVD of the weighted mean of B_i A_i, folded from factors (see the module doc).
 
@@ -214,8 +173,6 @@ class ExactAggregator(Aggregator):
     (j + b) x (j + b) core is decomposed: no d x k matrix, no QR wider than the pending block.
     """
 
-    mode = "exact"
-
     def __init__(self, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> None:
         super().__init__(global_tensors)
         a0 = self.global_tensors[next(iter(self.pairs.values()))[0]]
@@ -224,13 +181,17 @@ class ExactAggregator(Aggregator):
         if self.keep < self.r:
             raise ConfigError(f"exact sketch rank {self.keep} is below the adapter rank {self.r}")
         self._sums = {
-            m: _LowRank(self.global_tensors[b].shape[0], self.global_tensors[a].shape[1])
+            m: LowRank(self.global_tensors[b].shape[0], self.global_tensors[a].shape[1])
             for m, (a, b) in self.pairs.items()
         }
         self._global_coef = 0.0  # Σ w_i (1 - s_i): clipped mass that stays at B_g A_g
         self.compressions = 0
         self._stats: dict[str, float] = {}
         self._out: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def build(cls, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> Aggregator:
+        return cls(global_tensors, sketch_rank)
 
     def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
         if self._out is not None:
@@ -270,7 +231,7 @@ class ExactAggregator(Aggregator):
         self._out = out
         return {n: v.copy() for n, v in out.items()}
 
-    def _factors(self, acc: _LowRank, a0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _factors(self, acc: LowRank, a0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Balanced rank-r factors of the mean; zero-energy directions keep a usable A row."""
         r, w = self.r, self.total_weight
         rank = min(acc.s.size, r)
@@ -292,23 +253,12 @@ class ExactAggregator(Aggregator):
 def make_aggregator(
     mode: str, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None
 ) -> Aggregator:
-    if mode == "ffa":
-        return FfaAggregator(global_tensors)
-    if mode == "fedavg":
-        return FedAvgAggregator(global_tensors)
-    if mode == "exact":
-        return ExactAggregator(global_tensors, sketch_rank)
-    raise ConfigError(f"[aggregation] mode = {mode!r}: expected one of ffa, exact, fedavg")
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An admitted update the round's rules excluded at the end (free rider, Krum outlier)."""
-
-    update_digest: str
-    signer: str
-    reason: str
-    message: str
+    """The registered aggregator of `mode`; ConfigError for a mode without one."""
+    cls = _AGGREGATORS.get(mode)
+    if cls is None:
+        known = ", ".join(_AGGREGATORS)
+        raise ConfigError(f"[aggregation] mode = {mode!r}: no aggregator registered (known: {known})")
+    return cls.build(global_tensors, sketch_rank)
 
 
 @dataclass(frozen=True)
@@ -322,25 +272,17 @@ class RoundOutcome:
     message: str = ""
 
 
-@dataclass
-class _Pending:
-    digest: str
-    signer: str
-    weight: float
-    norm: float
-
-
 class RoundAggregator:
     """One round: `offer` each accepted verdict as it arrives, then `finish` once.
 
+    The configured rules (coordinator.rules) run on top of the mode's aggregator.
     Streaming (memory flat in N) when no rule needs the whole round: the plain modes,
-    and dp (a fixed clip bound). Median clipping, free-rider rejection, trimmed mean
-    and Krum need every norm (or update) of the round first: those updates are held
-    until `finish` (`buffers` is True), in memory, or with `spill_dir` in files on disk,
-    read back one update (or one tensor) at a time. At `finish`:
-    free riders are rejected (norm < free_rider_ratio x median of all admitted norms),
-    Multi-Krum drops f, the clip bound is clip_factor x median of the remaining norms,
-    then the mean (or trimmed mean) is taken, and under dp Gaussian noise is added.
+    and dp (a fixed clip bound, applied as each update arrives). Median clipping,
+    free-rider rejection, trimmed mean and Krum need every norm (or update) of the round
+    first: those updates are held until `finish` (`buffers` is True), in memory, or with
+    `spill_dir` in files on disk, read back one update (or one tensor) at a time. At
+    `finish` the rules run in order on the held updates, the kept ones are folded (or
+    combined by the rule that combines), and the rules finish the new tensors (dp noise).
     """
 
     def __init__(
@@ -352,23 +294,22 @@ class RoundAggregator:
         rng: np.random.Generator | None = None,
     ) -> None:
         self.cfg = config
-        self.agg = config.aggregation
-        self.dp = config.privacy if config.privacy.dp else None
         self.global_tensors = dict(global_tensors)
-        self.aggregator = make_aggregator(self.agg.mode, self.global_tensors, config.sketch_rank)
-        self.buffers = self.agg.clip != "none" or self.agg.free_rider_ratio > 0 or self.agg.robust != "none"
+        self.aggregator = make_aggregator(config.aggregation.mode, self.global_tensors, config.sketch_rank)
+        self.rules = rules.configured(config)
+        self.buffers = any(rule.buffers for rule in self.rules)
+        self._uniform = any(rule.uniform_weights for rule in self.rules)
         self._held = HeldUpdates(spill_dir) if self.buffers else None
-        self._pending: list[_Pending] = []
+        self._pending: list[Held] = []
         self._scales: dict[str, float] = {}  # digest -> clip scale of each update aggregated
         self._weight = 0.0
         self._signers: set[str] = set()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._finished = False
-        self._note = ""
 
     def weight(self, examples: int) -> float:
-        """Examples reported, capped; uniform under dp (each volunteer's sensitivity is the same)."""
-        return 1.0 if self.dp else float(min(examples, self.agg.max_examples_weight))
+        """Examples reported, capped; 1 for every update under a rule that wants uniform weights (dp)."""
+        return 1.0 if self._uniform else float(min(examples, self.cfg.aggregation.max_examples_weight))
 
     def offer(self, verdict: Verdict) -> None:
         """Take an accepted verdict; fold it now or hold it for `finish`. Drop the verdict afterwards."""
@@ -376,17 +317,18 @@ class RoundAggregator:
             raise RuntimeError("round already finished")
         if not verdict.accepted or verdict.tensors is None or verdict.manifest is None:
             raise ValueError(f"only accepted verdicts can be aggregated (got {verdict.reason!r})")
-        if verdict.signer in self._signers:
-            raise ValueError(f"signer {verdict.signer[:16]} already offered an update this round")
-        self._signers.add(verdict.signer)
-        weight, norm = self.weight(verdict.manifest.examples), float(verdict.delta_norm)
+        signer, digest = verdict.signer or "", verdict.update_digest
+        if signer in self._signers:
+            raise ValueError(f"signer {signer[:16]} already offered an update this round")
+        self._signers.add(signer)
+        weight, norm = self.weight(verdict.manifest.examples), float(verdict.delta_norm or 0.0)
         if self._held is not None:
-            self._held.add(verdict.update_digest, verdict.tensors)
-            self._pending.append(_Pending(verdict.update_digest, verdict.signer, weight, norm))
+            self._held.add(digest, verdict.tensors)
+            self._pending.append(Held(digest, signer, weight, norm))
             return
-        scale = clip_scale(norm, self.dp.clip_norm) if self.dp else 1.0
+        scale = math.prod(rule.scale(norm) for rule in self.rules)
         self.aggregator.add(verdict.tensors, weight, scale)
-        self._record(verdict.update_digest, weight, scale)
+        self._record(digest, weight, scale)
 
     def _record(self, digest: str, weight: float, scale: float) -> None:
         self._scales[digest] = scale
@@ -398,101 +340,50 @@ class RoundAggregator:
             raise RuntimeError("round already finished")
         self._finished = True
         metrics: dict[str, float] = {"admitted": float(len(self._signers))}
-        rejected: list[Rejection] = []
-        trimmed = None
-        try:
-            if self._held is not None:
-                keep = self._apply_rules(metrics, rejected)
-                trimmed = self._fold_held(keep, metrics)
-        finally:
-            if self._held is not None:
+        tally = Tally((), ())
+        if self._held is not None:
+            try:
+                tally = self._apply_rules(self._held, metrics)
+                metrics.update(tally.metrics)
+            finally:
                 self._held.close()
         need = self.cfg.round.min_volunteers
         if len(self._scales) < need:
             message = (
                 f"{len(self._scales)} of {len(self._signers)} admitted updates usable, {need} required"
-                f"{self._note}: keeping the previous version"
+                f"{tally.why_none}: keeping the previous version"
             )
             log.info("round not aggregated: %s", message)
-            return RoundOutcome(None, (), tuple(rejected), {}, metrics, "too_few", message)
-        tensors = self.aggregator.result() if trimmed is None else self._apply_delta(trimmed)
+            return RoundOutcome(None, (), tally.rejected, {}, metrics, "too_few", message)
+        tensors = self.aggregator.result() if tally.delta is None else self._apply_delta(tally.delta)
         metrics.update(
             aggregated=float(len(self._scales)),
             total_weight=self._weight,
             clipped=float(sum(s < 1 for s in self._scales.values())),
             **self.aggregator.metrics(),
         )
-        if self.dp:
-            std = self.dp.noise_multiplier * self.dp.clip_norm / len(self._scales)
-            privacy.add_gaussian_noise(tensors, self.aggregator.names, std, self._rng)
-            metrics["dp_noise_std"] = std
-        return RoundOutcome(tensors, tuple(self._scales), tuple(rejected), dict(self._scales), metrics)
+        for rule in self.rules:
+            metrics.update(rule.finish(tensors, self.aggregator.names, len(self._scales), self._rng))
+        return RoundOutcome(tensors, tuple(self._scales), tally.rejected, dict(self._scales), metrics)
 
-    def _apply_rules(self, metrics: dict[str, float], rejected: list[Rejection]) -> list[_Pending]:
-        """Free riders, then Multi-Krum; returns the updates to aggregate (possibly too few)."""
-        pending = self._pending
-        if not pending:
-            return []
-        median = float(np.median([p.norm for p in pending]))
-        metrics["median_norm"] = median
-        if self.agg.free_rider_ratio > 0:
-            floor = self.agg.free_rider_ratio * median
-            for p in pending:
-                if p.norm < floor:
-                    rejected.append(
-                        Rejection(
-                            p.digest,
-                            p.signer,
-                            "free_rider",
-                            f"delta norm {p.norm:.4g} is below {self.agg.free_rider_ratio} x "
-                            f"the round median {median:.4g}",
-                        )
-                    )
-            pending = [p for p in pending if p.norm >= floor]
-        if self.agg.robust == "krum":
-            f = self.agg.krum_f
-            if len(pending) <= 2 * f + 2:  # Krum cannot run: aggregate nothing rather than unprotected
-                self._note = f"; Multi-Krum with f = {f} needs more than {2 * f + 2} updates"
-                return []
-            kept = set(
-                multi_krum(
-                    self._held, [p.digest for p in pending], self.aggregator.names, self.global_tensors, f
-                )
-            )
-            for p in pending:
-                if p.digest not in kept:
-                    rejected.append(
-                        Rejection(
-                            p.digest,
-                            p.signer,
-                            "krum_outlier",
-                            f"among the {f} updates farthest from the others (Multi-Krum)",
-                        )
-                    )
-            pending = [p for p in pending if p.digest in kept]
-        return pending
-
-    def _fold_held(self, keep: list[_Pending], metrics: dict[str, float]) -> dict[str, np.ndarray] | None:
-        """Clip with the median bound and fold (or trimmed-mean) the kept updates."""
-        if len(keep) < self.cfg.round.min_volunteers:
-            return None
-        scales = [1.0] * len(keep)
-        if self.agg.clip == "median":
-            bound = self.agg.clip_factor * float(np.median([p.norm for p in keep]))
-            metrics["clip_bound"] = bound
-            scales = [clip_scale(p.norm, bound) for p in keep]
-        trimmed = None
-        if self.agg.robust == "trimmed_mean":
-            trim = math.floor(self.agg.trim_fraction * len(keep))
-            trimmed = trimmed_mean_deltas(
-                self._held, [p.digest for p in keep], self.aggregator.names, self.global_tensors, trim, scales
-            )
-            metrics["trimmed_per_side"] = float(trim)
-        for p, scale in zip(keep, scales, strict=True):
-            if trimmed is None:
-                self.aggregator.add(self._held.tensors(p.digest), p.weight, scale)
-            self._record(p.digest, p.weight, scale)
-        return trimmed
+    def _apply_rules(self, held: HeldUpdates, metrics: dict[str, float]) -> Tally:
+        """Run the rules on the held updates, then fold the kept ones (unless a rule combined them)."""
+        if not self._pending:
+            return Tally((), ())
+        metrics["median_norm"] = float(np.median([h.norm for h in self._pending]))
+        need = self.cfg.round.min_volunteers
+        view = HeldView(held, self.aggregator.names, self.global_tensors)
+        tally = Tally(tuple(self._pending), (1.0,) * len(self._pending))
+        for rule in self.rules:
+            if rule.needs_quorum and len(tally.kept) < need:
+                continue  # nothing will be aggregated: the rule has nothing to act on
+            tally = rule.apply(tally, view)
+        if len(tally.kept) >= need:
+            for h, scale in zip(tally.kept, tally.scales, strict=True):
+                if tally.delta is None:
+                    self.aggregator.add(held.tensors(h.digest), h.weight, scale)
+                self._record(h.digest, h.weight, scale)
+        return tally
 
     def _apply_delta(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}

@@ -21,9 +21,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from loracommons.protocol import modes
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.task import MODES, LoraSettings, RoundTask, TrainSettings
+from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +44,10 @@ class ConfigError(ValueError):
 
 
 def _key(default: Any, doc: str, unit: str = "", **checks: Any) -> Any:
-    """A config field: default, one-line doc, unit, and checks (choices, ge, gt, le, lt, nonempty)."""
+    """A config field: default, one-line doc, unit, and checks (choices, ge, gt, le, lt, nonempty).
+
+    `choices` may be a function returning them, asked at each validation (the mode registry).
+    """
     return field(default=default, metadata={"doc": doc, "unit": unit, **checks})
 
 
@@ -85,7 +89,7 @@ class AggregationSection:
     mode: str = _key(
         "ffa",
         "ffa: mean of B, A frozen; exact: rank-r SVD of mean B_i A_i; fedavg: separate means",
-        choices=MODES,
+        choices=modes.names,
     )
     max_examples_weight: int = _key(10_000, "cap on the examples an update's weight counts", "examples", ge=1)
     clip: str = _key(
@@ -193,13 +197,18 @@ def key_info(section_cls: type) -> dict[str, dict]:
     out = {}
     for f in fields(section_cls):
         meta = dict(_EXTERNAL[section_cls][f.name] if section_cls in _EXTERNAL else f.metadata)
-        meta["default"] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if callable(meta.get("choices")):
+            meta["choices"] = tuple(meta["choices"]())
+        factory = f.default_factory  # every key has a default or a factory
+        meta["default"] = f.default if f.default is not MISSING else factory() if callable(factory) else None
         out[f.name] = meta
     return out
 
 
-def _fail(section: str, key: str, value: Any, problem: str) -> ConfigError:
+def config_error(section: str, key: str, value: Any, problem: str) -> ConfigError:
+    """The one form of a config error: `[section] key = value: problem`."""
     return ConfigError(f"[{section}] {key} = {value!r}: {problem}")
+
 
 
 def _check_value(section: str, key: str, value: Any, meta: dict) -> None:
@@ -220,13 +229,15 @@ def _check_value(section: str, key: str, value: Any, meta: dict) -> None:
         ok = isinstance(value, str)
         kind = "a string"
     if not ok:
-        raise _fail(section, key, value, f"expected {kind}")
+        raise config_error(section, key, value, f"expected {kind}")
     if "choices" in meta and value not in meta["choices"]:
-        raise _fail(section, key, value, f"expected one of {', '.join(meta['choices'])}")
+        raise config_error(section, key, value, f"expected one of {', '.join(meta['choices'])}")
     if meta.get("nonempty") and not value:
-        raise _fail(section, key, value, "must not be empty")
+        raise config_error(section, key, value, "must not be empty")
     if "pattern" in meta and not meta["pattern"].match(value):
-        raise _fail(section, key, value, "expected 1-64 of a-z 0-9 . _ - starting with a letter or digit")
+        raise config_error(
+            section, key, value, "expected 1-64 of a-z 0-9 . _ - starting with a letter or digit"
+        )
     for check, holds, words in (
         ("ge", lambda v, b: v >= b, "at least"),
         ("gt", lambda v, b: v > b, "greater than"),
@@ -234,7 +245,7 @@ def _check_value(section: str, key: str, value: Any, meta: dict) -> None:
         ("lt", lambda v, b: v < b, "less than"),
     ):
         if check in meta and not holds(value, meta[check]):
-            raise _fail(section, key, value, f"expected {words} {meta[check]}")
+            raise config_error(section, key, value, f"expected {words} {meta[check]}")
 
 
 @dataclass(frozen=True)
@@ -309,73 +320,24 @@ class ProjectConfig:
 
 
 def _check_combinations(cfg: ProjectConfig) -> None:
-    """Refuse settings that contradict each other or where a rule would silently do nothing."""
-    rnd, agg, dp = cfg.round, cfg.aggregation, cfg.privacy
+    """Refuse settings that contradict each other or where a rule would silently do nothing
+    (each robust rule checks its own settings: coordinator.rules)."""
+    from loracommons.coordinator import rules  # rules builds on this module's ConfigError
+
+    rnd, agg = cfg.round, cfg.aggregation
     low = rnd.min_volunteers
     if low > rnd.volunteers_per_round:
-        raise _fail(
+        raise config_error(
             "round", "min_volunteers", low, f"exceeds volunteers_per_round = {rnd.volunteers_per_round}"
         )
-    if agg.robust == "trimmed_mean":
-        if agg.mode == "exact":
-            raise _fail(
-                "aggregation",
-                "robust",
-                agg.robust,
-                "not defined for mode = 'exact' (trimming factors coordinate-wise is not a mean of "
-                "B_i A_i); use krum or clip",
-            )
-        if math.floor(agg.trim_fraction * low) < 1:
-            raise _fail(
-                "aggregation",
-                "trim_fraction",
-                agg.trim_fraction,
-                f"trims floor({agg.trim_fraction} x {low}) = 0 updates at min_volunteers = {low}: "
-                "trimmed_mean would do nothing",
-            )
-    if agg.robust == "krum":
-        if agg.krum_f < 1:
-            raise _fail("aggregation", "krum_f", agg.krum_f, "krum with f = 0 keeps every update")
-        if low <= 2 * agg.krum_f + 2:
-            raise _fail(
-                "aggregation",
-                "krum_f",
-                agg.krum_f,
-                f"krum needs more than 2f+2 = {2 * agg.krum_f + 2} updates; min_volunteers = {low}",
-            )
-    if agg.clip == "median" and low < 3:
-        raise _fail(
-            "aggregation",
-            "clip",
-            agg.clip,
-            f"a median of fewer than 3 updates bounds nothing; min_volunteers = {low}",
-        )
-    if agg.free_rider_ratio > 0 and low < 2:
-        raise _fail(
-            "aggregation",
-            "free_rider_ratio",
-            agg.free_rider_ratio,
-            "one update is always its own median; needs min_volunteers >= 2",
-        )
     if agg.exact_sketch_rank and agg.exact_sketch_rank < cfg.lora.r:
-        raise _fail(
+        raise config_error(
             "aggregation",
             "exact_sketch_rank",
             agg.exact_sketch_rank,
             f"must be 0 or at least lora r = {cfg.lora.r}",
         )
-    if dp.dp:
-        if agg.mode == "exact":
-            raise _fail("privacy", "dp", True, "not supported with mode = 'exact' (use ffa or fedavg)")
-        if agg.robust != "none":
-            raise _fail("privacy", "dp", True, f"cannot be combined with robust = {agg.robust!r}")
-        if agg.clip != "none":
-            raise _fail(
-                "privacy",
-                "dp",
-                True,
-                "clips to [privacy] clip_norm; a median bound depends on private data: set clip = 'none'",
-            )
+    rules.validate(cfg)
     net = cfg.network
     ports = {
         "fleet_port": net.fleet_port,
@@ -384,7 +346,7 @@ def _check_combinations(cfg: ProjectConfig) -> None:
     seen: dict[int, str] = {}
     for key, port in ports.items():
         if port in seen:
-            raise _fail("network", key, port, f"already used by {seen[port]}")
+            raise config_error("network", key, port, f"already used by {seen[port]}")
         seen[port] = key
 
 

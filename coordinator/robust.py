@@ -1,12 +1,12 @@
 """Update geometry and robust rules: delta norms, median clipping, trimmed mean, Multi-Krum.
 
 An update's *delta* is taken against the global adapter it started from, in the
-space its mode averages:
+geometry its mode names (`Mode.norm`, protocol/modes.py):
 
-    ffa, fedavg   the flattened tensors it sends, minus the global's   (parameter space)
-    exact         B_i A_i - B_g A_g, summed over modules              (Frobenius, alpha/r excluded)
+    parameter   the flattened tensors it sends, minus the global's   (ffa, fedavg)
+    product     B_i A_i - B_g A_g, summed over modules              (exact; Frobenius, alpha/r excluded)
 
-The exact-mode norm comes from r x r Gram matrices of the factors, never from a
+The product norm comes from r x r Gram matrices of the factors, never from a
 d x k product. Multi-Krum and the trimmed mean work on flattened parameter
 deltas in every mode (in `exact`, the A and B deltas side by side; every
 volunteer starts from the same global factors, so they are comparable).
@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from loracommons.protocol import modes
 from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.modes import Mode
 
 _A, _B = ".lora_A.", ".lora_B."
 
@@ -47,12 +49,6 @@ def module_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     return {key.split("\0")[0]: (a_names[key], b_names[key]) for key in sorted(a_names)}
 
 
-def sent_names(global_names: Iterable[str], mode: str) -> list[str]:
-    """The tensors an update carries in `mode` (only B in ffa)."""
-    names = sorted(global_names)
-    return [n for n in names if _B in n] if mode == "ffa" else names
-
-
 def _f64(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
@@ -65,7 +61,7 @@ def product_delta_sq(b: np.ndarray, a: np.ndarray, b0: np.ndarray, a0: np.ndarra
 
 
 def delta_norm(
-    tensors: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.ndarray], mode: str
+    tensors: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.ndarray], mode: str | Mode
 ) -> float:
     """L2 norm of an update's delta against the global adapter (see the module doc).
 
@@ -73,7 +69,8 @@ def delta_norm(
     overflow only for a delta above ~1e19, and then the sum is redone in float64, where squares
     of float32 values cannot overflow. Admission relies on this as its finiteness check.
     """
-    if mode == "exact":  # float64 throughout: finite for finite float32 factors
+    geometry = (modes.get(mode) if isinstance(mode, str) else mode).norm
+    if geometry == "product":  # float64 throughout: finite for finite float32 factors
         total = 0.0
         for a_name, b_name in module_pairs(global_tensors).values():
             total += product_delta_sq(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from loracommons.protocol import modes
 from loracommons.protocol.canonical import canonical_json, parse_json
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.envelope import sha256_hex
 from loracommons.protocol.errors import Malformed, MissingField, UnknownField
 
-MODES = ("ffa", "exact", "fedavg")
 MAX_TASK_BYTES = 64 * 1024
 
 
@@ -109,8 +109,10 @@ class RoundTask:
         obj["lora"] = LoraSettings.from_dict(obj["lora"])
         obj["train"] = TrainSettings.from_dict(obj["train"])
         task = cls(**obj)
-        if task.mode not in MODES:
-            raise Malformed(f"round task mode {task.mode!r} not one of {MODES}")
+        try:
+            modes.get(task.mode)
+        except KeyError:
+            raise Malformed(f"round task mode {task.mode!r} not one of {modes.names()}") from None
         if not isinstance(task.payload_dtype, str) or task.payload_dtype not in DTYPES:
             raise Malformed(f"round task payload_dtype {task.payload_dtype!r} not one of {sorted(DTYPES)}")
         if not isinstance(task.round, int) or isinstance(task.round, bool) or task.round < 0:
@@ -130,9 +132,3 @@ class RoundTask:
             "payload_dtype": self.payload_dtype,
         }
 
-
-def update_tensor_names(adapter_names: list[str], mode: str) -> list[str]:
-    """Which tensors of the global adapter an update carries: only B in `ffa`."""
-    if mode == "ffa":
-        return sorted(n for n in adapter_names if ".lora_B." in n)
-    return sorted(n for n in adapter_names if ".lora_A." in n or ".lora_B." in n)

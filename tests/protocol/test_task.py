@@ -7,12 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loracommons.protocol import modes
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.codec import DTYPES, TensorSpec, encode_tensors
 from loracommons.protocol.envelope import Expected, UpdateManifest, sign_update, verify_update
 from loracommons.protocol.errors import Malformed, MissingField, UnknownField
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.task import MODES, LoraSettings, RoundTask, TrainSettings, update_tensor_names
+from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,7 +40,7 @@ round_tasks = st.builds(
     base_adapter_digest=st.binary(min_size=32, max_size=32).map(bytes.hex),
     base_model_id=st.sampled_from(["loracommons/demo-tiny", "/models/llama", "meta-llama/Llama-3.2-1B"]),
     base_model_revision=st.text(max_size=20),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(modes.names()),
     lora=lora_settings,
     train=train_settings,
     payload_dtype=st.sampled_from(sorted(DTYPES)),
@@ -203,7 +204,7 @@ def test_an_update_built_from_a_task_verifies(dtype):
         for m in task.lora.target_modules
         for ab in "AB"
     }
-    names = update_tensor_names(list(adapter), task.mode)
+    names = modes.get(task.mode).sent_names(adapter)
     spec = TensorSpec({n: adapter[n] for n in names}, frozenset({task.payload_dtype}))
     payload = encode_tensors({n: np.ones(adapter[n], np.float32) for n in names}, task.payload_dtype)
     env = sign_update(SigningKey.generate(), payload, **task.claims(), examples=10, steps=3, train_loss=0.5)
@@ -229,4 +230,4 @@ ADAPTER = [
     [("ffa", [ADAPTER[1], ADAPTER[2]]), ("exact", sorted(ADAPTER[:4])), ("fedavg", sorted(ADAPTER[:4]))],
 )
 def test_update_tensor_names(mode, expected):
-    assert update_tensor_names(ADAPTER, mode) == expected
+    assert modes.get(mode).sent_names(ADAPTER) == expected

@@ -1,0 +1,74 @@
+"""The quality bench measures the product's round: `federate` goes through `coordinator.round.Round`.
+
+Volunteers are stand-ins here (numpy updates, each signed with its own key) so that the
+test needs no model: what it checks is the coordinator side of the bench.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loracommons.coordinator.initial import decode_adapter
+from loracommons.coordinator.round import Round
+from loracommons.protocol import modes
+from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.envelope import sign_update
+from loracommons.protocol.identity import SigningKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+quality_bench = pytest.importorskip("quality_bench")
+
+
+class StandIn:
+    """Signs a noisy copy of the global's sent tensors, as a volunteer's update."""
+
+    def __init__(self, seed: int, on_sent) -> None:  # noqa: ANN001
+        self.key, self.rng, self.on_sent = SigningKey.generate(), np.random.default_rng(seed), on_sent
+
+    def run_round(self, task, data: bytes):  # noqa: ANN001, ANN201
+        g = decode_adapter(data)
+        tensors = {
+            n: (g[n] + 0.01 * self.rng.standard_normal(g[n].shape)).astype(np.float32)
+            for n in modes.get(task.mode).sent_names(g)
+        }
+        payload = encode_tensors(tensors, dtype=task.payload_dtype)
+        self.on_sent("sent", {"train_loss": 1.0, "seconds": 0.01})
+        return sign_update(self.key, payload, **task.claims(), examples=20, steps=1, train_loss=1.0)
+
+
+@pytest.mark.parametrize("method", ["ffa", "exact", "ffa-bf16"])
+def test_federate_drives_the_products_round(method, tmp_path, monkeypatch):
+    offered: list[str] = []
+    real_offer = Round.offer
+
+    def spy(self, envelope):  # noqa: ANN001, ANN202
+        record = real_offer(self, envelope)
+        offered.append(record.reason)
+        return record
+
+    monkeypatch.setattr(Round, "offer", spy)
+    monkeypatch.setattr(
+        quality_bench,
+        "make_volunteers",
+        lambda participants, work, on_sent: [StandIn(i, on_sent) for i, _ in enumerate(participants)],
+    )
+
+    def evaluate(tensors, em):  # noqa: ANN001, ANN202
+        return {"per_skill": {}, "mean_heldout_loss": 1.0, **({"mean_exact_match": 0.0} if em else {})}
+
+    settings = quality_bench.Settings(rounds=2, steps=1, em_every=0)
+    participants = [{"name": f"v{i}", "data": ""} for i in range(3)]
+    quiet = lambda line: None  # noqa: E731
+    out = quality_bench.federate(
+        quality_bench.BY_NAME[method], participants, 1, settings, evaluate, tmp_path, method, quiet
+    )
+    assert offered == ["accepted"] * 6
+    assert len(out["rounds"]) == 2 and out["payload_dtype"] in ("float32", "bfloat16")
+    for row in out["rounds"]:
+        exactness = row["exactness"]  # exact: the best rank-r cut of the mean; ffa: the mean itself
+        assert exactness["rel_frobenius_error"] <= exactness["best_rank_r_rel_error"] + 1e-3
+        assert row["bytes_up_per_volunteer"] > 0
