@@ -119,16 +119,17 @@ def adapter_sizes() -> dict:
     """Float counts of A and B and the byte sizes of the demo project's global adapter and ffa payload."""
     from loracommons.coordinator.config import ProjectConfig
     from loracommons.coordinator.initial import build_initial_adapter
+    from loracommons.protocol import modes
     from loracommons.protocol.codec import encode_tensors
-    from loracommons.protocol.task import update_tensor_names
+    from loracommons.protocol.lora import DEMO_MODEL_ID
 
     cfg = ProjectConfig.from_dict(
-        project_overrides(1, 1) | {"project": {"base_model": "loracommons/demo-tiny"}}
+        project_overrides(1, 1) | {"project": {"base_model": DEMO_MODEL_ID}}
     )
     tensors = build_initial_adapter(cfg)
     a = sum(v.size for k, v in tensors.items() if ".lora_A." in k)
     b = sum(v.size for k, v in tensors.items() if ".lora_B." in k)
-    payload = encode_tensors({k: tensors[k] for k in update_tensor_names(list(tensors), "ffa")})
+    payload = encode_tensors({k: tensors[k] for k in modes.get("ffa").sent_names(tensors)})
     return {
         "a_floats": int(a),
         "b_floats": int(b),
@@ -158,11 +159,12 @@ def project_overrides(rounds: int, steps: int) -> dict:
 def run_loracommons(work: Path, rounds: int, steps: int, timeout: float, log) -> dict:  # noqa: ANN001
     from loracommons.coordinator.config import init_project
     from loracommons.demo.skills import make_examples
+    from loracommons.protocol.lora import DEMO_MODEL_ID
 
     project = work / "project"
     init_project(
         project,
-        "loracommons/demo-tiny",
+        DEMO_MODEL_ID,
         name="overhead bench",
         mode="ffa",
         **project_overrides(rounds, steps),

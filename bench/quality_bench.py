@@ -43,6 +43,7 @@ import benchlib
 import numpy as np
 
 from loracommons.demo.community import TARGETS, DemoSettings
+from loracommons.protocol.lora import DEMO_MODEL_ID
 
 DEMO = DemoSettings()
 FFA_LR = DEMO.learning_rate
@@ -52,7 +53,6 @@ FULL_LORA_LR = 3e-3
 SEQ_LEN = 64
 WARMUP_STEPS = 5
 DEFAULT_OUT = benchlib.RESULTS / "quality.json"
-DEMO_MODEL = "loracommons/demo-tiny"
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def project_config(method: Method, steps: int, participants: int, s: Settings): 
 
     return ProjectConfig.from_dict(
         {
-            "project": {"id": "bench-quality", "base_model": DEMO_MODEL, "seed": s.seed},
+            "project": {"id": "bench-quality", "base_model": DEMO_MODEL_ID, "seed": s.seed},
             "lora": {"r": DEMO.lora_r, "alpha": float(2 * DEMO.lora_r), "target_modules": list(TARGETS)},
             "train": {
                 "max_steps": steps,
@@ -133,7 +133,7 @@ class Evaluator:
 
         self.lora = lora
         self.heldout = heldout
-        self.base, self.tokenizer = load_base(DEMO_MODEL, device="cpu")
+        self.base, self.tokenizer = load_base(DEMO_MODEL_ID, device="cpu")
 
     def __call__(self, tensors: dict[str, np.ndarray], em: bool) -> dict:
         from loracommons.client.evaluate import exact_match, heldout_loss

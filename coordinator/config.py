@@ -24,6 +24,7 @@ from typing import Any
 from loracommons.protocol import modes
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.lora import DEMO_MODEL_ID
 from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
 
 if sys.version_info >= (3, 11):
@@ -62,7 +63,7 @@ class ProjectSection:
         "LoRA Commons project", "display name shown on the dashboard and model cards", nonempty=True
     )
     base_model: str = _key(
-        "loracommons/demo-tiny", "Hugging Face model id or local folder of the base model", nonempty=True
+        DEMO_MODEL_ID, "Hugging Face model id or local folder of the base model", nonempty=True
     )
     base_model_revision: str = _key(
         "main", "revision (branch, tag or commit) of the base model", nonempty=True

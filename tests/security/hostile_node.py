@@ -46,11 +46,12 @@ import time
 import numpy as np
 
 from loracommons.client import volunteer as volunteer_module
+from loracommons.protocol import modes
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.codec import decode_tensors, encode_tensors
 from loracommons.protocol.envelope import Envelope, sign_update
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.task import RoundTask, update_tensor_names
+from loracommons.protocol.task import RoundTask
 
 _real_run_round = volunteer_module.Volunteer.run_round
 _state: dict = {"rounds": 0}
@@ -77,7 +78,7 @@ def tensors_of(envelope: Envelope) -> dict[str, np.ndarray]:
 def global_sent(task: RoundTask, adapter_bytes: bytes) -> dict[str, np.ndarray]:
     """The global adapter's tensors that an update carries in this round's mode."""
     adapter = decode_tensors(adapter_bytes, max_bytes=1 << 30)
-    return {n: np.array(adapter[n], dtype=np.float32) for n in update_tensor_names(list(adapter), task.mode)}
+    return {n: np.array(adapter[n], dtype=np.float32) for n in modes.get(task.mode).sent_names(adapter)}
 
 
 def untrained(volunteer, task: RoundTask, tensors: dict[str, np.ndarray]) -> Envelope:  # noqa: ANN001
