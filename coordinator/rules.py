@@ -7,7 +7,8 @@ and the configuration picks which ones run. A rule says
     configured(cfg)   whether the project turned it on
     validate(cfg)     ConfigError naming the key and value where it would silently do nothing
     buffers           whether it needs every update of the round held until the end
-    scale(norm)       streaming rounds: the clip scale of one update as it arrives
+    scale(norm)       a fixed clip bound's scale of one update: as it arrives when streaming, and
+                      as the starting scale of each held update when buffering (never skipped)
     apply(tally, ..)  at the end, before folding: reject, re-scale or combine the held updates
     finish(..)        after folding: change the new tensors (noise), return metrics
 
@@ -209,7 +210,7 @@ class MedianClip(Rule):
 
     def apply(self, tally: Tally, view: HeldView) -> Tally:
         bound = self.cfg.aggregation.clip_factor * _median(tally.kept)
-        scales = tuple(clip_scale(h.norm, bound) for h in tally.kept)
+        scales = tuple(s * clip_scale(h.norm, bound) for h, s in zip(tally.kept, tally.scales, strict=True))
         return replace(tally, scales=scales).with_metrics(clip_bound=bound)
 
 
