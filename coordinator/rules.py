@@ -330,7 +330,7 @@ def protections(cfg: ProjectConfig) -> list[str]:
             "to it (a x100 update counts as a normal one)"
         )
     if dp.dp:
-        lines.append(f"dp: every delta is clipped to clip_norm = {dp.clip_norm:g}, Gaussian noise on the mean")
+        lines.append(f"dp: every delta is clipped to clip_norm = {dp.clip_norm:g}, noise on the mean")
     if agg.robust != "none":
         lines.append(f"robust = {agg.robust}: outlying updates (or coordinates) are dropped")
     if agg.max_norm > 0:

@@ -65,7 +65,8 @@ def test_every_dp_configuration_clips_to_clip_norm(agg):
     outcome, norms = _round(_cfg(**agg), g, updates)
     assert min(norms) > 50 * CLIP
     assert outcome.tensors is not None and len(outcome.aggregated) == 5
-    assert all(scale <= CLIP / n * 1.0001 for scale, n in zip(outcome.clip_scales.values(), norms, strict=True))
+    scales = outcome.clip_scales.values()
+    assert all(scale <= CLIP / n * 1.0001 for scale, n in zip(scales, norms, strict=True))
     assert outcome.metrics["clipped"] == 5
     # the mean of clipped deltas has norm <= clip_norm (noise is ~0 here)
     assert delta_norm({n: outcome.tensors[n] for n in updates[0]}, g, mode) <= CLIP * 1.001

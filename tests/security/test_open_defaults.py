@@ -17,8 +17,8 @@ import pytest
 from loracommons.coordinator.config import OPEN_MAX_EXAMPLES_WEIGHT, ProjectConfig, init_project, load_config
 from loracommons.coordinator.robust import delta_norm
 from loracommons.coordinator.rules import protections
-from tests.coordinator.test_aggregation import _run_round
 from tests.coordinator.conftest import make_global, make_update
+from tests.coordinator.test_aggregation import _run_round
 from tests.e2e.procs import cli
 
 
@@ -59,7 +59,7 @@ def test_init_prints_its_protective_defaults(tmp_path):
 
 @pytest.mark.parametrize("mode", ["ffa", "exact", "fedavg"])
 def test_two_updates_one_x100_is_clipped_to_twice_the_honest_one(mode):
-    """min_volunteers = 2 (the default): the bound is 2 x the smaller norm, which the attacker cannot raise."""
+    """min_volunteers = 2 (the default): the bound is 2 x the smaller norm; the attacker cannot raise it."""
     rng = np.random.default_rng(1)
     g = make_global(rng)
     honest = make_update(g, mode, rng)
