@@ -410,6 +410,20 @@ def _slug(text: str) -> str:
     return slug[:48] or "project"
 
 
+OPEN_MAX_EXAMPLES_WEIGHT = 256
+"""init's weight cap for an open project: a claim of 10,000 examples counts as 256 at most."""
+
+
+def _open_project_defaults(obj: dict[str, dict[str, Any]]) -> None:
+    """Where the caller did not choose: an open project bounds each update (median clipping, unless
+    dp clips, or min_volunteers = 1 leaves no median) and caps the weight of claimed examples."""
+    agg = obj["aggregation"]
+    agg.setdefault("max_examples_weight", OPEN_MAX_EXAMPLES_WEIGHT)
+    low = obj.get("round", {}).get("min_volunteers", RoundSection.min_volunteers)
+    if "clip" not in agg and not obj.get("privacy", {}).get("dp", False) and low >= 2:
+        agg["clip"] = "median"
+
+
 def init_project(
     directory: str | Path,
     base_model: str,
@@ -421,7 +435,9 @@ def init_project(
 ) -> ProjectConfig:
     """Create a project folder: `project.toml` (documented) and the coordinator release key.
 
-    `overrides` maps a section to key values, e.g. `round={"min_volunteers": 1}`.
+    `overrides` maps a section to key values, e.g. `round={"min_volunteers": 1}`. An open project
+    gets protective defaults for the keys not given (`_open_project_defaults`; what is in force:
+    `rules.protections`).
     Refuses a folder that already holds a project.
     """
     directory = Path(directory)
@@ -438,6 +454,8 @@ def init_project(
     }
     obj["project"] = {**project, **obj.get("project", {})}
     obj["aggregation"] = {"mode": mode, **obj.get("aggregation", {})}
+    if obj["project"]["membership"] == "open":
+        _open_project_defaults(obj)
     cfg = ProjectConfig.from_dict(obj)
     directory.mkdir(parents=True, exist_ok=True)
     SigningKey.generate("coordinator").save(directory / RELEASE_KEY)
