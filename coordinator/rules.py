@@ -145,6 +145,16 @@ class FreeRiders(Rule):
                 cfg.aggregation.free_rider_ratio,
                 "one update is always its own median; needs min_volunteers >= 2",
             )
+        if cfg.privacy.dp:
+            # The floor is a median of every update's norm: one volunteer's data decides whether
+            # another's update counts, which the Gaussian mechanism's accounting does not cover.
+            raise config_error(
+                "aggregation",
+                "free_rider_ratio",
+                cfg.aggregation.free_rider_ratio,
+                "cannot be combined with [privacy] dp: the round median it compares against depends "
+                "on every volunteer's data, so the reported epsilon would understate the privacy loss",
+            )
 
     def apply(self, tally: Tally, view: HeldView) -> Tally:
         ratio = self.cfg.aggregation.free_rider_ratio

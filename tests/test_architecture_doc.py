@@ -19,8 +19,8 @@ def test_every_file_the_architecture_names_exists():
 
 def test_every_product_module_is_in_the_architecture():
     text = (ROOT / "ARCHITECTURE.md").read_text()
-    modules = [p for folder in ("protocol", "client", "coordinator") for p in sorted((ROOT / folder).glob("*.py"))
-               if p.name != "__init__.py"]
+    folders = ("protocol", "client", "coordinator")
+    modules = [p for f in folders for p in sorted((ROOT / f).glob("*.py")) if p.name != "__init__.py"]
     missing = [str(p.relative_to(ROOT)) for p in modules if p.name not in text]
     assert missing == [], "ARCHITECTURE.md says nothing of these modules"
 
