@@ -131,7 +131,7 @@ class NodeRunner:
                     reply = client_app(message=message, context=context)
                     completed, details, outcome = True, "", "completed"
                 except WrongProject as exc:  # a task relayed from another project: nothing signed
-                    log.error("%s", exc)
+                    log.info("%s", exc)  # the volunteer reads it once, from on_event
                     self.on_event("refused", {"reason": str(exc)})
                     reply = failure(message, str(exc))
                     details, outcome = str(exc), "refused"

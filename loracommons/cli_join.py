@@ -83,7 +83,7 @@ class JoinView:
                      "waiting for a round")
         elif state == "unreachable":
             self.say(f"cannot connect to {details['superlink']}: {details['error']}; retrying by itself "
-                     f"(next try in {details['in_seconds']:.0f} s; SuperNode log {details['log']})")
+                     f"(next try in {details['in_seconds']:.1f} s; SuperNode log {details['log']})")
         elif state == "flower_home":
             self.say(f"another node runs in {details['taken']}; this one keeps its Flower files in "
                      f"{details['path']}")

@@ -125,7 +125,7 @@ def test_node_config_carries_the_caps(tmp_path):
         load_volunteer({**config, "max-steps": "0"})
 
 
-def test_a_round_trains_within_the_caps_and_says_so(model_dir, global_adapter, make_volunteer, spy):
+def test_a_round_trains_within_the_caps_and_says_so(model_dir, global_adapter, make_volunteer, spy):  # noqa: F811
     adapter_bytes = encode_tensors(global_adapter)
     volunteer = make_volunteer()
     volunteer.settings = NodeSettings(**{**volunteer.settings.__dict__, "max_steps": 2, "max_batch_size": 2})

@@ -3,20 +3,27 @@ machine (issue 15, items 14-16): real `loracommons` processes on 127.0.0.1."""
 
 from __future__ import annotations
 
-import tomllib
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.client import skill_records, write_jsonl
 from tests.e2e.conftest import FAST_ROUNDS, make_project, volunteer_data
-from tests.e2e.procs import BIN, free_port, read_json, status, wait_for
+from tests.e2e.procs import BIN, LC, free_port, read_json, status, wait_for
 from tests.e2e.test_join_cli import one_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
-def project_id(project) -> str:  # noqa: ANN001
+def project_id(project: Path) -> str:
     return tomllib.loads((project / "project.toml").read_text())["project"]["id"]
+
+
+def join_args(port: int, data: Path, identity: Path, status_file: Path) -> list[str]:
+    """`loracommons join` as `Processes.join` runs it, leaving FLWR_HOME to the caller."""
+    return [*LC, "join", f"127.0.0.1:{port}", "--data", str(data), "--identity", str(identity),
+            "--insecure", "--threads", "1", "--status-file", str(status_file)]
 
 
 def test_an_unreachable_coordinator_is_said_and_then_the_connection(tmp_path, procs):
@@ -73,7 +80,7 @@ def test_two_nodes_under_one_flower_home_both_work(tmp_path, procs, tiny_base):
     coordinator = procs.coordinator(project, port, http_port)
     shared = {"FLWR_HOME": str(tmp_path / "one-flwr-home")}
     data = volunteer_data(tmp_path, 2)
-    nodes = [procs.start([*procs_join_args(port, data[i], tmp_path / f"id{i}", tmp_path / f"vol{i}.json")],
+    nodes = [procs.start(join_args(port, data[i], tmp_path / f"id{i}", tmp_path / f"vol{i}.json"),
                          f"vol{i}.log", env=shared) for i in range(2)]
     wait_for(lambda: coordinator.poll() is not None, 200, "the round", procs=nodes)
     assert coordinator.returncode == 0, procs.log("coordinator.log") + procs.log("vol0.log") + procs.log(
@@ -84,9 +91,3 @@ def test_two_nodes_under_one_flower_home_both_work(tmp_path, procs, tiny_base):
     assert f"another node runs in {tmp_path / 'one-flwr-home'}" in logs, logs
     assert (tmp_path / "one-flwr-home" / "node-2" / "runtime.secret").exists()
 
-
-def procs_join_args(port: int, data, identity, status_file) -> list[str]:  # noqa: ANN001
-    from tests.e2e.procs import LC
-
-    return [*LC, "join", f"127.0.0.1:{port}", "--data", str(data), "--identity", str(identity),
-            "--insecure", "--threads", "1", "--status-file", str(status_file)]
