@@ -43,6 +43,8 @@ TRAIN_BOUNDS: dict[str, dict] = {
     "seq_len": {"ge": 8, "le": 1 << 20},
     "seed": {"ge": 0, "le": 2**32},
 }
+MAX_ROUND = 2**31 - 1
+"""Far beyond any project's life; keeps the per-round seeds a volunteer derives within range."""
 PAYLOAD_BOUNDS: dict[str, int] = {"ge": 1024, "le": 1 << 40}
 """`max_payload_bytes` of a task ([limits] in the project file)."""
 
@@ -58,18 +60,33 @@ def bound_problem(value: object, bounds: dict) -> str | None:
     return None
 
 
+def _shown(value: object) -> str:
+    """A value for an error line: short, and safe for an integer of thousands of digits."""
+    try:
+        return repr(value)[:40]
+    except ValueError:  # int -> str conversion limit
+        return f"<{type(value).__name__} too large to show>"
+
+
+def _finite(value: object) -> bool:
+    try:  # a 400-digit integer is not a float either
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _check_number(what: str, name: str, value: object, default: object, bounds: dict) -> None:
     if isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
         kind = "an integer"
     else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = _finite(value)
         kind = "a finite number"
     if not ok:
-        raise Malformed(f"{what} {name} = {str(value)[:40]!r}: expected {kind}")
+        raise Malformed(f"{what} {name} = {_shown(value)}: expected {kind}")
     problem = bound_problem(value, bounds)
     if problem:
-        raise Malformed(f"{what} {name} = {value!r}: {problem}")
+        raise Malformed(f"{what} {name} = {_shown(value)}: {problem}")
 
 
 def _check_bounded(cls: type, obj: dict, bounds: dict[str, dict], what: str) -> None:
@@ -123,7 +140,7 @@ class LoraSettings:
         modules = obj.get("target_modules", ())
         if isinstance(modules, list) and (not modules or len(modules) > 256
                                           or not all(isinstance(m, str) and m for m in modules)):
-            raise Malformed(f"lora target_modules: expected 1-256 module names, got {str(modules)[:80]}")
+            raise Malformed(f"lora target_modules: expected 1-256 module names, got {_shown(modules)}")
         try:
             return cls(**obj)
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a 400-digit alpha
@@ -182,14 +199,15 @@ class RoundTask:
             raise Malformed(f"round task mode {task.mode!r} not one of {modes.names()}") from None
         if not isinstance(task.payload_dtype, str) or task.payload_dtype not in DTYPES:
             raise Malformed(f"round task payload_dtype {task.payload_dtype!r} not one of {sorted(DTYPES)}")
-        if not isinstance(task.round, int) or isinstance(task.round, bool) or task.round < 0:
-            raise Malformed(f"round task round {task.round!r} must be a non-negative integer")
+        rnd = task.round
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= MAX_ROUND:
+            raise Malformed(f"round task round {_shown(rnd)} must be an integer from 0 to {MAX_ROUND}")
         return task
 
     def _check_plain_fields(self) -> None:
         """Types and shapes of the fields that are not settings: what a hostile coordinator could bend."""
         if not isinstance(self.project_id, str) or not PROJECT_ID_RE.match(self.project_id):
-            raise Malformed(f"round task project_id {str(self.project_id)[:80]!r}: expected 1-64 of "
+            raise Malformed(f"round task project_id {_shown(self.project_id)}: expected 1-64 of "
                             "a-z 0-9 . _ - starting with a letter or digit")
         for name, longest in (("nonce", 128), ("base_model_id", 4096), ("base_model_revision", 256)):
             value = getattr(self, name)

@@ -72,6 +72,7 @@ ABSURD = {
     "nonce-list": {"nonce": ["a"]},
     "model-empty": {"base_model_id": ""},
     "extra-list": {"extra": [1]},
+    "round-1e30": {"round": 10**30},
 }
 
 
