@@ -233,6 +233,16 @@ def test_open_round_progress_contributions_and_reasons_per_round(served):
     assert "No round is open." in client.get("/").text
 
 
+def test_dashboard_escapes_names_and_reasons(served):
+    client, _, store = served
+    key = SigningKey.generate("volunteer").public
+    store.register_volunteer(key, "<script>alert(1)</script>")
+    store.record_update(4, key.fingerprint, "rejected", reason='<img src=x onerror="y">')
+    page = client.get("/").text
+    assert "<script" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x" in page
+
+
 def test_dashboard_leads_with_the_federated_evaluation(served):
     client, _, _ = served
     page = client.get("/").text
