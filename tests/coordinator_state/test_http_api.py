@@ -233,6 +233,18 @@ def test_open_round_progress_contributions_and_reasons_per_round(served):
     assert "No round is open." in client.get("/").text
 
 
+def test_dashboard_before_any_federated_evaluation_shows_train_loss(tmp_path: Path):
+    store = Store(tmp_path)
+    store.open_round(1, "n1", base_version=0, sampled=2)
+    store.record_update(1, volunteer_fp(1), "admitted", examples=10, train_loss=2.0)
+    store.close_round(1, "aggregated")
+    with TestClient(create_app(tmp_path, store, info=PROJECT)) as client:
+        page = client.get("/").text
+    store.close()
+    assert "No federated evaluation reported yet" in page and 'id="eval-latest"' not in page
+    assert page.count("<polyline") == 1 and 'data-series="train loss" data-round="1" data-value="2"' in page
+
+
 def test_dashboard_escapes_names_and_reasons(served):
     client, _, store = served
     key = SigningKey.generate("volunteer").public
