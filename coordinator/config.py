@@ -80,6 +80,10 @@ class ProjectSection:
     membership: str = _key(
         "open", "open: any key may contribute; allowlist: only registered keys", choices=MEMBERSHIPS
     )
+    license: str = _key(
+        "other", "license of the released adapters, written in the model card (an SPDX id, or other)",
+        nonempty=True,
+    )
 
 
 @dataclass(frozen=True)
