@@ -21,16 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from loracommons.coordinator import privacy
-from loracommons.coordinator.admission import admit, context_for, expected_for
-from loracommons.coordinator.aggregation import RoundAggregator
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
 from loracommons.coordinator.initial import decode_adapter, initial_adapter
 from loracommons.coordinator.releases import publish_release, reconcile
+from loracommons.coordinator.round import Round, UpdateRecord
 from loracommons.coordinator.rows import RoundRow
 from loracommons.coordinator.store import Store, new_nonce
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import Envelope, sha256_hex
-from loracommons.protocol.errors import ProtocolError
+from loracommons.protocol.errors import ProtocolError, Reason
 from loracommons.protocol.flower_app import read_envelope, task_content
 from loracommons.protocol.flower_timing import quick_object_pulls
 from loracommons.protocol.identity import SigningKey
@@ -147,19 +146,14 @@ class Coordinator:
         self.store.open_round(r, nonce, base_version=latest.version if latest else 0,
                               sampled=len(sampled), base_adapter_digest=current.digest)
         self.on_event("round_open", {"round": r, "sampled": len(sampled), "connected": len(nodes)})
-        task_json = cfg.task(r, nonce, current.digest).to_bytes()
-        expected = expected_for(cfg, r, nonce, current.tensors, current.digest)
-        admitted: set[str] = set()
         membership = cfg.project.membership
-        ctx = context_for(
-            cfg, expected, current.tensors,
+        rnd = Round(
+            cfg, r, nonce, current.tensors, current.digest,
             allowlist=self.store.registered_fingerprints() if membership == "allowlist" else frozenset(),
-            banned=self.store.banned_fingerprints(), admitted=admitted,
+            banned=self.store.banned_fingerprints(), spill_dir=self.spill_dir,
         )
-        self.spill_dir.mkdir(exist_ok=True)
-        aggregator = RoundAggregator(cfg, current.tensors, spill_dir=self.spill_dir)
         messages = [
-            Message(task_content(task_json, current.data, self._notes.pop(node, None)),
+            Message(task_content(rnd.task_bytes, current.data, self._notes.pop(node, None)),
                     dst_node_id=node, message_type="train", group_id=str(r))
             for node in sampled
         ]
@@ -174,59 +168,43 @@ class Coordinator:
                 if mid in self._late:
                     self._record_late(r, reply, *self._late.pop(mid))
                 elif mid in waiting:
-                    self._handle(r, waiting.pop(mid), reply, ctx, aggregator, admitted)
+                    self._handle(r, waiting.pop(mid), reply, rnd)
             if waiting:
                 self.stop.wait(pace.interval())
         for mid, node in waiting.items():  # stragglers: their replies are refused if they come
             self._late[mid] = (r, node)
             self._notes[node] = {"round": r, "outcome": "missed", "reason": "no reply before the timeout"}
-        return self._close(r, aggregator)
+        return self._close(r, rnd)
 
-    def _handle(self, r: int, node: int, reply, ctx, aggregator: RoundAggregator,  # noqa: ANN001
-                admitted: set[str]) -> None:
+    def _handle(self, r: int, node: int, reply, rnd: Round) -> None:  # noqa: ANN001 (flwr Message)
         """Admit one reply; whatever it holds, the round goes on."""
         try:
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
-                self.store.record_update(r, None, "rejected", reason="volunteer_error", message=reason[:500])
+                self._record(r, UpdateRecord.failed(Reason.VOLUNTEER_ERROR, reason[:500]))
                 self._notes[node] = {"round": r, "outcome": "failed", "reason": reason[:200]}
-                self.on_event("update", {"round": r, "accepted": False, "reason": "volunteer_error"})
                 return
             try:
-                envelope = Envelope(*read_envelope(reply.content, ctx.expected.max_payload_bytes))
+                envelope = Envelope(*read_envelope(reply.content, rnd.max_payload_bytes))
             except ProtocolError as exc:
-                self.store.record_update(r, None, "rejected", reason=exc.reason, message=str(exc))
-                self.on_event("update", {"round": r, "accepted": False, "reason": exc.reason})
+                self._record(r, UpdateRecord.failed(exc.reason, str(exc)))
                 return
-            verdict = admit(envelope, ctx)
-            manifest = verdict.manifest
-            reason = "" if verdict.accepted else verdict.reason
-            message, examples = verdict.message, manifest.examples if manifest else 0
-            cap = self.cfg.aggregation.max_examples_weight
-            if examples > cap:  # the claim buys no weight, credit or say in the round's train loss
-                message, examples = f"{message}; claims {examples} examples, counted as {cap}", cap
-                reason = reason or "weight_capped"
-            self.store.record_update(
-                r, verdict.signer, "admitted" if verdict.accepted else "rejected",
-                reason=reason, message=message,
-                update_digest=verdict.update_digest,
-                examples=examples,
-                train_loss=manifest.train_loss if manifest else None,
-                nbytes=len(envelope.payload), public_key=manifest.signer if manifest else None,
-            )
-            self._notes[node] = {"round": r, "outcome": "admitted" if verdict.accepted else "rejected",
-                                 "reason": verdict.reason, "digest": verdict.update_digest[:16]}
-            self.on_event("update", {"round": r, "accepted": verdict.accepted, "reason": verdict.reason,
-                                     "signer": (verdict.signer or "")[:16]})
-            if verdict.accepted:
-                admitted.add(verdict.signer)
-                aggregator.offer(verdict)
+            record = rnd.offer(envelope)
+            self._record(r, record)
+            self._notes[node] = record.note(r)
         except Exception as exc:  # a bug must not end the round for everyone else
             log.exception("handling a reply of round %d failed", r)
             try:
                 self.store.record_update(r, None, "rejected", reason="internal_error", message=str(exc)[:500])
             except Exception:
                 log.exception("could not record the failure")
+
+    def _record(self, r: int, record: UpdateRecord) -> None:
+        self.store.record_update(r, record.signer, record.outcome, **record.store_fields())
+        event = {"round": r, "accepted": record.accepted, "reason": str(record.reason)}
+        if record.update_digest is not None:
+            event["signer"] = (record.signer or "")[:16]
+        self.on_event("update", event)
 
     def _record_late(self, r: int, reply, old_round: int, node: int) -> None:  # noqa: ANN001
         signer = None
@@ -244,23 +222,19 @@ class Coordinator:
                                  message=f"update for round {old_round} arrived after that round closed")
         self.on_event("update", {"round": r, "accepted": False, "reason": "late"})
 
-    def _close(self, r: int, aggregator: RoundAggregator) -> RoundRow:
-        outcome = aggregator.finish()
+    def _close(self, r: int, rnd: Round) -> RoundRow:
+        outcome = rnd.close()
         for rejection in outcome.rejected:
             self.store.reject_admitted(r, rejection.update_digest, rejection.reason, rejection.message)
-        bound = outcome.metrics.get("clip_bound", self.cfg.privacy.clip_norm)
-        for digest, scale in outcome.clip_scales.items():
-            if scale < 1:  # admitted, but neutralized: recorded so that status shows which and why
-                self.store.annotate_admitted(r, digest, "clipped",
-                                             f"delta scaled by {scale:.3g} to the clip bound {bound:.4g}")
+        for note in outcome.annotations:  # admitted, but neutralized: status shows which and why
+            self.store.annotate_admitted(r, note.update_digest, note.reason, note.message)
         if outcome.tensors is None:
             row = self.store.close_round(r, "skipped", note=outcome.message)
             self.on_event("round_closed", {"round": r, "status": "skipped", "note": outcome.message})
             return row
         data = encode_tensors(outcome.tensors)
         digest = self.store.blobs.put(data)
-        note = ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.metrics.items()))
-        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=note)
+        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=outcome.note)
         self.global_adapter = GlobalAdapter.from_bytes(data)
         self.on_event("round_closed", {"round": r, "status": "aggregated", "admitted": row.admitted,
                                        "rejected": row.rejected, "train_loss": row.train_loss})
