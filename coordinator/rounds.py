@@ -14,7 +14,6 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,17 @@ import numpy as np
 
 from loracommons.coordinator import privacy
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
+from loracommons.coordinator.events import (
+    Finished,
+    OnEvent,
+    PrivacyBudgetSpent,
+    Published,
+    Resumed,
+    RoundClosed,
+    RoundOpened,
+    UpdateHandled,
+    Waiting,
+)
 from loracommons.coordinator.initial import decode_adapter, initial_adapter
 from loracommons.coordinator.releases import publish_release, reconcile
 from loracommons.coordinator.round import Round, UpdateRecord
@@ -38,7 +48,6 @@ from loracommons.protocol.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
-OnEvent = Callable[[str, dict], None]
 POLL_SECONDS = 0.5
 """Longest wait between two asks for replies; just after the round's tasks go out, POLL_FLOOR s
 (not less: each ask costs the SuperLink, which is then busy handing out the tasks)."""
@@ -63,7 +72,7 @@ class Coordinator:
     store: Store
     key: SigningKey
     stop: threading.Event = field(default_factory=threading.Event)
-    on_event: OnEvent = lambda event, details: None  # noqa: E731
+    on_event: OnEvent = lambda event: None  # noqa: E731
     rng: random.Random = field(default_factory=random.SystemRandom)
     global_adapter: GlobalAdapter | None = None
     _notes: dict[int, dict] = field(default_factory=dict)  # node id -> outcome of its last update
@@ -100,7 +109,7 @@ class Coordinator:
         open_round = self.store.current_round()
         next_round = open_round.round if open_round else self.store.last_closed_round() + 1
         if open_round:
-            self.on_event("resume", {"round": next_round, "note": "interrupted round will run again"})
+            self.on_event(Resumed(next_round))
         return next_round
 
     # -- the loop --------------------------------------------------------------
@@ -111,7 +120,7 @@ class Coordinator:
         total = self.cfg.round.rounds
         while not self.stop.is_set() and (total == 0 or r <= total):
             if not self.privacy_budget_left():
-                self.on_event("privacy_budget_spent", self.privacy_metrics())
+                self.on_event(PrivacyBudgetSpent(**self.privacy_metrics()))
                 break
             nodes = self.wait_for_nodes(grid)
             if nodes is None:
@@ -120,7 +129,7 @@ class Coordinator:
             r += 1
         if self._publish_due(final=True):
             self.publish()
-        self.on_event("finished", {"rounds": r - 1})
+        self.on_event(Finished(r - 1))
 
     def wait_for_nodes(self, grid) -> list[int] | None:  # noqa: ANN001
         need = self.cfg.round.min_volunteers
@@ -130,7 +139,7 @@ class Coordinator:
             if len(nodes) >= need:
                 return nodes
             if not announced:
-                self.on_event("waiting", {"connected": len(nodes), "needed": need})
+                self.on_event(Waiting(len(nodes), need))
                 announced = True
             self.stop.wait(1.0)
         return None
@@ -145,7 +154,7 @@ class Coordinator:
         latest = self.store.latest_release()
         self.store.open_round(r, nonce, base_version=latest.version if latest else 0,
                               sampled=len(sampled), base_adapter_digest=current.digest)
-        self.on_event("round_open", {"round": r, "sampled": len(sampled), "connected": len(nodes)})
+        self.on_event(RoundOpened(r, len(sampled), len(nodes)))
         membership = cfg.project.membership
         rnd = Round(
             cfg, r, nonce, current.tensors, current.digest,
@@ -201,10 +210,7 @@ class Coordinator:
 
     def _record(self, r: int, record: UpdateRecord) -> None:
         self.store.record_update(r, record.signer, record.outcome, **record.store_fields())
-        event = {"round": r, "accepted": record.accepted, "reason": str(record.reason)}
-        if record.update_digest is not None:
-            event["signer"] = (record.signer or "")[:16]
-        self.on_event("update", event)
+        self.on_event(UpdateHandled(r, record.accepted, str(record.reason), (record.signer or "")[:16]))
 
     def _record_late(self, r: int, reply, old_round: int, node: int) -> None:  # noqa: ANN001
         signer = None
@@ -220,7 +226,7 @@ class Coordinator:
                 log.debug("late reply did not open", exc_info=True)
         self.store.record_update(r, signer, "rejected", reason="late",
                                  message=f"update for round {old_round} arrived after that round closed")
-        self.on_event("update", {"round": r, "accepted": False, "reason": "late"})
+        self.on_event(UpdateHandled(r, False, Reason.LATE))
 
     def _close(self, r: int, rnd: Round) -> RoundRow:
         outcome = rnd.close()
@@ -230,14 +236,13 @@ class Coordinator:
             self.store.annotate_admitted(r, note.update_digest, note.reason, note.message)
         if outcome.tensors is None:
             row = self.store.close_round(r, "skipped", note=outcome.message)
-            self.on_event("round_closed", {"round": r, "status": "skipped", "note": outcome.message})
+            self.on_event(RoundClosed(r, "skipped", note=outcome.message))
             return row
         data = encode_tensors(outcome.tensors)
         digest = self.store.blobs.put(data)
         row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=outcome.note)
         self.global_adapter = GlobalAdapter.from_bytes(data)
-        self.on_event("round_closed", {"round": r, "status": "aggregated", "admitted": row.admitted,
-                                       "rejected": row.rejected, "train_loss": row.train_loss})
+        self.on_event(RoundClosed(r, "aggregated", row.admitted, row.rejected, row.train_loss, row.eval_loss))
         if self._publish_due(final=False):
             self.publish()
         return row
@@ -295,4 +300,4 @@ class Coordinator:
                                                       project.base_model_revision),
             metrics=metrics, update_digests=digests, contributors=contributors,
         )
-        self.on_event("published", {"version": version, "round": last.round})
+        self.on_event(Published(version, last.round))
