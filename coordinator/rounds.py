@@ -281,11 +281,13 @@ class Coordinator:
         """Publish the latest aggregated adapter as the next signed release."""
         pending = self._unreleased_rounds()
         last = pending[-1]
+        assert last.adapter_digest is not None  # an aggregated round has its adapter
         data = self.store.blobs.get(last.adapter_digest)
-        digests, contributors = [], {}
+        digests: list[str] = []
+        contributors: dict[str, int] = {}
         for row in pending:
             for update in self.store.round_updates(row.round):
-                if update.outcome == "admitted":
+                if update.outcome == "admitted" and update.update_digest and update.fingerprint:
                     digests.append(update.update_digest)
                     fp = update.fingerprint
                     contributors[fp] = contributors.get(fp, 0) + int(update.examples or 0)
