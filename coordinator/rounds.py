@@ -52,6 +52,9 @@ POLL_SECONDS = 0.5
 """Longest wait between two asks for replies; just after the round's tasks go out, POLL_FLOOR s
 (not less: each ask costs the SuperLink, which is then busy handing out the tasks)."""
 POLL_FLOOR = 0.05
+LATE_ROUNDS = 3
+"""Rounds a straggler's message is still asked for (its reply then recorded as late); after that it
+is forgotten, so a node that never answers costs each poll a bounded number of ids."""
 
 
 @dataclass
@@ -183,6 +186,7 @@ class Coordinator:
         for mid, node in waiting.items():  # stragglers: their replies are refused if they come
             self._late[mid] = (r, node)
             self._notes[node] = {"round": r, "outcome": "missed", "reason": "no reply before the timeout"}
+        self._late = {mid: late for mid, late in self._late.items() if late[0] > r - LATE_ROUNDS}
         return self._close(r, rnd)
 
     def _handle(self, r: int, node: int, reply, rnd: Round) -> None:  # noqa: ANN001 (flwr Message)
@@ -235,12 +239,15 @@ class Coordinator:
         for note in outcome.annotations:  # admitted, but neutralized: status shows which and why
             self.store.annotate_admitted(r, note.update_digest, note.reason, note.message)
         if outcome.tensors is None:
-            row = self.store.close_round(r, "skipped", note=outcome.message)
+            row = self.store.close_round(r, "skipped", note=outcome.message, train_loss=outcome.train_loss,
+                                         eval_loss=outcome.eval_loss)
             self.on_event(RoundClosed(r, "skipped", note=outcome.message))
             return row
         data = encode_tensors(outcome.tensors)
         digest = self.store.blobs.put(data)
-        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=outcome.note)
+        # Claimed losses count through their median (Round.close): no one volunteer sets the figures.
+        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=outcome.note,
+                                     train_loss=outcome.train_loss, eval_loss=outcome.eval_loss)
         self.global_adapter = GlobalAdapter.from_bytes(data)
         self.on_event(RoundClosed(r, "aggregated", row.admitted, row.rejected, row.train_loss, row.eval_loss))
         if self._publish_due(final=False):
