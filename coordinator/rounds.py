@@ -5,6 +5,11 @@ loop can be killed at any point and `resume` picks up from the last published
 release: an interrupted round is run again under a fresh nonce (updates signed
 for the old nonce are refused as stale), an aggregated round whose release was
 not yet written is published, and nothing is published twice.
+
+This module is the transport and the bookkeeping: Flower messages, timeouts, late
+replies, store writes and events (`events.py`). What a round decides (admission, the
+examples cap, aggregation, the robust rules, the round's losses) is `round.Round`'s;
+releases and the DP budget are `publishing.py`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loracommons.coordinator import privacy
+from loracommons.coordinator import publishing
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
 from loracommons.coordinator.events import (
     Finished,
@@ -33,7 +38,7 @@ from loracommons.coordinator.events import (
     Waiting,
 )
 from loracommons.coordinator.initial import decode_adapter, initial_adapter
-from loracommons.coordinator.releases import publish_release, reconcile
+from loracommons.coordinator.releases import reconcile
 from loracommons.coordinator.round import Round, UpdateRecord
 from loracommons.coordinator.rows import RoundRow
 from loracommons.coordinator.store import Store, new_nonce
@@ -43,7 +48,6 @@ from loracommons.protocol.errors import ProtocolError, Reason
 from loracommons.protocol.flower_app import read_envelope, task_content
 from loracommons.protocol.flower_timing import quick_object_pulls
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.lora import peft_adapter_config
 from loracommons.protocol.pacing import Pacer
 
 log = logging.getLogger(__name__)
@@ -208,7 +212,8 @@ class Coordinator:
         except Exception as exc:  # a bug must not end the round for everyone else
             log.exception("handling a reply of round %d failed", r)
             try:
-                self.store.record_update(r, None, "rejected", reason="internal_error", message=str(exc)[:500])
+                self.store.record_update(r, None, "rejected", reason=Reason.INTERNAL_ERROR,
+                                         message=str(exc)[:500])
             except Exception:
                 log.exception("could not record the failure")
 
@@ -228,7 +233,7 @@ class Coordinator:
                 signer = public.fingerprint
             except Exception:  # refused as late whatever it holds: no reply may stop the loop
                 log.debug("late reply did not open", exc_info=True)
-        self.store.record_update(r, signer, "rejected", reason="late",
+        self.store.record_update(r, signer, "rejected", reason=Reason.LATE,
                                  message=f"update for round {old_round} arrived after that round closed")
         self.on_event(UpdateHandled(r, False, Reason.LATE))
 
@@ -254,59 +259,17 @@ class Coordinator:
             self.publish()
         return row
 
-    # -- releases --------------------------------------------------------------
+    # -- releases (coordinator/publishing.py) -----------------------------------
 
-    def _dp_rounds(self) -> int:
-        return sum(row.status == "aggregated" for row in self.store.rounds())
-
-    def privacy_metrics(self, extra_rounds: int = 0) -> dict:
-        """Epsilon spent so far under central DP (every aggregated round is a DP release)."""
-        dp = self.cfg.privacy
-        if not dp.dp:
-            return {}
-        spent = privacy.epsilon(self._dp_rounds() + extra_rounds, dp.noise_multiplier, dp.delta)
-        return {"dp_epsilon": round(spent, 4), "dp_delta": dp.delta,
-                "dp_noise_multiplier": dp.noise_multiplier}
+    def privacy_metrics(self, extra_rounds: int = 0) -> dict[str, float]:
+        return publishing.privacy_metrics(self.cfg, self.store, extra_rounds)
 
     def privacy_budget_left(self) -> bool:
-        """False when one more DP round would spend more than `[privacy] max_epsilon`."""
-        dp = self.cfg.privacy
-        if not dp.dp or dp.max_epsilon <= 0:
-            return True
-        return privacy.epsilon(self._dp_rounds() + 1, dp.noise_multiplier, dp.delta) <= dp.max_epsilon
-
-    def _unreleased_rounds(self) -> list[RoundRow]:
-        latest = self.store.latest_release()
-        since = latest.round if latest else 0
-        return [row for row in self.store.rounds() if row.status == "aggregated" and row.round > since]
+        return publishing.budget_left(self.cfg, self.store)
 
     def _publish_due(self, final: bool) -> bool:
-        pending = self._unreleased_rounds()
-        return bool(pending) and (final or len(pending) >= self.cfg.round.publish_every)
+        return publishing.due(self.cfg, self.store, final)
 
     def publish(self) -> None:
         """Publish the latest aggregated adapter as the next signed release."""
-        pending = self._unreleased_rounds()
-        last = pending[-1]
-        assert last.adapter_digest is not None  # an aggregated round has its adapter
-        data = self.store.blobs.get(last.adapter_digest)
-        digests: list[str] = []
-        contributors: dict[str, int] = {}
-        for row in pending:
-            for update in self.store.round_updates(row.round):
-                if update.outcome == "admitted" and update.update_digest and update.fingerprint:
-                    digests.append(update.update_digest)
-                    fp = update.fingerprint
-                    contributors[fp] = contributors.get(fp, 0) + int(update.examples or 0)
-        latest = self.store.latest_release()
-        version = (latest.version if latest else 0) + 1
-        metrics = {"round": last.round, "train_loss": last.train_loss, "admitted": last.admitted,
-                   "rejected": last.rejected, "rounds_aggregated": len(pending), **self.privacy_metrics()}
-        project = self.cfg.project
-        publish_release(
-            self.project_dir, self.store, self.key, project, version, last.round,
-            decode_adapter(data), peft_adapter_config(self.cfg.lora, project.base_model,
-                                                      project.base_model_revision),
-            metrics=metrics, update_digests=digests, contributors=contributors,
-        )
-        self.on_event(Published(version, last.round))
+        self.on_event(Published(*publishing.publish(self.project_dir, self.cfg, self.store, self.key)))
