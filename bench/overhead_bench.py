@@ -153,6 +153,8 @@ def project_overrides(rounds: int, steps: int) -> dict:
             "max_minutes": 5.0,
         },
         "round": {"rounds": rounds, "volunteers_per_round": 2, "min_volunteers": 2, "timeout_s": 300.0},
+        # plain streaming, as the Flower baseline aggregates (an open project's init adds median clipping)
+        "aggregation": {"clip": "none"},
     }
 
 

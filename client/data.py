@@ -1,17 +1,15 @@
-"""A volunteer's local data: load, validate, tokenize, split.
+"""A volunteer's local data: load and validate records, tokenize them, split off a held-out part.
 
-Files: JSONL (``.jsonl``, ``.ndjson``, ``.json``), CSV, Parquet, plain text, or a
-folder written by ``datasets.Dataset.save_to_disk``. Each record is in one of
-three formats, the same for the whole file:
+Reading the file itself (JSONL, CSV, Parquet, plain text, or a folder written by
+``datasets.Dataset.save_to_disk``) is `loracommons.client._data_files`. Each record is in one
+of three formats, the same for the whole file:
 
     text         {"text": ...}                                   loss on every token
     instruction  {"instruction": ..., "input": ..., "output": ...} loss on output + eos
     chat         {"messages": [{"role": ..., "content": ...}]}   loss on assistant turns
 
 A record with ``messages`` is chat, else one with ``instruction`` or ``output``
-is instruction, else one with ``text`` is text; other columns are ignored. In
-CSV, ``messages`` is a JSON string. Plain text: examples are separated by blank
-lines; a file without any blank line holds one example per line.
+is instruction, else one with ``text`` is text; other columns are ignored.
 
 `load_records` validates everything and raises `DataError` naming file, line
 (row, for Parquet and ``datasets`` folders) and field, before any model is
@@ -21,27 +19,24 @@ checked without the training stack.
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loracommons.client._data_files import FILE_FORMATS, DataError, read_rows
+
+__all__ = [  # DataError and FILE_FORMATS are defined with the file readers, and public here
+    "CHAT_ROLES", "FILE_FORMATS", "IGNORE_INDEX", "RECORD_FORMATS", "DataError", "TokenizedData",
+    "encode_prompt", "load_records", "records_format", "render_instruction_prompt", "split_heldout",
+    "tokenize",
+]
+
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (prompt, padding)."""
 RECORD_FORMATS = ("text", "instruction", "chat")
-FILE_FORMATS = ("jsonl", "csv", "parquet", "txt", "datasets")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-_SUFFIXES = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
-    ".parquet": "parquet", ".pq": "parquet", ".txt": "txt", ".text": "txt", ".md": "txt",
-}
-
-
-class DataError(ValueError):
-    """A data file that cannot be trained on; the message names file, line and field."""
 
 
 def render_instruction_prompt(instruction: str, input: str | None = "") -> str:
@@ -52,7 +47,7 @@ def render_instruction_prompt(instruction: str, input: str | None = "") -> str:
     return prompt + "### Response:\n"
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- loading and validating
 
 
 def load_records(path: str | Path, fmt: str = "auto") -> list[dict]:
@@ -63,16 +58,9 @@ def load_records(path: str | Path, fmt: str = "auto") -> list[dict]:
     "input", "output"}`` or ``{"messages"}``; `records_format` says which.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    fmt = _file_format(path) if fmt == "auto" else fmt
-    readers = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet,
-               "txt": _read_txt, "datasets": _read_datasets}
-    if fmt not in readers:
-        raise DataError(f"{path}: unknown data format {fmt!r}; expected one of {', '.join(FILE_FORMATS)}")
     records: list[dict] = []
     first: tuple[str, str] | None = None  # (format, where) of the first record
-    for where, raw in readers[fmt](path):
+    for where, raw in read_rows(path, fmt):
         kind, record = _normalize(raw, where)
         if first is None:
             first = (kind, where)
@@ -93,143 +81,6 @@ def records_format(records: list[dict]) -> str:
         raise DataError("no records")
     head = records[0]
     return "chat" if "messages" in head else "instruction" if "output" in head else "text"
-
-
-def _file_format(path: Path) -> str:
-    if path.is_dir():
-        return "datasets"
-    fmt = _SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(
-            f"{path}: cannot tell the data format from suffix {path.suffix!r}; "
-            f"use one of {', '.join(sorted(_SUFFIXES))} or a datasets folder"
-        )
-    return fmt
-
-
-def _decode_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of each line, refusing invalid UTF-8 by line."""
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path} line {number}: not valid UTF-8") from None
-            if number == 1:
-                line = line.removeprefix("\ufeff")
-            yield number, line.rstrip("\r\n")
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        yield from _read_json_array(path)
-        return
-    for number, line in _decode_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        yield where, obj
-
-
-def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        items = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON array of records or one JSON object per line")
-    for index, obj in enumerate(items, start=1):
-        yield f"{path} item {index}", obj
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    lines = (line + "\n" for _, line in _decode_lines(path))
-    reader = csv.reader(lines)
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        if len(set(header)) != len(header) or not all(h.strip() for h in header):
-            raise DataError(f"{path} line 1: header has empty or repeated column names")
-        start = reader.line_num + 1
-        for row in reader:
-            where = f"{path} line {start}"
-            start = reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{where}: row has {len(row)} fields, the header has {len(header)}")
-            record: dict[str, Any] = dict(zip(header, row, strict=True))
-            if "messages" in record:  # a CSV cell holds the list as JSON
-                try:
-                    record["messages"] = json.loads(record["messages"])
-                except json.JSONDecodeError:
-                    raise DataError(f"{where}: field 'messages' is not valid JSON") from None
-            yield where, record
-    except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    for index, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path} row {index}", row
-
-
-def _read_datasets(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path} is a `datasets` folder: install the extra with "
-                        "`pip install 'loracommons[datasets]'`") from None
-
-    try:
-        data = datasets.load_from_disk(str(path))
-    except Exception as exc:  # FileNotFoundError, or datasets' own errors for foreign folders
-        raise DataError(f"{path}: not a folder saved by datasets ({exc})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if "train" in data:
-            data = data["train"]
-        elif len(data) == 1:
-            data = next(iter(data.values()))
-        else:
-            raise DataError(f"{path}: dataset has splits {sorted(data)} and none is named 'train'")
-    for index, row in enumerate(data, start=1):
-        yield f"{path} row {index}", row
-
-
-def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
-    lines = list(_decode_lines(path))
-    if not any(not text.strip() for _, text in lines[:-1]):  # no blank line: one example per line
-        for number, text in lines:
-            if text.strip():
-                yield f"{path} line {number}", {"text": text}
-        return
-    block: list[str] = []
-    start = 0
-    for number, text in [*lines, (len(lines) + 1, "")]:
-        if text.strip():
-            start = start or number
-            block.append(text)
-        elif block:
-            yield f"{path} line {start}", {"text": "\n".join(block)}
-            block, start = [], 0
-
-
-# ---------------------------------------------------------------- validation
 
 
 def _normalize(raw: Any, where: str) -> tuple[str, dict]:

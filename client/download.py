@@ -6,11 +6,8 @@
 
 Order of checks: the release manifest is verified against the pinned coordinator key
 (given, or trusted on first use and stored in the user data dir), then against the chain
-from the last version this user saw (an older version is refused as a rollback). Trust on
-first use never overrides an earlier pin: a project id the server announces for the first
-time, at an address pinned to another project and key, is refused (a renamed project or a
-server in the middle), and so is installing over an adapter of another project or key in
-`out_dir`, unless `replace=True` (`--replace`) asks for it. Each
+from the last version this user saw (an older version is refused as a rollback); which key
+is trusted, and when another project or key is refused, is `loracommons.client.trust`. Each
 file is streamed into a staging folder beside `out_dir`, reading at most its declared size,
 and its sha256 checked; an interrupted download resumes there with an HTTP range
 request. Only when every file verifies does the staging folder replace `out_dir`, in
@@ -20,7 +17,6 @@ one rename. Needs httpx and loracommons.protocol only: no torch, no flwr.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,27 +24,23 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loracommons.paths import data_dir
+from loracommons.client.trust import DownloadError, Trust, normalize_pin
 from loracommons.protocol.canonical import parse_json
-from loracommons.protocol.durable import atomic_write, fsync_dir, synced_write
+from loracommons.protocol.durable import fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
-from loracommons.protocol.identity import PublicKey, fingerprint_display
-from loracommons.protocol.release import DOMAIN as RELEASE_DOMAIN
+from loracommons.protocol.identity import PublicKey
 from loracommons.protocol.release import (
     MANIFEST_FILE,
     MAX_RELEASE_BYTES,
-    MIN_PIN_DIGITS,
     REQUIRED_FILES,
     ReleaseManifest,
     SignedRelease,
     check_file_name,
-    verify_chain,
     verify_release,
 )
 
@@ -57,10 +49,6 @@ log = logging.getLogger(__name__)
 MAX_PROJECT_BYTES = 64 * 1024
 CHUNK = 256 * 1024
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class DownloadError(Exception):
-    """A download that was refused or failed; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -76,23 +64,6 @@ class DownloadResult:
     previous_version: int | None  # last version this user had seen, None on first download
     resumed_bytes: int
     metrics: dict = field(default_factory=dict)
-
-
-def normalize_pin(pin: str) -> str:
-    """A fingerprint or its prefix of 128 bits or more as lowercase hex: dashes, colons and spaces dropped."""
-    text = re.sub(r"[\s:-]", "", str(pin)).lower()
-    if not re.fullmatch(rf"[0-9a-f]{{{MIN_PIN_DIGITS},64}}", text):
-        raise DownloadError(f"--pin {str(pin)[:80]!r} must be a hex fingerprint of at least {MIN_PIN_DIGITS} "
-                            "digits (a shorter one can be matched by a made-up key); give the full one")
-    return text
-
-
-def trust_dir(state_dir: str | Path | None = None) -> Path:
-    return Path(state_dir or data_dir()) / "trust"
-
-
-def trust_file(project_id: str, state_dir: str | Path | None = None) -> Path:
-    return trust_dir(state_dir) / f"{project_id}.json"
 
 
 def download(
@@ -140,13 +111,10 @@ class _Download:
                  state_dir: str | Path | None, progress: bool, notify: Callable[[str], None],
                  timeout_s: float, read_timeout_s: float, max_total_bytes: int, replace: bool = False):
         self.url = _base_url(url)
-        self.replace = replace
         self.out_dir = out_dir.expanduser().absolute()
         self.version = _parse_version(version)
-        self.pin = normalize_pin(pin) if pin else None
-        self.state_dir = state_dir
+        self.trust = Trust(self.url, normalize_pin(pin) if pin else None, replace, notify, state_dir)
         self.progress = progress
-        self.notify = notify
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
         self.max_total_bytes = max_total_bytes
@@ -164,27 +132,23 @@ class _Download:
         _check_out_dir(self.out_dir)
         project = self._project()
         project_id = project["id"]
-        record_path = trust_file(project_id, self.state_dir)
-        record = _load_record(record_path)
-        want, record, first_use = self._choose_key(project, record)
+        record = self.trust.record(project_id)
+        want, record, first_use = self.trust.choose_key(project, record)
 
         signed = self._release(self.version)
         if want is None:  # first use, and the server announced no key: trust the release's signer
             want = PublicKey.from_openssh(_signer_of(signed)).fingerprint
         if first_use:
-            first_use = self._check_address_pins(project_id, want)
-        if first_use:
-            self.notify(f"trusting coordinator key {fingerprint_display(want)} ({want}) of project "
-                        f"{project_id} on first use; pass --pin {want} to check it next time")
+            first_use = self.trust.check_first_use(project_id, want)
         manifest = verify_release(signed, want)
         if manifest.project_id != project_id:
             raise DownloadError(f"release belongs to project {manifest.project_id!r}, "
                                 f"the server says it serves {project_id!r}")
         if self.version != "latest" and manifest.version != self.version:
             raise DownloadError(f"asked for release v{self.version}, the server sent v{manifest.version}")
-        previous = self._check_chain(signed, manifest, want, record)
+        previous = self.trust.check_chain(signed, manifest, want, record, self._release)
         self._check_files(manifest)
-        self._check_installed(manifest)
+        self.trust.check_installed(self.out_dir, manifest)
 
         staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{signed.digest[:16]}"
         staging.mkdir(parents=True, exist_ok=True)
@@ -195,88 +159,13 @@ class _Download:
         _install(staging, self.out_dir)
         for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        signer = PublicKey.from_openssh(manifest.signer)
-        _save_record(record_path, {
-            "project_id": project_id, "url": self.url, "fingerprint": signer.fingerprint,
-            "public_key": signer.openssh, "pinned": (record or {}).get("pinned") or _now(),
-            "last_version": manifest.version, "last_release": signed.to_json().decode(),
-        })
+        fingerprint = self.trust.remember(signed, manifest, record)
         return DownloadResult(
             out_dir=self.out_dir, project_id=project_id, version=manifest.version, round=manifest.round,
-            manifest_digest=signed.digest, fingerprint=signer.fingerprint,
+            manifest_digest=signed.digest, fingerprint=fingerprint,
             files={n: i["size"] for n, i in sorted(manifest.files.items())}, trusted_on_first_use=first_use,
             previous_version=previous, resumed_bytes=resumed, metrics=dict(manifest.metrics),
         )
-
-    # -- trust ------------------------------------------------------------
-
-    def _choose_key(self, project: dict, record: dict | None) -> tuple[str | None, dict | None, bool]:
-        """The fingerprint (or prefix) releases must verify against, the usable trust record,
-        and whether this is trust on first use."""
-        announced = project.get("fingerprint")
-        if self.pin is not None:
-            if record is not None and not record["fingerprint"].startswith(self.pin):
-                self.notify(f"--pin {self.pin[:16]} differs from the key stored for project {project['id']} "
-                            f"({record['fingerprint'][:16]}); the given pin replaces it")
-                record = None
-            return self.pin, record, False
-        if record is not None:
-            if announced and announced != record["fingerprint"]:
-                raise DownloadError(
-                    f"coordinator key changed: project {project['id']} was pinned to "
-                    f"{fingerprint_display(record['fingerprint'])}, the server now presents "
-                    f"{fingerprint_display(announced)}; refusing (pass --pin {announced} if you trust it)")
-            return record["fingerprint"], record, False
-        return announced, None, True
-
-    def _check_address_pins(self, project_id: str, want: str) -> bool:
-        """On first use of `project_id`: refuse a key other than the one pinned at this address for
-        another project (a renamed project, or another server answering there). Returns whether
-        `want` is still trusted on first use (False: the address's pinned key itself)."""
-        for other in _records_at(self.url, self.state_dir):
-            if other["fingerprint"] == want:
-                return False
-            if not self.replace:
-                raise DownloadError(
-                    f"{self.url} was pinned to project {other.get('project_id')!r} (key "
-                    f"{fingerprint_display(other['fingerprint'])}); it now announces project {project_id!r} "
-                    f"with key {fingerprint_display(want)}: refusing (a renamed project or another server at "
-                    f"that address); if you trust the new key, pass --pin {want}")
-        return True
-
-    def _check_installed(self, manifest: ReleaseManifest) -> None:
-        """Refuse to install over an adapter of another project or coordinator key unless `replace`."""
-        installed = _installed_release(self.out_dir)
-        new = (manifest.project_id, PublicKey.from_openssh(manifest.signer).fingerprint)
-        if installed == new or not (self.out_dir / MANIFEST_FILE).is_file():
-            return
-        what = ("an adapter whose release.json does not verify" if installed is None else
-                f"project {installed[0]!r} signed by key {fingerprint_display(installed[1])}")
-        if self.replace:
-            self.notify(f"replacing {self.out_dir}, which holds {what} (--replace)")
-            return
-        raise DownloadError(f"{self.out_dir} holds {what}; this release is project {new[0]!r} signed by key "
-                            f"{fingerprint_display(new[1])}: refusing to install over it (pass --replace to "
-                            "replace it, or choose another --out)")
-
-    def _check_chain(self, signed: SignedRelease, manifest: ReleaseManifest, want: str,
-                     record: dict | None) -> int | None:
-        """Refuse older versions and forks; verify every release between the last seen and this one."""
-        if record is None:
-            return None
-        last = SignedRelease.from_json(record["last_release"].encode())
-        last_manifest = verify_release(last, want)
-        if manifest.version < last_manifest.version:
-            raise DownloadError(f"refused: release v{manifest.version} is older than "
-                                f"v{last_manifest.version}, which you already downloaded (rollback)")
-        if manifest.version == last_manifest.version:
-            if signed.digest != last.digest:
-                raise DownloadError(f"refused: release v{manifest.version} differs from the v"
-                                    f"{manifest.version} you downloaded before (forked chain)")
-            return last_manifest.version
-        between = [self._release(v) for v in range(last_manifest.version + 1, manifest.version)]
-        verify_chain([*between, signed], want, after=last)
-        return last_manifest.version
 
     # -- HTTP -------------------------------------------------------------
 
@@ -499,53 +388,6 @@ def _install(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_record(path: Path) -> dict | None:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        obj = parse_json(data, max_bytes=2 * MAX_RELEASE_BYTES, what=str(path))
-        if not re.fullmatch(r"[0-9a-f]{64}", obj["fingerprint"]) or not isinstance(obj["last_release"], str):
-            raise KeyError
-    except (ProtocolError, KeyError, TypeError):
-        raise DownloadError(f"trust record {path} is damaged; remove it to trust the coordinator "
-                            "again") from None
-    return obj
-
-
-def _records_at(url: str, state_dir: str | Path | None) -> list[dict]:
-    """The trust records of every project downloaded before from `url`."""
-    out = []
-    for path in sorted(trust_dir(state_dir).glob("*.json")):
-        try:
-            record = _load_record(path)
-        except DownloadError:  # a damaged record of another project: reported when that one is used
-            continue
-        if record is not None and record.get("url") == url:
-            out.append(record)
-    return out
-
-
-def _installed_release(out_dir: Path) -> tuple[str, str] | None:
-    """(project id, signer fingerprint) of the release installed in `out_dir`; None if none parses."""
-    try:
-        data = (out_dir / MANIFEST_FILE).read_bytes()
-        signed = SignedRelease.from_json(data)
-        manifest = ReleaseManifest.from_dict(parse_json(signed.manifest, max_bytes=MAX_RELEASE_BYTES,
-                                                        what="installed release manifest"))
-        signer = PublicKey.from_openssh(manifest.signer)
-        signer.verify(signed.signature, RELEASE_DOMAIN + bytes.fromhex(signed.digest))
-    except (OSError, ProtocolError):
-        return None
-    return manifest.project_id, signer.fingerprint
-
-
-def _save_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-
-
 def _sha256_file(path: Path) -> tuple[Any, int]:
     digest, n = hashlib.sha256(), 0
     with open(path, "rb") as fh:
@@ -554,6 +396,3 @@ def _sha256_file(path: Path) -> tuple[Any, int]:
             n += len(chunk)
     return digest, n
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")

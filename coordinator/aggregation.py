@@ -326,9 +326,13 @@ class RoundAggregator:
             self._held.add(digest, verdict.tensors)
             self._pending.append(Held(digest, signer, weight, norm))
             return
-        scale = math.prod(rule.scale(norm) for rule in self.rules)
+        scale = self._fixed_scale(norm)
         self.aggregator.add(verdict.tensors, weight, scale)
         self._record(digest, weight, scale)
+
+    def _fixed_scale(self, norm: float) -> float:
+        """The clip scale of the rules with a fixed bound (dp), the same held or streamed."""
+        return math.prod(rule.scale(norm) for rule in self.rules)
 
     def _record(self, digest: str, weight: float, scale: float) -> None:
         self._scales[digest] = scale
@@ -373,7 +377,9 @@ class RoundAggregator:
         metrics["median_norm"] = float(np.median([h.norm for h in self._pending]))
         need = self.cfg.round.min_volunteers
         view = HeldView(held, self.aggregator.names, self.global_tensors)
-        tally = Tally(tuple(self._pending), (1.0,) * len(self._pending))
+        # a fixed clip bound (dp's clip_norm) applies to held updates exactly as to streamed ones
+        fixed = tuple(self._fixed_scale(h.norm) for h in self._pending)
+        tally = Tally(tuple(self._pending), fixed)
         for rule in self.rules:
             if rule.needs_quorum and len(tally.kept) < need:
                 continue  # nothing will be aggregated: the rule has nothing to act on

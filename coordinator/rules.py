@@ -7,7 +7,8 @@ and the configuration picks which ones run. A rule says
     configured(cfg)   whether the project turned it on
     validate(cfg)     ConfigError naming the key and value where it would silently do nothing
     buffers           whether it needs every update of the round held until the end
-    scale(norm)       streaming rounds: the clip scale of one update as it arrives
+    scale(norm)       a fixed clip bound's scale of one update: as it arrives when streaming, and
+                      as the starting scale of each held update when buffering (never skipped)
     apply(tally, ..)  at the end, before folding: reject, re-scale or combine the held updates
     finish(..)        after folding: change the new tensors (noise), return metrics
 
@@ -121,6 +122,13 @@ def _median(held: tuple[Held, ...] | list[Held]) -> float:
     return float(np.median([h.norm for h in held]))
 
 
+def _lower_median(held: tuple[Held, ...]) -> float:
+    """The median norm, the lower middle one for an even count: with two updates the smaller, so
+    one oversized update cannot raise its own bound (the mean of the middle two would let it)."""
+    norms = sorted(h.norm for h in held)
+    return norms[(len(norms) - 1) // 2]
+
+
 class FreeRiders(Rule):
     """Reject deltas far below the round's median norm: a volunteer that did not train."""
 
@@ -136,6 +144,16 @@ class FreeRiders(Rule):
                 "free_rider_ratio",
                 cfg.aggregation.free_rider_ratio,
                 "one update is always its own median; needs min_volunteers >= 2",
+            )
+        if cfg.privacy.dp:
+            # The floor is a median of every update's norm: one volunteer's data decides whether
+            # another's update counts, which the Gaussian mechanism's accounting does not cover.
+            raise config_error(
+                "aggregation",
+                "free_rider_ratio",
+                cfg.aggregation.free_rider_ratio,
+                "cannot be combined with [privacy] dp: the round median it compares against depends "
+                "on every volunteer's data, so the reported epsilon would understate the privacy loss",
             )
 
     def apply(self, tally: Tally, view: HeldView) -> Tally:
@@ -188,7 +206,7 @@ class MultiKrum(Rule):
 
 
 class MedianClip(Rule):
-    """Scale down deltas above clip_factor x the median norm of the kept updates."""
+    """Scale down deltas above clip_factor x the (lower) median norm of the kept updates."""
 
     needs_quorum = True
 
@@ -199,17 +217,17 @@ class MedianClip(Rule):
     @classmethod
     def validate(cls, cfg: ProjectConfig) -> None:
         low = cfg.round.min_volunteers
-        if low < 3:
+        if low < 2:
             raise config_error(
                 "aggregation",
                 "clip",
                 cfg.aggregation.clip,
-                f"a median of fewer than 3 updates bounds nothing; min_volunteers = {low}",
+                f"one update is always its own median: bounds nothing; min_volunteers = {low}",
             )
 
     def apply(self, tally: Tally, view: HeldView) -> Tally:
-        bound = self.cfg.aggregation.clip_factor * _median(tally.kept)
-        scales = tuple(clip_scale(h.norm, bound) for h in tally.kept)
+        bound = self.cfg.aggregation.clip_factor * _lower_median(tally.kept)
+        scales = tuple(s * clip_scale(h.norm, bound) for h, s in zip(tally.kept, tally.scales, strict=True))
         return replace(tally, scales=scales).with_metrics(clip_bound=bound)
 
 
@@ -305,3 +323,36 @@ def validate(cfg: ProjectConfig) -> None:
     for rule in RULES:
         if rule.configured(cfg):
             rule.validate(cfg)
+
+
+def protections(cfg: ProjectConfig) -> list[str]:
+    """One line per setting that bounds what a single volunteer's update can do, and a warning line
+    (starting "unprotected") where nothing bounds an update's size: `coordinator init` prints these."""
+    agg, dp = cfg.aggregation, cfg.privacy
+    lines = [
+        "membership open: any key may send updates"
+        if cfg.project.membership == "open"
+        else "membership allowlist: only registered keys may send updates"
+    ]
+    if agg.clip == "median":
+        lines.append(
+            f"clip = median: deltas above {agg.clip_factor:g} x the round's median norm are scaled down "
+            "to it (a x100 update counts as a normal one)"
+        )
+    if dp.dp:
+        lines.append(f"dp: every delta is clipped to clip_norm = {dp.clip_norm:g}, noise on the mean")
+    if agg.robust != "none":
+        lines.append(f"robust = {agg.robust}: outlying updates (or coordinates) are dropped")
+    if agg.max_norm > 0:
+        lines.append(f"max_norm = {agg.max_norm:g}: larger deltas are rejected at admission")
+    cap = agg.max_examples_weight
+    weight = "every update weighs 1 under dp" if dp.dp else f"a claim of more examples counts as {cap:,}"
+    lines.append(f"max_examples_weight = {cap:,}: {weight} (claims are unverifiable)")
+    bounded = agg.clip != "none" or dp.dp or agg.robust != "none" or agg.max_norm > 0
+    if not bounded:
+        who = "any key" if cfg.project.membership == "open" else "one registered key"
+        lines.append(
+            f"unprotected: nothing bounds an update's size; {who} can replace the model "
+            "(set clip = 'median' with min_volunteers >= 2, or max_norm)"
+        )
+    return lines

@@ -2,7 +2,9 @@
 
     SuperLink (child process, own group)  <- volunteers' SuperNodes (Fleet API)
     ServerApp round loop (thread)          -> the SuperLink's Runtime API, in this process
-    HTTP API + dashboard (uvicorn thread)  -> reads the project's state
+    HTTP API + dashboard (uvicorn thread)  -> reads the project's state; bounded connections and
+                                              request-head time (`ApiLimits`), so idle clients cannot
+                                              take the file descriptors the round loop needs
     live status view (main thread)
 
 One coordinator per project folder (an exclusive lock). SIGINT/SIGTERM stop
@@ -12,9 +14,11 @@ behind (by its recorded pid) and resumes from the project's state.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
+import resource
 import signal
 import subprocess
 import threading
@@ -61,11 +65,93 @@ def lock_project(project_dir: Path) -> int:
     return fd
 
 
-def start_http(app, host: str, port: int):  # noqa: ANN001, ANN201
+API_MAX_CONNECTIONS = 256
+"""Most connections the HTTP API holds at once; more are closed as they arrive."""
+API_FD_SHARE = 4
+"""The API takes at most 1/API_FD_SHARE of the process's file descriptors: the rest stay with the
+round loop (blob writes, releases, the store, the SuperLink's channels)."""
+API_HEADER_TIMEOUT_S = 10.0
+"""A connection that has not sent a whole request head this long after it opened (or after its
+last response) is closed: half-sent requests cannot pile up."""
+API_KEEP_ALIVE_S = 5
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_connections: int
+    header_timeout_s: float = API_HEADER_TIMEOUT_S
+    keep_alive_s: int = API_KEEP_ALIVE_S
+
+    @classmethod
+    def for_this_process(cls) -> ApiLimits:
+        """API_MAX_CONNECTIONS, or fewer where the file-descriptor limit is low (after raising it)."""
+        soft = raise_fd_limit()
+        return cls(max(8, min(API_MAX_CONNECTIONS, soft // API_FD_SHARE)))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a coordinator holds many files and sockets);
+    returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a container may refuse; keep what there is
+            log.debug("could not raise RLIMIT_NOFILE from %d to %d", soft, hard)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def bounded_protocol(limits: ApiLimits) -> type:
+    """uvicorn's h11 protocol with a connection cap and a request-head deadline (uvicorn has neither:
+    its keep-alive timer starts only after a first response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+    class Bounded(H11Protocol):
+        _admitted = False
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= limits.max_connections:
+                transport.abort()  # frees the descriptor now; the client sees a reset
+                return
+            self._admitted = True
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            if self._admitted:
+                super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            waiting_for = self.cycle  # a new request replaces the cycle
+            self._deadline = self.loop.call_later(limits.header_timeout_s, self._expire, waiting_for)
+
+        def _expire(self, waiting_for: RequestResponseCycle | None) -> None:
+            idle = waiting_for is None or waiting_for.response_complete  # not a response in progress
+            if self.cycle is waiting_for and idle and not self.transport.is_closing():
+                self.transport.abort()
+
+    return Bounded
+
+
+def start_http(app, host: str, port: int, limits: ApiLimits | None = None):  # noqa: ANN001, ANN201
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+    limits = limits or ApiLimits.for_this_process()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+        http=bounded_protocol(limits), timeout_keep_alive=limits.keep_alive_s,
+        h11_max_incomplete_event_size=16 * 1024,  # a request head larger than this is refused
+    ))
     thread = threading.Thread(target=server.run, name="http-api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

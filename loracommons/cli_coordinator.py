@@ -35,6 +35,7 @@ def init(
 ) -> None:
     """Write DIR/project.toml (every key documented) and the coordinator's release key."""
     from loracommons.coordinator.config import RELEASE_KEY, ConfigError, init_project
+    from loracommons.coordinator.rules import protections
     from loracommons.protocol.identity import SigningKey
 
     try:
@@ -51,6 +52,12 @@ def init(
     console.print(f"  fingerprint: {key.public.fingerprint}", highlight=False)
     console.print("  downloaders pin this fingerprint: loracommons download URL --pin <fingerprint>",
                   highlight=False)
+    head = "protective defaults of an open project" if membership == "open" else "protections"
+    console.print(f"  {head} (what one volunteer's update can do; edit in \\[aggregation]):",
+                  highlight=False)
+    for line in protections(cfg):
+        style = "bold red" if line.startswith("unprotected") else ""
+        console.print(f"    - {escape(line)}", style=style, highlight=False)
 
 
 def _status_table(status: StoreStatus, ready: dict, events: list[str]) -> Table:

@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from loracommons.client.download import DownloadError
 from loracommons.client.download import download as download_release
+from loracommons.client.trust import DownloadError
 
 _out = Console()
 _err = Console(stderr=True)

@@ -146,7 +146,10 @@ COMBOS = [
         "krum_f = 0\n",
         "[aggregation] krum_f = 0: krum with f = 0",
     ),
-    ('[aggregation]\nclip = "median"\n', "[aggregation] clip = 'median': a median of fewer than 3"),
+    (
+        '[round]\nmin_volunteers = 1\n[aggregation]\nclip = "median"\n',
+        "[aggregation] clip = 'median': one update is always its own median",
+    ),
     (
         "[round]\nmin_volunteers = 1\n[aggregation]\nfree_rider_ratio = 0.1\n",
         "[aggregation] free_rider_ratio = 0.1: one update is always its own median",

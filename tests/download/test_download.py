@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from starlette.responses import Response, StreamingResponse
 
-from loracommons.client.download import DownloadError, download, normalize_pin, trust_file
+from loracommons.client.download import download
+from loracommons.client.trust import DownloadError, normalize_pin, trust_file
 from loracommons.coordinator.releases import load_chain
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.identity import SigningKey

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from loracommons.client.download import DownloadError, download, trust_dir
+from loracommons.client.download import download
+from loracommons.client.trust import DownloadError, trust_dir
 from loracommons.coordinator.http_api import create_app
 from loracommons.coordinator.releases import publish_release
 from loracommons.coordinator.store import Store

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from starlette.responses import Response, StreamingResponse
 
-from loracommons.client.download import DownloadError, download
+from loracommons.client.download import download
+from loracommons.client.trust import DownloadError
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.release import DOMAIN, ReleaseManifest, SignedRelease, sign_release
