@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.task import RoundTask, TrainSettings
 
 log = logging.getLogger(__name__)
+
+MIN_EVAL_EXAMPLES = 4
+"""Held-out examples below which a volunteer signs no evaluation (a loss over fewer says little)."""
 
 #: Status callback: (state, details). States: training, sent, failed.
 OnStatus = Callable[[str, dict], None]
@@ -74,6 +78,7 @@ class Volunteer:
 
     def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:
         """Train on local data from the global adapter and sign the update."""
+        from loracommons.client.evaluate import scored_loss
         from loracommons.client.model import apply_adapter, load_base
         from loracommons.client.trainer import train
 
@@ -95,6 +100,13 @@ class Volunteer:
         settings = dataclasses.replace(
             settings, seed=settings.seed + 1000 * task.round + int(self.fingerprint[:4], 16)
         )
+        # Federated evaluation: the adapter as received, scored on this volunteer's held-out split and
+        # signed with the update; the coordinator takes the median as the round's eval loss.
+        evaluated: dict[str, float | int] = {}
+        if heldout is not None and heldout.examples >= MIN_EVAL_EXAMPLES:
+            loss, tokens = scored_loss(model, heldout, settings.batch_size)
+            if tokens > 0 and math.isfinite(loss):
+                evaluated = {"eval_loss": loss, "eval_tokens": tokens}
         started = time.monotonic()
 
         def on_step(step: int, max_steps: int, loss: float, tokens_per_s: float) -> None:
@@ -107,7 +119,7 @@ class Volunteer:
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
-            examples=result.examples, steps=result.steps, train_loss=result.train_loss,
+            examples=result.examples, steps=result.steps, train_loss=result.train_loss, **evaluated,
         )
         self.on_status("sent", {"round": task.round, "steps": result.steps, "train_loss": result.train_loss,
                                 "eval_loss": result.eval_loss, "seconds": time.monotonic() - started,

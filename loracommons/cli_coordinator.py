@@ -17,6 +17,7 @@ from rich.text import Text
 from loracommons.cli_common import fail
 
 if TYPE_CHECKING:
+    from loracommons.coordinator.events import Event
     from loracommons.coordinator.rows import StoreStatus
 
 console = Console()
@@ -114,8 +115,8 @@ def start(
     ready: dict = {}
     live_view = not plain and console.is_terminal
 
-    def on_event(event: str, details: dict) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {event} " + " ".join(f"{k}={v}" for k, v in details.items())
+    def on_event(event: Event) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {event.line()}"
         events.append(line)
         if not live_view:
             print(line, flush=True)

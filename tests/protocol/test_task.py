@@ -188,6 +188,8 @@ def test_claims_are_the_manifest_fields_a_task_fixes():
         "examples",
         "steps",
         "train_loss",
+        "eval_loss",  # optional: the sender's evaluation of the adapter it received
+        "eval_tokens",
         "payload_sha256",
         "payload_bytes",
         "signer",
