@@ -76,6 +76,6 @@ def publish(project_dir: Path, cfg: ProjectConfig, store: Store, key: SigningKey
     publish_release(
         project_dir, store, key, project, version, last.round, decode_adapter(data),
         peft_adapter_config(cfg.lora, project.base_model, project.base_model_revision),
-        metrics=metrics, update_digests=digests, contributors=contributors,
+        metrics=metrics, update_digests=digests, contributors=contributors, config=cfg,
     )
     return version, last.round
