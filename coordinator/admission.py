@@ -21,14 +21,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Mapping
+from concurrent.futures import wait
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from loracommons.coordinator import background
 from loracommons.coordinator.config import ProjectConfig
 from loracommons.coordinator.robust import delta_norm
 from loracommons.protocol import modes
-from loracommons.protocol.codec import TensorSpec
+from loracommons.protocol.codec import TensorSpec, decode_tensors
 from loracommons.protocol.envelope import (
     MAX_MANIFEST_BYTES,
     Envelope,
@@ -196,8 +198,7 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
             raise _Reject(Reason.NO_EXAMPLES, "update reports 0 training examples")
         # The norm doubles as the finiteness check: computed from float32 values it is finite
         # exactly when every value is (see robust.delta_norm), so the payload is read once less.
-        tensors = check_payload(env, manifest, ctx.expected, require_finite=False)
-        norm = delta_norm(tensors, ctx.global_tensors, ctx.mode)
+        tensors, norm = _payload_and_norm(env, manifest, ctx)
         if not math.isfinite(norm):
             bad = next((n for n, t in tensors.items() if not np.isfinite(t).all()), "?")
             raise NonFinite(f"tensor {bad!r} holds NaN or Inf")
@@ -211,6 +212,35 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
         log.exception("admission failed on update %s", digest[:16])
         return Verdict(False, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", digest, signer, manifest)
     return Verdict(True, Reason.ACCEPTED, f"delta norm {norm:.4g}", digest, signer, manifest, tensors, norm)
+
+
+def _norm_of_bytes(payload: bytes, ctx: AdmissionContext) -> float:
+    tensors = decode_tensors(payload, max_bytes=ctx.expected.max_payload_bytes, require_finite=False)
+    return delta_norm(tensors, ctx.global_tensors, ctx.mode)
+
+
+def _payload_and_norm(
+    env: Envelope, manifest: UpdateManifest, ctx: AdmissionContext
+) -> tuple[dict[str, np.ndarray], float]:
+    """`check_payload`, and the delta norm taken on the helper thread meanwhile.
+
+    The helper reads the same bytes while this thread hashes them; its norm counts only once
+    `check_payload` has proved them the signed, well-formed payload (else it is waited for and
+    dropped, so that no work outlives the verdict)."""
+    # The product geometry (exact) goes through BLAS, whose own threads would fight the hashing.
+    thread = background.helper() if modes.get(ctx.mode).norm == "parameter" else None
+    if thread is None:
+        tensors = check_payload(env, manifest, ctx.expected, require_finite=False)
+        return tensors, delta_norm(tensors, ctx.global_tensors, ctx.mode)
+    job = thread.submit(_norm_of_bytes, env.payload, ctx)
+    try:
+        tensors = check_payload(env, manifest, ctx.expected, require_finite=False)
+    finally:
+        wait([job])
+    error = job.exception()
+    if error is not None:  # cannot happen for a payload that passed check_payload: a bug
+        raise error
+    return tensors, job.result()
 
 
 def _check_signer(fingerprint: str, ctx: AdmissionContext) -> None:

@@ -29,13 +29,14 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
-from loracommons.coordinator import rules
+from loracommons.coordinator import background, rules
 from loracommons.coordinator.config import ConfigError, ProjectConfig
 from loracommons.coordinator.lowrank import LowRank
 from loracommons.coordinator.robust import HeldUpdates, module_pairs
@@ -57,6 +58,9 @@ class Aggregator(ABC):
 
     mode: ClassVar[str]
     """The registered mode it folds (set by `register_aggregator`)."""
+    overlaps: ClassVar[bool] = True
+    """Whether its fold may run on the helper thread while the next update is admitted. Not for
+    folds that call BLAS (OpenBLAS's own threads then fight the caller's hashing for the cores)."""
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
         self.global_tensors = dict(global_tensors)
@@ -172,6 +176,8 @@ class ExactAggregator(Aggregator):
     columns are orthogonalized against U (and the new rows against V), and only a
     (j + b) x (j + b) core is decomposed: no d x k matrix, no QR wider than the pending block.
     """
+
+    overlaps = False  # QR and SVD through BLAS
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None) -> None:
         super().__init__(global_tensors)
@@ -306,6 +312,7 @@ class RoundAggregator:
         self._signers: set[str] = set()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._finished = False
+        self._folding: Future[None] | None = None
 
     def weight(self, examples: int) -> float:
         """Examples reported, capped; 1 for every update under a rule that wants uniform weights (dp)."""
@@ -327,12 +334,28 @@ class RoundAggregator:
             self._pending.append(Held(digest, signer, weight, norm))
             return
         scale = self._fixed_scale(norm)
-        self.aggregator.add(verdict.tensors, weight, scale)
+        self._fold_behind(verdict.tensors, weight, scale)
         self._record(digest, weight, scale)
 
     def _fixed_scale(self, norm: float) -> float:
         """The clip scale of the rules with a fixed bound (dp), the same held or streamed."""
         return math.prod(rule.scale(norm) for rule in self.rules)
+
+    def _fold_behind(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        """Fold on the helper thread (coordinator.background) while the caller admits the next
+        update. One fold in flight at a time: the order of the sums is the order of
+        the offers, and memory stays at one update."""
+        self._wait_fold()
+        thread = background.helper() if self.aggregator.overlaps else None
+        if thread is None:
+            self.aggregator.add(tensors, weight, scale)
+            return
+        self._folding = thread.submit(self.aggregator.add, tensors, weight, scale)
+
+    def _wait_fold(self) -> None:
+        folding, self._folding = self._folding, None
+        if folding is not None:
+            folding.result()
 
     def _record(self, digest: str, weight: float, scale: float) -> None:
         self._scales[digest] = scale
@@ -343,6 +366,7 @@ class RoundAggregator:
         if self._finished:
             raise RuntimeError("round already finished")
         self._finished = True
+        self._wait_fold()
         metrics: dict[str, float] = {"admitted": float(len(self._signers))}
         tally = Tally((), ())
         if self._held is not None:
