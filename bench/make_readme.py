@@ -495,6 +495,38 @@ def overhead_section(o: dict) -> str:
     )
 
 
+def time_to_quality_section(t: dict) -> str:
+    refs = t["references"]
+    seq = refs["pooled-same-time"]["mean_heldout_loss"]
+    rows = []
+    for run_ in t["runs"]:
+        rels = run_["releases"]
+        last = rels[-1]
+        reached = next((r["seconds"] for r in rels if r["mean_heldout_loss"] <= seq), None)
+        rows.append([f"{run_['rounds']} x {run_['steps']}", len(rels), f"{rels[0]['seconds']:.0f}",
+                     f"{last['seconds']:.0f}", f"{last['mean_heldout_loss']:.3f}",
+                     pct(last.get("mean_exact_match")), "-" if reached is None else f"{reached:.0f}",
+                     f"{run_['loadavg_before'][0]:.1f} / {run_['loadavg_after'][0]:.1f}"])
+    for name, ref in refs.items():
+        rows.append([f"{name}: one trainer, pooled data, {ref['steps']} steps", "-", "-",
+                     f"{ref['seconds']:.0f} (train + score)", f"{ref['mean_heldout_loss']:.3f}",
+                     pct(ref["mean_exact_match"]), "-", "-"])
+    return "\n".join([
+        "## Time to quality (`time_to_quality.py`, real processes on 127.0.0.1)\n",
+        f"The demo's community ({t['config']['volunteers']} volunteers, one skill each, `ffa`, batch "
+        f"{t['config']['batch_size']}, learning rate {t['config']['learning_rate']}) as "
+        "`loracommons coordinator start` + `loracommons join` processes, a release every round, for "
+        "schedules of equal total compute. Seconds count from the processes' spawn (start-up included) "
+        "to when the release appeared on `/api/releases`; every release is scored afterwards with the "
+        "demo's evaluation on its held-out sets. Wall-clock on this shared machine is noisy: the load "
+        "average (1 min) before / after each run is in the last column.\n",
+        table(["schedule (rounds x steps)", "releases", "first release s", "last release s",
+               "final held-out loss", "final exact match", "s to reach pooled-same-time loss",
+               "load before / after"], rows),
+        "\n![time to quality](results/time_to_quality.png)\n",
+    ])
+
+
 def trainer_section(t: dict) -> str:
     cfg = t["config"]
     return "\n".join(
@@ -529,6 +561,7 @@ python bench/quality_bench.py --workers 2       # quality, exactness, bytes: qua
 python bench/comm_bench.py --quality bench/results/quality.json   # comm.json, comm_bars.png
 python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.json
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)
+python bench/time_to_quality.py                 # time_to_quality.json, .png (real processes, 15+ min)
 python bench/trainer_bench.py --threads 1 --device cpu            # trainer.json
 python bench/protocol_bench.py                  # protocol.json
 python bench/make_readme.py                     # this file, from bench/results/*.json
@@ -540,6 +573,7 @@ python bench/make_readme.py                     # this file, from bench/results/
 | `comm_bench.py` | bytes per volunteer per round for each mode and dtype; quality at equal bytes |
 | `aggregate_bench.py` | coordinator admission + aggregation throughput and peak memory for N updates |
 | `overhead_bench.py`, `plain_flower_app/` | round overhead on real processes against plain-Flower FedAvg |
+| `time_to_quality.py` | held-out loss and exact match of every release against wall-clock, per schedule |
 | `trainer_bench.py` | volunteer trainer tokens/s against a bare peft + torch loop |
 | `protocol_bench.py` | signed-envelope verification throughput against sha256 |
 | `benchlib.py`, `make_readme.py`, `run_all` | shared helpers, this README, the whole suite |
@@ -598,6 +632,7 @@ def machine_section(results: dict[str, dict | None], run_all: dict | None) -> st
 def render(results_dir: Path) -> str:
     names = ("quality", "comm", "aggregate", "overhead", "trainer", "protocol")
     res = {n: load(results_dir, n) for n in names}
+    ttq = load(results_dir, "time_to_quality")
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -619,6 +654,7 @@ def render(results_dir: Path) -> str:
         (comm_section, c),
         (aggregate_section, a),
         (overhead_section, o),
+        (time_to_quality_section, ttq),
         (trainer_section, t),
         (protocol_section, p),
     ):

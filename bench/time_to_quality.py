@@ -213,18 +213,19 @@ def plot(report: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schedules", default=DEFAULT_SCHEDULES, help="comma-separated ROUNDSxSTEPS")
+    parser.add_argument("--schedules", default=None,
+                        help=f"comma-separated ROUNDSxSTEPS (default {DEFAULT_SCHEDULES})")
     parser.add_argument("--volunteers", type=int, default=DemoSettings.volunteers)
     parser.add_argument("--train", type=int, default=DemoSettings.n_train, help="examples per skill")
     parser.add_argument("--heldout", type=int, default=DemoSettings.n_heldout, help="held-out per skill")
     parser.add_argument("--em-every", type=int, default=1, help="exact match every k releases (and the last)")
-    parser.add_argument("--tiny", action="store_true", help="2 volunteers, 2x2 and 1x4: a smoke test")
+    parser.add_argument("--tiny", action="store_true", help="2 volunteers, tiny data, 2x2: a smoke test")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.schedules, args.volunteers, args.train, args.heldout = "2x2,1x4", 2, 32, 8
-    schedules = [Schedule.parse(s) for s in args.schedules.split(",") if s]
+        args.schedules, args.volunteers, args.train, args.heldout = args.schedules or "2x2", 2, 32, 8
+    schedules = [Schedule.parse(s) for s in (args.schedules or DEFAULT_SCHEDULES).split(",") if s]
     if not schedules or args.volunteers < 2 or min(s.rounds * s.steps for s in schedules) < 1:
         parser.error("need --volunteers >= 2 and schedules ROUNDSxSTEPS with both >= 1")
     base = DemoSettings(volunteers=args.volunteers, n_train=args.train, n_heldout=args.heldout,

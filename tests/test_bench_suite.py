@@ -123,6 +123,24 @@ def test_comm_bench_with_quality(quality, tmp_path):
     )
 
 
+def test_time_to_quality_tiny(tmp_path):
+    """Real processes (coordinator + 2 joins), one 2x2 schedule: every release scored, references beside."""
+    out = tmp_path / "ttq.json"
+    run("time_to_quality.py", "--tiny", "--out", str(out), timeout=400)
+    report = json.loads(out.read_text())
+    assert report["bench"] == "time_to_quality" and report["config"]["publish_every"] == 1
+    (only,) = report["runs"]
+    assert only["schedule"] == "2x2" and [r["round"] for r in only["releases"]] == [1, 2]
+    seen = [r["seconds"] for r in only["releases"]]
+    assert all(s is not None and s > 0 for s in seen) and seen == sorted(seen)
+    for row in only["releases"]:
+        assert row["mean_heldout_loss"] > 0 and 0 <= row["mean_exact_match"] <= 1
+    assert set(report["references"]) == {"pooled-same-time", "centralized"}
+    refs = report["references"]
+    assert refs["centralized"]["steps"] == 2 * refs["pooled-same-time"]["steps"]
+    assert (tmp_path / "time_to_quality.png").stat().st_size > 1000
+
+
 def test_overhead_bench_one_round(tmp_path):
     out, work = tmp_path / "overhead.json", tmp_path / "work"
     args = ["--rounds", "1", "--steps", "1", "--timeout", "180", "--work-dir", str(work), "--out", str(out)]
