@@ -189,6 +189,7 @@ def test_run_all_lists_every_bench():
         "comm_bench.py",
         "aggregate_bench.py",
         "overhead_bench.py",
+        "time_to_quality.py",
         "trainer_bench.py",
         "protocol_bench.py",
     ):
