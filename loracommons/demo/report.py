@@ -20,6 +20,17 @@ POOLED = "pooled data, one trainer"
 """The reference a community is measured against: one trainer holding everyone's data."""
 
 
+def _quiet() -> None:
+    """No weight-loading progress bars or deprecation warnings in the middle of the demo's output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _skill_sets(out: Path, skills: list[str]) -> dict[str, list[dict]]:
     from loracommons.client.data import load_records
 
@@ -54,6 +65,7 @@ def _reference(job: dict) -> dict:
     from loracommons.demo import base_model_path
 
     torch.set_num_threads(1)
+    _quiet()
     project = Path(job["project"])
     cfg = load_config(project)
     store = Store(project)
@@ -110,6 +122,7 @@ def evaluate_all(out: Path, plan: dict, settings, project: Path, console: Consol
     started = time.monotonic()
     references = _train_references(out, plan, settings, project, console)
     torch.set_num_threads(1)
+    _quiet()
     base_path = base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     sets = _skill_sets(out, plan["skills"])
