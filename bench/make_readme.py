@@ -519,7 +519,10 @@ def time_to_quality_section(t: dict) -> str:
         "schedules of equal total compute. Seconds count from the processes' spawn (start-up included) "
         "to when the release appeared on `/api/releases`; every release is scored afterwards with the "
         "demo's evaluation on its held-out sets. Wall-clock on this shared machine is noisy: the load "
-        "average (1 min) before / after each run is in the last column.\n",
+        "average (1 min) before / after each run is in the last column. The two references are the demo "
+        "report's trainer on the pooled data: one continuous run (warmup, then cosine over all its "
+        "steps), unlike the quality bench's `pooled-same-time`, which restarts its optimizer every round "
+        "as a volunteer does; they ran after the federations, on a less loaded machine.\n",
         table(["schedule (rounds x steps)", "releases", "first release s", "last release s",
                "final held-out loss", "final exact match", "s to reach pooled-same-time loss",
                "load before / after"], rows),
