@@ -84,7 +84,8 @@ def scale(root: Path, ns: argparse.Namespace) -> dict:
         print(json.dumps(runs[-1]), flush=True)
     base = runs[0]
     for run in runs:
-        run["peak_rss_vs_smallest"] = round(run["coordinator_peak_rss_mb"] / base["coordinator_peak_rss_mb"], 3)
+        ratio = run["coordinator_peak_rss_mb"] / base["coordinator_peak_rss_mb"]
+        run["peak_rss_vs_smallest"] = round(ratio, 3)
         steady = [s for s in run["round_seconds"][1:] if s] or run["round_seconds"]
         run["seconds_per_round_after_first"] = round(sum(steady) / len(steady), 2)
         run["seconds_per_volunteer"] = round(run["seconds_per_round_after_first"] / run["volunteers"], 3)
@@ -107,7 +108,8 @@ def hostile(root: Path, ns: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("scale", "hostile"))
     parser.add_argument("--sizes", default="20,50,200")
     parser.add_argument("--volunteers", type=int, default=20)

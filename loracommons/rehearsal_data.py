@@ -49,7 +49,8 @@ class Split:
                 alpha = 0.0
             if alpha > 0:
                 return cls("dirichlet", field=field or DEFAULT_LABEL_FIELD, alpha=alpha)
-        raise SplitError(f"--split {spec!r}: expected iid, by-field:NAME or dirichlet:ALPHA[:NAME] (ALPHA > 0)")
+        raise SplitError(f"--split {spec!r}: expected iid, by-field:NAME or dirichlet:ALPHA[:NAME] "
+                         "(ALPHA > 0)")
 
     def deal(self, rows: Sequence[dict], n: int, seed: int = 0) -> list[list[dict]]:
         """`rows` dealt into `n` non-empty shares."""

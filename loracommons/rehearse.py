@@ -110,9 +110,9 @@ def _config_for(project_dir: Path, settings: RehearsalSettings) -> Any:
     cfg = load_config(project_dir)
     n = settings.volunteers
     if cfg.round.min_volunteers > n:
-        raise RehearsalError(f"the project needs at least {cfg.round.min_volunteers} volunteers a round "
-                             f"([round] min_volunteers); rehearse with --volunteers {cfg.round.min_volunteers} "
-                             "or more")
+        low = cfg.round.min_volunteers
+        raise RehearsalError(f"the project needs at least {low} volunteers a round ([round] min_volunteers); "
+                             f"rehearse with --volunteers {low} or more")
     per_round = settings.per_round or cfg.round.volunteers_per_round
     rnd = dataclasses.replace(cfg.round, rounds=settings.rounds, timeout_s=REHEARSAL_TIMEOUT_S,
                               volunteers_per_round=max(per_round, cfg.round.min_volunteers))
@@ -135,7 +135,7 @@ def prepare(project_dir: Path, settings: RehearsalSettings) -> Path:
     faults = settings.hostile.assign(settings.volunteers, settings.seed)
     dirs = [volunteer_dir(folder, p) for p in range(settings.volunteers)]
     write_shares(shares, [d / "data.jsonl" for d in dirs])
-    roster = []
+    roster: list[dict[str, Any]] = []
     for p, d in enumerate(dirs):
         key = SigningKey.generate("volunteer")
         key.save(d / "key")

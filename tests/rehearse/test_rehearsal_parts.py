@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from loracommons.client import rehearsal_faults
 from loracommons.coordinator.config import ProjectConfig
