@@ -1,5 +1,6 @@
 """Rehearsals at scale: wall-clock per round and coordinator memory at N virtual volunteers,
-and the project's default robust settings against 20% hostile volunteers.
+and the project's default robust settings against 20% hostile volunteers (next to the same
+attack on plain settings: an allowlist project's, no clipping and a cap of 10,000 examples).
 
 Each rehearsal is `loracommons coordinator rehearse` in its own process (so each peak RSS
 is its own), on a fresh `coordinator init` project of the demo model with the demo skill
@@ -42,12 +43,12 @@ def workspace(root: Path, n_train: int) -> tuple[Path, Path]:
     return train, heldout
 
 
-def rehearse(root: Path, name: str, args: list[str]) -> dict:
+def rehearse(root: Path, name: str, args: list[str], membership: str = "open") -> dict:
     """One fresh project, one rehearsal of it; its report with the process's wall-clock."""
     project = root / name
     cli = [sys.executable, "-m", "loracommons", "coordinator"]
-    subprocess.run([*cli, "init", str(project), "--base-model", "loracommons/demo-tiny"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([*cli, "init", str(project), "--base-model", "loracommons/demo-tiny",
+                    "--membership", membership], check=True, stdout=subprocess.DEVNULL)
     started = time.monotonic()
     done = subprocess.run([*cli, "rehearse", str(project), *args], capture_output=True, text=True)
     if done.returncode:
@@ -99,12 +100,16 @@ def hostile(root: Path, ns: argparse.Namespace) -> dict:
               str(ns.rounds), "--steps", str(ns.steps), "--heldout", str(heldout)]
     honest = rehearse(root, "honest", common)
     attacked = rehearse(root, "hostile", [*common, "--hostile", HOSTILE])
+    # The same attack on plain settings (what an allowlist project keeps: no clipping, cap 10,000).
+    undefended = rehearse(root, "undefended", [*common, "--hostile", HOSTILE], membership="allowlist")
     h, a = honest["heldout"]["final"], attacked["heldout"]["final"]
     return {"volunteers": n, "rounds": ns.rounds, "steps": ns.steps, "hostile": HOSTILE,
             "honest": summary(honest), "attacked": summary(attacked),
             "flagged": attacked["flagged"], "heldout_initial": honest["heldout"]["initial"],
             "heldout_honest": h, "heldout_attacked": a, "relative_gap": round((a - h) / h, 4),
-            "within_10_percent": abs(a - h) <= 0.1 * h}
+            "within_10_percent": abs(a - h) <= 0.1 * h,
+            "undefended": summary(undefended), "heldout_undefended": undefended["heldout"]["final"],
+            "flagged_undefended": undefended["flagged"]}
 
 
 def main() -> None:

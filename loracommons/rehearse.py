@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import resource
 import time
@@ -166,6 +167,8 @@ def _register(folder: Path, public_keys: list[str]) -> None:
 def backend_config(settings: RehearsalSettings) -> dict[str, Any]:
     """Flower's Ray backend settings: resources per virtual volunteer, and the cluster to join."""
     init_args: dict[str, Any] = {"address": settings.ray_address} if settings.ray_address else {}
+    if not _verbose():  # a virtual volunteer's failure still reaches the report, as its error reply
+        init_args["log_to_driver"] = False
     return {"client_resources": {"num_cpus": settings.cpus, "num_gpus": settings.gpus},
             "init_args": init_args}
 
@@ -187,6 +190,10 @@ class _Clock:
                               "coordinator_rss_mb": round(_rss_mb(), 1)}
         if self.forward:
             self.forward(event, details)
+
+
+def _verbose() -> bool:
+    return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
 
 
 def _rss_mb() -> float:
@@ -224,12 +231,17 @@ def run(folder: Path, settings: RehearsalSettings, on_event: OnEvent | None = No
 
     clock = _Clock(on_event)
     server_app.set_event_callback(clock)
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    if not _verbose():  # Flower logs every simulation step at DEBUG
+        flwr_log.setLevel(logging.WARNING)
     started = time.monotonic()
     try:
         run_simulation(server_app=_server_app(folder), client_app=rehearsal_app(str(folder)),
                        num_supernodes=settings.volunteers, backend_config=backend_config(settings))
     finally:
         server_app.set_event_callback(None)
+        flwr_log.setLevel(level)
         if ray.is_initialized():
             ray.shutdown()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -46,7 +46,7 @@ def test_rehearsal_runs_the_project_rounds_and_leaves_the_live_project_alone(tmp
         "--hostile", "0.25:model_replacement", "--heldout", str(tmp_path / "data" / "reverse.heldout.jsonl"),
     ])
     assert done.exit_code == 0, done.output
-    assert "1 x model_replacement volunteer: admitted (clipped)" in done.output
+    assert "2 x model_replacement volunteer: admitted (clipped)" in done.output
 
     assert {p: h for p, h in _tree(project).items() if not p.startswith("rehearsals/")} == live
     (folder,) = (project / "rehearsals").iterdir()
