@@ -123,8 +123,8 @@ def _config_for(project_dir: Path, settings: RehearsalSettings) -> Any:
 
 def prepare(project_dir: Path, settings: RehearsalSettings) -> Path:
     """The rehearsal folder: configuration, a fresh release key, the virtual volunteers."""
-    if settings.volunteers < 1:
-        raise RehearsalError("--volunteers must be at least 1")
+    if settings.volunteers < 1 or settings.rounds < 1:
+        raise RehearsalError("--volunteers and --rounds must be at least 1")
     cfg = _config_for(project_dir, settings)
     shares = settings.split.deal(read_data(settings.data), settings.volunteers, settings.seed)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")

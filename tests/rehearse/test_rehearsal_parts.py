@@ -152,3 +152,27 @@ def test_node_files_are_what_join_sets(tmp_path):
     d.mkdir(parents=True)
     (d / NODE_FILE).write_text(json.dumps({"data-path": "x.jsonl", "identity": "key"}))
     assert d.name == "0007" and node_config_of(tmp_path, 7) == {"data-path": "x.jsonl", "identity": "key"}
+
+
+def test_prepare_writes_the_folder_and_refuses_what_cannot_run(tmp_path):
+    from loracommons.coordinator.config import init_project, load_config
+    from loracommons.rehearse import RehearsalSettings, prepare
+
+    project = tmp_path / "proj"
+    init_project(project, "loracommons/demo-tiny")
+    live = sorted(p.name for p in project.iterdir())
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:12]))
+    settings = RehearsalSettings(volunteers=5, data=data, rounds=2, steps=3,
+                                 hostile=Hostile.parse("0.4:weight_inflation"))
+    folder = prepare(project, settings)
+    cfg = load_config(folder)
+    assert (cfg.round.rounds, cfg.train.max_steps, cfg.round.timeout_s) == (2, 3, 86400.0)
+    assert cfg.project.id == load_config(project).project.id and folder.parent == project / "rehearsals"
+    roster = json.loads((folder / "roster.json").read_text())
+    assert [r["behaviour"] for r in roster].count("weight_inflation") == 2
+    assert sum(r["records"] for r in roster) == 12
+    assert sorted(p.name for p in project.iterdir()) == sorted([*live, "rehearsals"])
+    for bad in (dataclasses.replace(settings, volunteers=1), dataclasses.replace(settings, rounds=0)):
+        with pytest.raises(RehearsalError):
+            prepare(project, bad)
