@@ -13,6 +13,7 @@ import threading
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from loracommons.client.binding import ProjectBinding
 from loracommons.client.volunteer import OnStatus, Volunteer, load_volunteer
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.flower_app import envelope_content, read_task
@@ -50,6 +51,9 @@ def train(msg: Message, context: Context) -> Message:
     volunteer = volunteer_for(dict(context.node_config))
     task_json, adapter, note = read_task(msg.content)
     task = RoundTask.from_bytes(task_json)
+    binding = ProjectBinding.from_node_config(dict(context.node_config))
+    if binding is not None and binding.check(task.project_id):  # WrongProject: refused, nothing signed
+        _status("bound", {"project": task.project_id, "superlink": binding.superlink})
     if note:
         _status("note", {"round": task.round, **note})
     envelope = volunteer.run_round(task, adapter)

@@ -63,6 +63,12 @@ def _device(model: Any) -> torch.device:
 
 def tokenized_loss(model: Any, data: TokenizedData, batch_size: int = 32) -> float:
     """Mean loss per labelled token of `data`."""
+    return scored_loss(model, data, batch_size)[0]
+
+
+def scored_loss(model: Any, data: TokenizedData, batch_size: int = 32) -> tuple[float, int]:
+    """Mean loss per labelled token of `data`, and how many labelled tokens it was measured on
+    (what a volunteer signs as its evaluation of the global adapter)."""
     total, count = 0.0, 0
     device = _device(model)
     with eval_mode(model):
@@ -71,7 +77,7 @@ def tokenized_loss(model: Any, data: TokenizedData, batch_size: int = 32) -> flo
             loss, n = lm_loss(model, batch)
             total += float(loss)
             count += n
-    return total / max(count, 1)
+    return total / max(count, 1), count
 
 
 def heldout_loss(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loracommons.client.binding import WrongProject
 from loracommons.client.flower_runtime import ClientTask, failure, refusal
 from loracommons.protocol import processes
 from loracommons.protocol.flower_app import ForeignApp
@@ -38,6 +40,14 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 """Longest wait between two asks for a task; right after a task the runner asks every POLL_FLOOR s."""
 POLL_FLOOR = 0.02
+AUTH_FAILURES_FATAL = 3
+"""Refusals in a row by the local SuperNode's runtime (our secret is not its) before the node gives up."""
+UNREACHABLE_REPEAT_S = 60.0
+"""How often a node that still cannot connect says so again."""
+
+
+class NodeError(RuntimeError):
+    """The node cannot go on; the message is one line for the volunteer."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,19 +79,29 @@ class NodeRunner:
         self.secret = secret
         self.on_event = on_event or (lambda event, details: None)
         self.stopping = threading.Event()
+        self.fatal: str | None = None
+        """Why this runner stopped by itself (its SuperNode refuses it), or None."""
 
     def serve(self) -> None:
         """Poll for tasks until `stopping` is set."""
         quick_object_pulls("flwr.supernode.runtime.run_clientapp")  # pull_task_input's downloads
         client = None
         pace = Pacer(POLL_FLOOR, POLL_SECONDS)  # the SuperNode is local: quick asks are cheap
+        refusals = 0
         while not self.stopping.is_set():
             try:
                 client = client or acquirer(self.runtime_address, self.secret, self.stopping, max_time=30.0)
                 task = acquire_task(client, "client")
+                refusals = 0
             except Exception as exc:  # the SuperNode may be restarting
                 log.debug("acquire failed: %s", exc)
                 client = None
+                refusals = refusals + 1 if _refused(exc) else 0
+                if refusals >= AUTH_FAILURES_FATAL:  # it will never hand us a task: say so, stop
+                    self.fatal = (f"the node's local SuperNode at {self.runtime_address} refuses this "
+                                  f"node's runtime secret ({exc}); was its Flower folder taken over?")
+                    self.stopping.set()
+                    return
                 self.stopping.wait(2.0)
                 continue
             if task is not None:
@@ -110,6 +130,11 @@ class NodeRunner:
                 try:
                     reply = client_app(message=message, context=context)
                     completed, details, outcome = True, "", "completed"
+                except WrongProject as exc:  # a task relayed from another project: nothing signed
+                    log.info("%s", exc)  # the volunteer reads it once, from on_event
+                    self.on_event("refused", {"reason": str(exc)})
+                    reply = failure(message, str(exc))
+                    details, outcome = str(exc), "refused"
                 except Exception as exc:  # every failure goes back as a reason, never a hang
                     log.exception("round failed")
                     details = f"{type(exc).__name__}: {exc}"
@@ -123,6 +148,12 @@ class NodeRunner:
             return "lost"
         finally:
             task.finish(completed, details)
+
+
+def _refused(exc: Exception) -> bool:
+    """An authentication refusal (HTTP 401/403) by the Runtime API, not a passing outage."""
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None) in (401, 403)
 
 
 def default_flwr_home() -> Path:
@@ -143,6 +174,87 @@ class NodeOptions:
     log_path: Path | None = None
 
 
+def claim_flower_home(base: Path) -> tuple[Path, int]:
+    """A Flower folder of this node's own, locked (flock) for the life of the process: `base` when no
+    other running node holds it, else `base/node-2`, `base/node-3`...; two nodes on one machine never
+    share a runtime secret or Flower's files. Returns the folder and the lock's descriptor."""
+    import fcntl
+
+    for slot in range(1, 65):
+        home = base if slot == 1 else base / f"node-{slot}"
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(home / ".node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return home, fd
+    raise NodeError(f"64 nodes already run with Flower folders under {base}")
+
+
+_RETRY_RE = re.compile(r"Connection attempt failed, retrying in ([0-9.]+) seconds")
+_UP_MARKS = ("SuperNode ID:", "Connection successful after")
+
+
+def probe(superlink: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connection to `superlink` (HOST:PORT) fails, or None when it connects."""
+    host, _, port = superlink.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+
+
+class LinkWatch:
+    """Tells "connected, no round yet" from "cannot connect", from the SuperNode's log (Flower logs
+    its registration, each failed attempt with the wait before the next, and a recovery) and, when
+    attempts fail, a TCP probe of the address for the error itself."""
+
+    def __init__(self, superlink: str, log_path: Path, on_event: Callable[[str, dict], None]):
+        self.superlink, self.log_path, self.on_event = superlink, log_path, on_event
+        self.offset = log_path.stat().st_size if log_path.exists() else 0
+        self.state = "connecting"
+        self.said_at = 0.0
+        self.ever_connected = False
+
+    def _new_lines(self) -> list[str]:
+        try:
+            with open(self.log_path, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                self.offset = 0 if size < self.offset else self.offset
+                fh.seek(self.offset)
+                text = fh.read(size - self.offset)
+        except OSError:
+            return []
+        end = text.rfind(b"\n") + 1  # whole lines only
+        self.offset += end
+        return text[:end].decode(errors="replace").splitlines()
+
+    def tick(self) -> None:
+        retry_in = None
+        for line in self._new_lines():
+            if any(mark in line for mark in _UP_MARKS):
+                retry_in = None
+                if self.state != "connected":
+                    self.on_event("connected", {"superlink": self.superlink, "again": self.ever_connected})
+                self.state, self.ever_connected = "connected", True
+            elif match := _RETRY_RE.search(line):
+                retry_in = float(match.group(1))
+        if retry_in is None:
+            return
+        now = time.monotonic()
+        if self.state != "unreachable" or now - self.said_at >= UNREACHABLE_REPEAT_S:
+            error = probe(self.superlink) or "it accepts TCP connections but the SuperNode's requests fail " \
+                "(TLS or protocol mismatch?); see the SuperNode log"
+            self.on_event("unreachable", {"superlink": self.superlink, "error": error, "in_seconds": retry_in,
+                                          "log": str(self.log_path)})
+            self.state, self.said_at = "unreachable", now
+
+
 def supernode_command(opts: NodeOptions, runtime_port: int, secret_file: Path) -> list[str]:
     node_config = " ".join(f"{key}={toml_string(value)}" for key, value in opts.node_config.items())
     # Flower's SuperNode with its idle polls paced for quick rounds (client/supernode.py)
@@ -160,10 +272,13 @@ def supernode_command(opts: NodeOptions, runtime_port: int, secret_file: Path) -
 
 def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = None,
              stop: threading.Event | None = None) -> None:
-    """Run SuperNode + runner until `stop` is set, SIGINT or SIGTERM."""
+    """Run SuperNode + runner until `stop` is set, SIGINT or SIGTERM; `NodeError` when the node
+    cannot go on (the SuperNode's runtime refuses the runner)."""
     on_event = on_event or (lambda event, details: None)
-    opts.flwr_home.mkdir(parents=True, exist_ok=True)
-    secret_file = opts.flwr_home / "runtime.secret"
+    home, lock_fd = claim_flower_home(opts.flwr_home)
+    if home != opts.flwr_home:
+        on_event("flower_home", {"path": str(home), "taken": str(opts.flwr_home)})
+    secret_file = home / "runtime.secret"
     secret = os.urandom(32)
     fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -171,8 +286,9 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
     runtime_port = free_port()
     runner = NodeRunner(f"127.0.0.1:{runtime_port}", secret, on_event)
     stop = stop or threading.Event()
-    env = {**os.environ, "FLWR_HOME": str(opts.flwr_home)}
-    log_path = opts.log_path or opts.flwr_home / "supernode.log"
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    log_path = opts.log_path or home / "supernode.log"
+    watch = LinkWatch(opts.superlink, log_path, on_event)
     proc: subprocess.Popen | None = None
 
     def start_supernode() -> subprocess.Popen:
@@ -195,6 +311,9 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
         worker.start()
         restarts, started = 0, time.monotonic()
         while not stop.wait(1.0):
+            if runner.fatal:
+                raise NodeError(runner.fatal)
+            watch.tick()
             if proc.poll() is not None:
                 # back off while the SuperNode keeps failing; start over after a healthy spell
                 restarts = 1 if time.monotonic() - started > 120 else restarts + 1
@@ -213,4 +332,5 @@ def run_node(opts: NodeOptions, on_event: Callable[[str, dict], None] | None = N
             processes.stop(proc)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(lock_fd)
         on_event("stopped", {})

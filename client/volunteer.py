@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,12 @@ from loracommons.client.data import TokenizedData, load_records, split_heldout, 
 from loracommons.protocol.codec import decode_tensors, encode_tensors
 from loracommons.protocol.envelope import Envelope, sign_update
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.task import RoundTask
+from loracommons.protocol.task import RoundTask, TrainSettings
 
 log = logging.getLogger(__name__)
+
+MIN_EVAL_EXAMPLES = 4
+"""Held-out examples below which a volunteer signs no evaluation (a loss over fewer says little)."""
 
 #: Status callback: (state, details). States: training, sent, failed.
 OnStatus = Callable[[str, dict], None]
@@ -29,6 +33,13 @@ OnStatus = Callable[[str, dict], None]
 
 class VolunteerError(RuntimeError):
     """A round cannot be done as asked; the reason goes back to the coordinator."""
+
+
+DEFAULT_MAX_STEPS = 10_000
+DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_MAX_SEQ_LEN = 4096
+"""A volunteer's own caps on a task (`join --max-steps-per-round` ...): what a task asks beyond
+them is cut down to them, so a coordinator cannot make a node train for ever or run out of memory."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,16 @@ class NodeSettings:
     heldout_fraction: float = 0.1
     threads: int | None = None
     """torch CPU threads while training (None: torch's default)."""
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+
+    def cap(self, train: TrainSettings) -> TrainSettings:
+        """`train` within this volunteer's caps (each field the smaller of the task's and the cap)."""
+        caps = {"max_steps": self.max_steps, "batch_size": self.max_batch_size, "seq_len": self.max_seq_len,
+                "max_minutes": self.max_minutes}
+        return dataclasses.replace(train, **{name: min(getattr(train, name), cap)
+                                             for name, cap in caps.items() if cap is not None})
 
 
 class Volunteer:
@@ -57,6 +78,7 @@ class Volunteer:
 
     def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:
         """Train on local data from the global adapter and sign the update."""
+        from loracommons.client.evaluate import scored_loss
         from loracommons.client.model import apply_adapter, load_base
         from loracommons.client.trainer import train
 
@@ -68,14 +90,23 @@ class Volunteer:
                                     device=self.settings.device)
         model = apply_adapter(base, task.lora, dict(global_adapter), task.mode)
         data, heldout = self._tokenize(tokenizer, task)
-        settings = task.train
-        if self.settings.max_minutes is not None:
-            settings = dataclasses.replace(settings, max_minutes=min(settings.max_minutes,
-                                                                     self.settings.max_minutes))
+        settings = self.settings.cap(task.train)
+        capped = {name: [getattr(task.train, name), getattr(settings, name)]
+                  for name in ("max_steps", "batch_size", "seq_len")
+                  if getattr(settings, name) != getattr(task.train, name)}
+        if capped:
+            self.on_status("capped", {"round": task.round, "fields": capped})
         # A different sample order per volunteer and round, reproducible from the task.
         settings = dataclasses.replace(
             settings, seed=settings.seed + 1000 * task.round + int(self.fingerprint[:4], 16)
         )
+        # Federated evaluation: the adapter as received, scored on this volunteer's held-out split and
+        # signed with the update; the coordinator takes the median as the round's eval loss.
+        evaluated: dict[str, float | int] = {}
+        if heldout is not None and heldout.examples >= MIN_EVAL_EXAMPLES:
+            loss, tokens = scored_loss(model, heldout, settings.batch_size)
+            if tokens > 0 and math.isfinite(loss):
+                evaluated = {"eval_loss": loss, "eval_tokens": tokens}
         started = time.monotonic()
 
         def on_step(step: int, max_steps: int, loss: float, tokens_per_s: float) -> None:
@@ -88,7 +119,7 @@ class Volunteer:
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
-            examples=result.examples, steps=result.steps, train_loss=result.train_loss,
+            examples=result.examples, steps=result.steps, train_loss=result.train_loss, **evaluated,
         )
         self.on_status("sent", {"round": task.round, "steps": result.steps, "train_loss": result.train_loss,
                                 "eval_loss": result.eval_loss, "seconds": time.monotonic() - started,
@@ -98,13 +129,14 @@ class Volunteer:
 
     def _tokenize(self, tokenizer: object, task: RoundTask) -> tuple[TokenizedData, TokenizedData | None]:
         """Training and held-out tokens; the same every round of a project, so made once."""
-        key = (id(tokenizer), task.base_model_id, task.train.seed, task.train.seq_len)
+        seq_len = min(task.train.seq_len, self.settings.max_seq_len)
+        key = (id(tokenizer), task.base_model_id, task.train.seed, seq_len)
         if self._tokenized is None or self._tokenized[0] != key:
             train_records, heldout_records = split_heldout(
                 self.records, self.settings.heldout_fraction, task.train.seed
             )
-            data = tokenize(train_records, tokenizer, task.train.seq_len)
-            heldout = tokenize(heldout_records, tokenizer, task.train.seq_len) if heldout_records else None
+            data = tokenize(train_records, tokenizer, seq_len)
+            heldout = tokenize(heldout_records, tokenizer, seq_len) if heldout_records else None
             self._tokenized = key, (data, heldout)
         return self._tokenized[1]
 
@@ -114,12 +146,18 @@ def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volu
     try:
         max_minutes = float(node_config["max-minutes"]) if node_config.get("max-minutes") else None
         threads = int(node_config["threads"]) if node_config.get("threads") else None
+        caps = {name: int(node_config[key]) for key, name in (
+            ("max-steps", "max_steps"), ("max-batch-size", "max_batch_size"), ("max-seq-len", "max_seq_len"))
+            if node_config.get(key)}
+        if any(value < 1 for value in caps.values()):
+            raise ValueError(f"caps must be at least 1, got {caps}")
         settings = NodeSettings(
             data_path=str(Path(str(node_config["data-path"])).expanduser()),
             identity_path=str(Path(str(node_config["identity"])).expanduser()),
             device=str(node_config.get("device", "auto")),
             max_minutes=max_minutes,
             threads=threads,
+            **caps,
         )
     except KeyError as exc:
         raise VolunteerError(f"node config lacks {exc}; start the node with `loracommons join`") from None

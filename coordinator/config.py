@@ -25,7 +25,15 @@ from loracommons.protocol import modes
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.lora import DEMO_MODEL_ID
-from loracommons.protocol.task import LoraSettings, RoundTask, TrainSettings
+from loracommons.protocol.task import (
+    LORA_BOUNDS,
+    PAYLOAD_BOUNDS,
+    PROJECT_ID_RE,
+    TRAIN_BOUNDS,
+    LoraSettings,
+    RoundTask,
+    TrainSettings,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,7 +45,7 @@ RELEASE_KEY = Path("keys") / "release_key"
 MEMBERSHIPS = ("open", "allowlist")
 CLIP_RULES = ("none", "median")
 ROBUST_RULES = ("none", "trimmed_mean", "krum")
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ID_RE = PROJECT_ID_RE
 
 
 class ConfigError(ValueError):
@@ -71,6 +79,10 @@ class ProjectSection:
     seed: int = _key(0, "seed of the initial global adapter (A factors are identical everywhere)", ge=0)
     membership: str = _key(
         "open", "open: any key may contribute; allowlist: only registered keys", choices=MEMBERSHIPS
+    )
+    license: str = _key(
+        "other", "license of the released adapters, written in the model card (an SPDX id, or other)",
+        nonempty=True,
     )
 
 
@@ -142,7 +154,7 @@ class PrivacySection:
 
 @dataclass(frozen=True)
 class LimitsSection:
-    max_payload_bytes: int = _key(64 << 20, "largest update payload accepted", "bytes", ge=1024)
+    max_payload_bytes: int = _key(64 << 20, "largest update payload accepted", "bytes", **PAYLOAD_BOUNDS)
     payload_dtype: str = _key("float32", "dtype volunteers send their factors in", choices=tuple(DTYPES))
 
 
@@ -157,27 +169,27 @@ class NetworkSection:
     http_port: int = _key(8000, "HTTP API and dashboard port", "port", ge=1, le=65535)
 
 
-# protocol.task's dataclasses carry no metadata: their docs live here.
+# protocol.task's dataclasses carry no metadata: their docs live here, their bounds there
+# (LORA_BOUNDS, TRAIN_BOUNDS: the volunteer checks every task against the same ones).
 _LORA_KEYS = {
-    "r": {"doc": "rank of the factors A (r x in) and B (out x r)", "unit": "rank", "ge": 1, "le": 4096},
-    "alpha": {"doc": "scale numerator: the update is (alpha / r) x B @ A", "gt": 0},
-    "dropout": {"doc": "dropout on the LoRA input during training", "unit": "probability", "ge": 0, "lt": 1},
-    "target_modules": {"doc": "module names that get LoRA factors", "nonempty": True},
+    "r": {"doc": "rank of the factors A (r x in) and B (out x r)", "unit": "rank"},
+    "alpha": {"doc": "scale numerator: the update is (alpha / r) x B @ A"},
+    "dropout": {"doc": "dropout on the LoRA input during training", "unit": "probability"},
+    "target_modules": {"doc": "module names that get LoRA factors"},
 }
 _TRAIN_KEYS = {
     "max_steps": {
         "doc": "optimizer steps per volunteer per round (whichever limit comes first)",
         "unit": "steps",
-        "ge": 1,
     },
-    "max_minutes": {"doc": "wall-clock limit of local training per round", "unit": "minutes", "gt": 0},
-    "batch_size": {"doc": "sequences per micro-batch", "unit": "sequences", "ge": 1},
-    "grad_accum": {"doc": "micro-batches per optimizer step", "unit": "micro-batches", "ge": 1},
-    "learning_rate": {"doc": "peak AdamW learning rate", "gt": 0},
-    "warmup_steps": {"doc": "linear warmup at the start of each round", "unit": "steps", "ge": 0},
-    "weight_decay": {"doc": "AdamW weight decay", "ge": 0},
-    "seq_len": {"doc": "tokens per training sequence (longer ones are truncated)", "unit": "tokens", "ge": 8},
-    "seed": {"doc": "seed of local data order and dropout", "ge": 0},
+    "max_minutes": {"doc": "wall-clock limit of local training per round", "unit": "minutes"},
+    "batch_size": {"doc": "sequences per micro-batch", "unit": "sequences"},
+    "grad_accum": {"doc": "micro-batches per optimizer step", "unit": "micro-batches"},
+    "learning_rate": {"doc": "peak AdamW learning rate"},
+    "warmup_steps": {"doc": "linear warmup at the start of each round", "unit": "steps"},
+    "weight_decay": {"doc": "AdamW weight decay"},
+    "seq_len": {"doc": "tokens per training sequence (longer ones are truncated)", "unit": "tokens"},
+    "seed": {"doc": "seed of local data order and dropout"},
 }
 
 SECTIONS: dict[str, type] = {
@@ -191,13 +203,17 @@ SECTIONS: dict[str, type] = {
     "network": NetworkSection,
 }
 _EXTERNAL = {LoraSettings: _LORA_KEYS, TrainSettings: _TRAIN_KEYS}
+_BOUNDS = {LoraSettings: LORA_BOUNDS, TrainSettings: TRAIN_BOUNDS}
 
 
 def key_info(section_cls: type) -> dict[str, dict]:
     """name -> metadata (doc, unit, checks) plus its default, for one section class."""
     out = {}
     for f in fields(section_cls):
-        meta = dict(_EXTERNAL[section_cls][f.name] if section_cls in _EXTERNAL else f.metadata)
+        if section_cls in _EXTERNAL:
+            meta = {**_EXTERNAL[section_cls][f.name], **_BOUNDS[section_cls][f.name]}
+        else:
+            meta = dict(f.metadata)
         if callable(meta.get("choices")):
             meta["choices"] = tuple(meta["choices"]())
         factory = f.default_factory  # every key has a default or a factory

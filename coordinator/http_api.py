@@ -4,7 +4,8 @@
     uvicorn.run(app, host="0.0.0.0", port=8080)
 
 Endpoints: /api/project, /api/releases, /api/releases/latest, /api/releases/{version},
-/api/releases/{version}/files/{name} (HTTP range requests), /api/rounds, /api/volunteers,
+/api/releases/{version}/files/{name} (HTTP range requests), /api/rounds, /api/rounds/open,
+/api/volunteers, /api/contributions,
 /metrics (Prometheus text, `metrics.py`), /healthz, and / (the dashboard, `dashboard.py`).
 Nothing here writes state; administration happens through the CLI on the coordinator machine.
 """
@@ -24,7 +25,9 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from loracommons.coordinator.api_models import (
+    ContributionOut,
     Health,
+    OpenRoundOut,
     ProjectOut,
     ReleaseDocument,
     ReleaseOut,
@@ -138,7 +141,17 @@ def create_app(project_dir: str | Path, store: Store, info: Mapping[str, Any] | 
 
     @app.get("/api/rounds", response_model=list[RoundOut])
     def list_rounds() -> list[RoundOut]:
-        return [RoundOut(**{k: getattr(r, k) for k in RoundOut.model_fields}) for r in store.rounds()]
+        return RoundOut.all_from_store(store)
+
+    @app.get("/api/rounds/open", response_model=OpenRoundOut | None)
+    def open_round() -> OpenRoundOut | None:
+        """The round in progress (sampled, replied, waiting, each reply's outcome); null when none."""
+        return OpenRoundOut.from_store(store)
+
+    @app.get("/api/contributions", response_model=list[ContributionOut])
+    def list_contributions() -> list[ContributionOut]:
+        """Each key that sent an update: admitted and rejected (by reason), examples, last seen."""
+        return [ContributionOut.from_row(c) for c in store.contributions()]
 
     @app.get("/api/volunteers", response_model=list[VolunteerOut])
     def list_volunteers() -> list[VolunteerOut]:

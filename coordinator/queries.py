@@ -15,6 +15,7 @@ from sqlalchemy import Connection, func, select
 from loracommons.coordinator.blobs import StoreError
 from loracommons.coordinator.rows import (
     ROUND_STATUSES,
+    Contribution,
     ReleaseRow,
     RoundCounts,
     RoundRow,
@@ -77,6 +78,49 @@ def status(conn: Connection) -> StoreStatus:
         recent_rounds=tuple(round_row(r) for r in reversed(recent)),
         recent_updates=tuple(update_row(r) for r in reversed(recent_updates)),
     )
+
+
+def volunteers_admitted(conn: Connection, through_round: int) -> int:
+    """Distinct keys with an admitted update in an aggregated round up to `through_round`."""
+    u = updates.c
+    r = rounds.c
+    aggregated = select(r.round).where(r.status == "aggregated", r.round <= through_round)
+    return int(conn.execute(select(func.count(func.distinct(u.fingerprint))).where(
+        u.outcome == "admitted", u.fingerprint.is_not(None), u.round.in_(aggregated))).scalar() or 0)
+
+
+def contributions(conn: Connection, limit: int) -> list[Contribution]:
+    """Every key that sent an update (banned keys left out), most admitted updates first."""
+    u, v = updates.c, volunteers.c
+    admitted = func.count().filter(u.outcome == "admitted")
+    examples = func.coalesce(func.sum(u.examples).filter(u.outcome == "admitted"), 0)
+    rows = conn.execute(
+        select(u.fingerprint, v.display_name, admitted, func.count().filter(u.outcome == "rejected"),
+               examples, func.max(u.received))
+        .join(volunteers, v.fingerprint == u.fingerprint).where(~v.banned)
+        .group_by(u.fingerprint, v.display_name)
+        .order_by(admitted.desc(), examples.desc(), func.max(u.received).desc(), u.fingerprint)
+        .limit(limit)).all()
+    reasons: dict[str, dict[str, int]] = {}
+    for fingerprint, reason, n in conn.execute(
+            select(u.fingerprint, u.reason, func.count()).where(
+                u.outcome == "rejected", u.fingerprint.in_([r[0] for r in rows]))
+            .group_by(u.fingerprint, u.reason).order_by(u.reason)):
+        reasons.setdefault(fingerprint, {})[reason] = int(n)
+    return [Contribution(fingerprint=fp, display_name=name, admitted=int(a), rejected=int(r),
+                         examples=int(ex), last_seen=seen, rejected_by_reason=reasons.get(fp, {}))
+            for fp, name, a, r, ex, seen in rows]
+
+
+def rejections_by_round(conn: Connection, first_round: int = 1) -> dict[int, dict[str, int]]:
+    """Round -> {reason code: rejected updates}, for rounds from `first_round` with a rejection."""
+    u = updates.c
+    out: dict[int, dict[str, int]] = {}
+    for number, reason, n in conn.execute(
+            select(u.round, u.reason, func.count()).where(u.outcome == "rejected", u.round >= first_round)
+            .group_by(u.round, u.reason).order_by(u.round, u.reason)):
+        out.setdefault(int(number), {})[str(reason)] = int(n)
+    return out
 
 
 def _counts(rows: Iterable[Sequence[Any]]) -> dict[str, int]:

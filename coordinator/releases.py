@@ -2,7 +2,7 @@
 
     DIR/releases/v3/adapter_config.json        what PeftModel.from_pretrained reads
     DIR/releases/v3/adapter_model.safetensors   the global adapter (PEFT key names)
-    DIR/releases/v3/README.md                   model card
+    DIR/releases/v3/README.md                   model card, Hub-ready (`card.py`)
     DIR/releases/v3/release.json                signed manifest: the three files' size and
                                                 sha256, digest of v2's manifest, ...
 
@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from loracommons.coordinator.config import ProjectSection
+from loracommons.coordinator.card import CardFacts, model_card
+from loracommons.coordinator.config import ConfigError, ProjectConfig, ProjectSection, load_config
 from loracommons.coordinator.rows import ReleaseRow, utc_now
 from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.durable import TEMP_PREFIX, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
-from loracommons.protocol.identity import PublicKey, SigningKey, fingerprint_display
-from loracommons.protocol.lora import DEMO_MODEL_ID
+from loracommons.protocol.identity import PublicKey, SigningKey
 from loracommons.protocol.release import (
     CARD_FILE,
     CONFIG_FILE,
@@ -104,10 +104,12 @@ def publish_release(
     metrics: Mapping | None = None,
     update_digests: Iterable[str] = (),
     contributors: Mapping[str, int] | Iterable[str] = (),
+    config: ProjectConfig | None = None,
 ) -> SignedRelease:
     """Write, sign and record release `version`; returns its signed manifest.
 
-    `project` gives the id, name, base model and revision the manifest and card carry.
+    `project` gives the id, name, base model and revision the manifest and card carry; `config`
+    (default: `project.toml` in `project_dir`, when it loads) the mode, rules and privacy the card states.
     `contributors` maps fingerprints to examples (or lists fingerprints). Publishing a version that is
     already recorded for the same round returns the recorded release unchanged.
     """
@@ -133,7 +135,11 @@ def publish_release(
     contributors = dict(contributors) if isinstance(contributors, Mapping) else {c: 0 for c in contributors}
     metrics_json: dict[str, Any] = _jsonable(dict(metrics or {}))
     config_bytes = (json.dumps(_jsonable(dict(adapter_config)), indent=2, sort_keys=True) + "\n").encode()
-    card = model_card(project, version, round, metrics_json, contributors, key.public, previous)
+    card = model_card(CardFacts(
+        project=project, version=version, round=round, metrics=metrics_json, contributors=contributors,
+        signer=key.public, previous=previous, history=[r for r in store.rounds() if r.round <= round],
+        volunteers=store.volunteers_admitted(through_round=round),
+        config=config if config is not None else _config_beside(project_dir, project)))
 
     root = project_dir / RELEASES
     root.mkdir(parents=True, exist_ok=True)
@@ -168,65 +174,13 @@ def publish_release(
     return signed
 
 
-def model_card(project: ProjectSection, version: int, round: int, metrics: Mapping,
-               contributors: Mapping[str, int], signer: PublicKey, previous: str) -> str:
-    name, base = project.name or project.id, project.base_model
-    top = sorted(contributors.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
-    lines = [
-        f"# {name}: community LoRA adapter v{version}",
-        "",
-        "A LoRA adapter trained by a community of volunteers with LoRA Commons: each volunteer",
-        "trained on private data and sent only signed low-rank updates; the coordinator",
-        "checked every update, aggregated the admitted ones and signed this release.",
-        "",
-        f"- Base model: `{base}`",
-        f"- Version: {version} (after round {round})",
-        f"- Contributors to this release: {len(contributors)}",
-        f"- Coordinator key: `{signer.fingerprint}`",
-        f"- Previous release manifest: `{previous or '(none: first release)'}`",
-        "",
-    ]
-    if metrics:
-        lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
-        lines.append("")
-    if top:
-        lines += ["## Top contributors", "", "| volunteer | examples |", "| --- | --- |"]
-        lines += [f"| `{fingerprint_display(fp)}` | {ex} |" for fp, ex in top]
-        lines.append("")
-    lines += [
-        "## Download and verify",
-        "",
-        f"`{MANIFEST_FILE}` beside this card lists every file's size and sha256 and is signed by",
-        "the coordinator key above; its manifest also holds the digest of the previous release.",
-        "",
-        "```",
-        f"loracommons download http://HOST:PORT --out adapter --version {version} --pin {signer.fingerprint}",
-        "```",
-        "",
-        "## Load",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        "",
-        *_load_base_lines(base),
-        'model = PeftModel.from_pretrained(base, "adapter")',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _load_base_lines(base: str) -> list[str]:
-    if base == DEMO_MODEL_ID:  # shipped inside the loracommons package, not on a hub
-        return ["from loracommons.demo import base_model_path", "",
-                "base = AutoModelForCausalLM.from_pretrained(base_model_path())"]
-    return [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})"]
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _config_beside(project_dir: Path, project: ProjectSection) -> ProjectConfig | None:
+    """The project's own config when it is the project being released (it states mode and rules)."""
+    try:
+        config = load_config(project_dir)
+    except ConfigError:
+        return None
+    return config if config.project.id == project.id else None
 
 
 def _remove_tree(path: Path) -> None:

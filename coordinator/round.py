@@ -17,7 +17,9 @@ benches and tests drive the same round the coordinator runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+import math
+import statistics
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,16 @@ from loracommons.protocol.envelope import Envelope
 from loracommons.protocol.errors import Reason
 
 log = logging.getLogger(__name__)
+
+LOSS_CEILING = 100.0
+"""Highest loss per token a claim counts as (nats; a uniform guess over a 150k vocabulary is ~12)."""
+
+
+def robust_loss(claims: Iterable[float | None]) -> float | None:
+    """The round's figure from what volunteers claim: each claim clamped to [0, LOSS_CEILING], then
+    the median, so that no single volunteer among honest ones sets it (None without a claim)."""
+    values = [min(max(v, 0.0), LOSS_CEILING) for v in claims if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class UpdateRecord:
     examples: int = 0  # claimed examples, counted only up to `[aggregation] max_examples_weight`
     capped: bool = False  # the claim was above the cap (the message says so)
     train_loss: float | None = None
+    eval_loss: float | None = None  # the signer's loss of the round's starting adapter on its held-out data
     nbytes: int = 0  # payload bytes as received
     delta_norm: float | None = None
     weight: float = 0.0  # weight in the round's mean (0 when refused)
@@ -109,6 +122,8 @@ class RoundResult:
     annotations: tuple[Annotation, ...]  # aggregated updates scaled down to the clip bound
     clip_bound: float | None  # the bound they were scaled to (None when nothing was clipped)
     metrics: dict[str, float] = field(default_factory=dict)
+    train_loss: float | None = None  # `robust_loss` of the claims of the updates kept
+    eval_loss: float | None = None  # `robust_loss` of their evaluations of the round's starting adapter
 
     @property
     def status(self) -> str:
@@ -149,6 +164,7 @@ class Round:
         if spill_dir is not None:
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
         self.aggregator = RoundAggregator(cfg, global_tensors, spill_dir=spill_dir, rng=rng)
+        self._claims: dict[str, tuple[float, float | None]] = {}  # digest -> (train, eval) of accepted
         self._closed = False
 
     @property
@@ -185,6 +201,7 @@ class Round:
             self._admitted.add(verdict.signer)
             self.aggregator.offer(verdict)
             weight = self.aggregator.weight(manifest.examples)
+            self._claims[verdict.update_digest] = (manifest.train_loss, manifest.eval_loss)
         payload = envelope.payload
         return UpdateRecord(
             accepted=verdict.accepted,
@@ -196,6 +213,7 @@ class Round:
             examples=examples,
             capped=capped,
             train_loss=manifest.train_loss if manifest else None,
+            eval_loss=manifest.eval_loss if manifest else None,
             nbytes=len(payload) if isinstance(payload, bytes) else 0,
             delta_norm=verdict.delta_norm,
             weight=weight,
@@ -213,6 +231,8 @@ class Round:
             Annotation(d, Reason.CLIPPED, f"delta scaled by {s:.3g} to the clip bound {bound:.4g}")
             for d, s in clipped.items()
         )
+        refused = {rejection.update_digest for rejection in outcome.rejected}
+        kept = [claim for digest, claim in self._claims.items() if digest not in refused]
         return RoundResult(
             tensors=outcome.tensors,
             reason=outcome.reason,
@@ -222,4 +242,6 @@ class Round:
             annotations=annotations,
             clip_bound=bound,
             metrics=dict(outcome.metrics),
+            train_loss=robust_loss(train for train, _ in kept),
+            eval_loss=robust_loss(evaluation for _, evaluation in kept),
         )

@@ -5,6 +5,11 @@ loop can be killed at any point and `resume` picks up from the last published
 release: an interrupted round is run again under a fresh nonce (updates signed
 for the old nonce are refused as stale), an aggregated round whose release was
 not yet written is published, and nothing is published twice.
+
+This module is the transport and the bookkeeping: Flower messages, timeouts, late
+replies, store writes and events (`events.py`). What a round decides (admission, the
+examples cap, aggregation, the robust rules, the round's losses) is `round.Round`'s;
+releases and the DP budget are `publishing.py`'s.
 """
 
 from __future__ import annotations
@@ -14,36 +19,46 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from loracommons.coordinator import privacy
-from loracommons.coordinator.admission import admit, context_for, expected_for
-from loracommons.coordinator.aggregation import RoundAggregator
+from loracommons.coordinator import publishing
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
+from loracommons.coordinator.events import (
+    Finished,
+    OnEvent,
+    PrivacyBudgetSpent,
+    Published,
+    Resumed,
+    RoundClosed,
+    RoundOpened,
+    UpdateHandled,
+    Waiting,
+)
 from loracommons.coordinator.initial import decode_adapter, initial_adapter
-from loracommons.coordinator.releases import publish_release, reconcile
+from loracommons.coordinator.releases import reconcile
+from loracommons.coordinator.round import Round, UpdateRecord
 from loracommons.coordinator.rows import RoundRow
 from loracommons.coordinator.store import Store, new_nonce
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import Envelope, sha256_hex
-from loracommons.protocol.errors import ProtocolError
+from loracommons.protocol.errors import ProtocolError, Reason
 from loracommons.protocol.flower_app import read_envelope, task_content
 from loracommons.protocol.flower_timing import quick_object_pulls
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.lora import peft_adapter_config
 from loracommons.protocol.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
-OnEvent = Callable[[str, dict], None]
 POLL_SECONDS = 0.5
 """Longest wait between two asks for replies; just after the round's tasks go out, POLL_FLOOR s
 (not less: each ask costs the SuperLink, which is then busy handing out the tasks)."""
 POLL_FLOOR = 0.05
+LATE_ROUNDS = 3
+"""Rounds a straggler's message is still asked for (its reply then recorded as late); after that it
+is forgotten, so a node that never answers costs each poll a bounded number of ids."""
 
 
 @dataclass
@@ -64,7 +79,7 @@ class Coordinator:
     store: Store
     key: SigningKey
     stop: threading.Event = field(default_factory=threading.Event)
-    on_event: OnEvent = lambda event, details: None  # noqa: E731
+    on_event: OnEvent = lambda event: None  # noqa: E731
     rng: random.Random = field(default_factory=random.SystemRandom)
     global_adapter: GlobalAdapter | None = None
     _notes: dict[int, dict] = field(default_factory=dict)  # node id -> outcome of its last update
@@ -101,7 +116,7 @@ class Coordinator:
         open_round = self.store.current_round()
         next_round = open_round.round if open_round else self.store.last_closed_round() + 1
         if open_round:
-            self.on_event("resume", {"round": next_round, "note": "interrupted round will run again"})
+            self.on_event(Resumed(next_round))
         return next_round
 
     # -- the loop --------------------------------------------------------------
@@ -112,7 +127,7 @@ class Coordinator:
         total = self.cfg.round.rounds
         while not self.stop.is_set() and (total == 0 or r <= total):
             if not self.privacy_budget_left():
-                self.on_event("privacy_budget_spent", self.privacy_metrics())
+                self.on_event(PrivacyBudgetSpent(**self.privacy_metrics()))
                 break
             nodes = self.wait_for_nodes(grid)
             if nodes is None:
@@ -121,7 +136,7 @@ class Coordinator:
             r += 1
         if self._publish_due(final=True):
             self.publish()
-        self.on_event("finished", {"rounds": r - 1})
+        self.on_event(Finished(r - 1))
 
     def wait_for_nodes(self, grid) -> list[int] | None:  # noqa: ANN001
         need = self.cfg.round.min_volunteers
@@ -131,7 +146,7 @@ class Coordinator:
             if len(nodes) >= need:
                 return nodes
             if not announced:
-                self.on_event("waiting", {"connected": len(nodes), "needed": need})
+                self.on_event(Waiting(len(nodes), need))
                 announced = True
             self.stop.wait(1.0)
         return None
@@ -146,20 +161,15 @@ class Coordinator:
         latest = self.store.latest_release()
         self.store.open_round(r, nonce, base_version=latest.version if latest else 0,
                               sampled=len(sampled), base_adapter_digest=current.digest)
-        self.on_event("round_open", {"round": r, "sampled": len(sampled), "connected": len(nodes)})
-        task_json = cfg.task(r, nonce, current.digest).to_bytes()
-        expected = expected_for(cfg, r, nonce, current.tensors, current.digest)
-        admitted: set[str] = set()
+        self.on_event(RoundOpened(r, len(sampled), len(nodes)))
         membership = cfg.project.membership
-        ctx = context_for(
-            cfg, expected, current.tensors,
+        rnd = Round(
+            cfg, r, nonce, current.tensors, current.digest,
             allowlist=self.store.registered_fingerprints() if membership == "allowlist" else frozenset(),
-            banned=self.store.banned_fingerprints(), admitted=admitted,
+            banned=self.store.banned_fingerprints(), spill_dir=self.spill_dir,
         )
-        self.spill_dir.mkdir(exist_ok=True)
-        aggregator = RoundAggregator(cfg, current.tensors, spill_dir=self.spill_dir)
         messages = [
-            Message(task_content(task_json, current.data, self._notes.pop(node, None)),
+            Message(task_content(rnd.task_bytes, current.data, self._notes.pop(node, None)),
                     dst_node_id=node, message_type="train", group_id=str(r))
             for node in sampled
         ]
@@ -174,59 +184,42 @@ class Coordinator:
                 if mid in self._late:
                     self._record_late(r, reply, *self._late.pop(mid))
                 elif mid in waiting:
-                    self._handle(r, waiting.pop(mid), reply, ctx, aggregator, admitted)
+                    self._handle(r, waiting.pop(mid), reply, rnd)
             if waiting:
                 self.stop.wait(pace.interval())
         for mid, node in waiting.items():  # stragglers: their replies are refused if they come
             self._late[mid] = (r, node)
             self._notes[node] = {"round": r, "outcome": "missed", "reason": "no reply before the timeout"}
-        return self._close(r, aggregator)
+        self._late = {mid: late for mid, late in self._late.items() if late[0] > r - LATE_ROUNDS}
+        return self._close(r, rnd)
 
-    def _handle(self, r: int, node: int, reply, ctx, aggregator: RoundAggregator,  # noqa: ANN001
-                admitted: set[str]) -> None:
+    def _handle(self, r: int, node: int, reply, rnd: Round) -> None:  # noqa: ANN001 (flwr Message)
         """Admit one reply; whatever it holds, the round goes on."""
         try:
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
-                self.store.record_update(r, None, "rejected", reason="volunteer_error", message=reason[:500])
+                self._record(r, UpdateRecord.failed(Reason.VOLUNTEER_ERROR, reason[:500]))
                 self._notes[node] = {"round": r, "outcome": "failed", "reason": reason[:200]}
-                self.on_event("update", {"round": r, "accepted": False, "reason": "volunteer_error"})
                 return
             try:
-                envelope = Envelope(*read_envelope(reply.content, ctx.expected.max_payload_bytes))
+                envelope = Envelope(*read_envelope(reply.content, rnd.max_payload_bytes))
             except ProtocolError as exc:
-                self.store.record_update(r, None, "rejected", reason=exc.reason, message=str(exc))
-                self.on_event("update", {"round": r, "accepted": False, "reason": exc.reason})
+                self._record(r, UpdateRecord.failed(exc.reason, str(exc)))
                 return
-            verdict = admit(envelope, ctx)
-            manifest = verdict.manifest
-            reason = "" if verdict.accepted else verdict.reason
-            message, examples = verdict.message, manifest.examples if manifest else 0
-            cap = self.cfg.aggregation.max_examples_weight
-            if examples > cap:  # the claim buys no weight, credit or say in the round's train loss
-                message, examples = f"{message}; claims {examples} examples, counted as {cap}", cap
-                reason = reason or "weight_capped"
-            self.store.record_update(
-                r, verdict.signer, "admitted" if verdict.accepted else "rejected",
-                reason=reason, message=message,
-                update_digest=verdict.update_digest,
-                examples=examples,
-                train_loss=manifest.train_loss if manifest else None,
-                nbytes=len(envelope.payload), public_key=manifest.signer if manifest else None,
-            )
-            self._notes[node] = {"round": r, "outcome": "admitted" if verdict.accepted else "rejected",
-                                 "reason": verdict.reason, "digest": verdict.update_digest[:16]}
-            self.on_event("update", {"round": r, "accepted": verdict.accepted, "reason": verdict.reason,
-                                     "signer": (verdict.signer or "")[:16]})
-            if verdict.accepted:
-                admitted.add(verdict.signer)
-                aggregator.offer(verdict)
+            record = rnd.offer(envelope)
+            self._record(r, record)
+            self._notes[node] = record.note(r)
         except Exception as exc:  # a bug must not end the round for everyone else
             log.exception("handling a reply of round %d failed", r)
             try:
-                self.store.record_update(r, None, "rejected", reason="internal_error", message=str(exc)[:500])
+                self.store.record_update(r, None, "rejected", reason=Reason.INTERNAL_ERROR,
+                                         message=str(exc)[:500])
             except Exception:
                 log.exception("could not record the failure")
+
+    def _record(self, r: int, record: UpdateRecord) -> None:
+        self.store.record_update(r, record.signer, record.outcome, **record.store_fields())
+        self.on_event(UpdateHandled(r, record.accepted, str(record.reason), (record.signer or "")[:16]))
 
     def _record_late(self, r: int, reply, old_round: int, node: int) -> None:  # noqa: ANN001
         signer = None
@@ -240,85 +233,43 @@ class Coordinator:
                 signer = public.fingerprint
             except Exception:  # refused as late whatever it holds: no reply may stop the loop
                 log.debug("late reply did not open", exc_info=True)
-        self.store.record_update(r, signer, "rejected", reason="late",
+        self.store.record_update(r, signer, "rejected", reason=Reason.LATE,
                                  message=f"update for round {old_round} arrived after that round closed")
-        self.on_event("update", {"round": r, "accepted": False, "reason": "late"})
+        self.on_event(UpdateHandled(r, False, Reason.LATE))
 
-    def _close(self, r: int, aggregator: RoundAggregator) -> RoundRow:
-        outcome = aggregator.finish()
+    def _close(self, r: int, rnd: Round) -> RoundRow:
+        outcome = rnd.close()
         for rejection in outcome.rejected:
             self.store.reject_admitted(r, rejection.update_digest, rejection.reason, rejection.message)
-        bound = outcome.metrics.get("clip_bound", self.cfg.privacy.clip_norm)
-        for digest, scale in outcome.clip_scales.items():
-            if scale < 1:  # admitted, but neutralized: recorded so that status shows which and why
-                self.store.annotate_admitted(r, digest, "clipped",
-                                             f"delta scaled by {scale:.3g} to the clip bound {bound:.4g}")
+        for note in outcome.annotations:  # admitted, but neutralized: status shows which and why
+            self.store.annotate_admitted(r, note.update_digest, note.reason, note.message)
         if outcome.tensors is None:
-            row = self.store.close_round(r, "skipped", note=outcome.message)
-            self.on_event("round_closed", {"round": r, "status": "skipped", "note": outcome.message})
+            row = self.store.close_round(r, "skipped", note=outcome.message, train_loss=outcome.train_loss,
+                                         eval_loss=outcome.eval_loss)
+            self.on_event(RoundClosed(r, "skipped", note=outcome.message))
             return row
         data = encode_tensors(outcome.tensors)
         digest = self.store.blobs.put(data)
-        note = ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.metrics.items()))
-        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=note)
+        # Claimed losses count through their median (Round.close): no one volunteer sets the figures.
+        row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=outcome.note,
+                                     train_loss=outcome.train_loss, eval_loss=outcome.eval_loss)
         self.global_adapter = GlobalAdapter.from_bytes(data)
-        self.on_event("round_closed", {"round": r, "status": "aggregated", "admitted": row.admitted,
-                                       "rejected": row.rejected, "train_loss": row.train_loss})
+        self.on_event(RoundClosed(r, "aggregated", row.admitted, row.rejected, row.train_loss, row.eval_loss))
         if self._publish_due(final=False):
             self.publish()
         return row
 
-    # -- releases --------------------------------------------------------------
+    # -- releases (coordinator/publishing.py) -----------------------------------
 
-    def _dp_rounds(self) -> int:
-        return sum(row.status == "aggregated" for row in self.store.rounds())
-
-    def privacy_metrics(self, extra_rounds: int = 0) -> dict:
-        """Epsilon spent so far under central DP (every aggregated round is a DP release)."""
-        dp = self.cfg.privacy
-        if not dp.dp:
-            return {}
-        spent = privacy.epsilon(self._dp_rounds() + extra_rounds, dp.noise_multiplier, dp.delta)
-        return {"dp_epsilon": round(spent, 4), "dp_delta": dp.delta,
-                "dp_noise_multiplier": dp.noise_multiplier}
+    def privacy_metrics(self, extra_rounds: int = 0) -> dict[str, float]:
+        return publishing.privacy_metrics(self.cfg, self.store, extra_rounds)
 
     def privacy_budget_left(self) -> bool:
-        """False when one more DP round would spend more than `[privacy] max_epsilon`."""
-        dp = self.cfg.privacy
-        if not dp.dp or dp.max_epsilon <= 0:
-            return True
-        return privacy.epsilon(self._dp_rounds() + 1, dp.noise_multiplier, dp.delta) <= dp.max_epsilon
-
-    def _unreleased_rounds(self) -> list[RoundRow]:
-        latest = self.store.latest_release()
-        since = latest.round if latest else 0
-        return [row for row in self.store.rounds() if row.status == "aggregated" and row.round > since]
+        return publishing.budget_left(self.cfg, self.store)
 
     def _publish_due(self, final: bool) -> bool:
-        pending = self._unreleased_rounds()
-        return bool(pending) and (final or len(pending) >= self.cfg.round.publish_every)
+        return publishing.due(self.cfg, self.store, final)
 
     def publish(self) -> None:
         """Publish the latest aggregated adapter as the next signed release."""
-        pending = self._unreleased_rounds()
-        last = pending[-1]
-        data = self.store.blobs.get(last.adapter_digest)
-        digests, contributors = [], {}
-        for row in pending:
-            for update in self.store.round_updates(row.round):
-                if update.outcome == "admitted":
-                    digests.append(update.update_digest)
-                    fp = update.fingerprint
-                    contributors[fp] = contributors.get(fp, 0) + int(update.examples or 0)
-        latest = self.store.latest_release()
-        version = (latest.version if latest else 0) + 1
-        metrics = {"round": last.round, "train_loss": last.train_loss, "admitted": last.admitted,
-                   "rejected": last.rejected, "rounds_aggregated": len(pending), **self.privacy_metrics()}
-        project = self.cfg.project
-        publish_release(
-            self.project_dir, self.store, self.key, project, version, last.round,
-            decode_adapter(data), peft_adapter_config(self.cfg.lora, project.base_model,
-                                                      project.base_model_revision),
-            metrics=metrics, update_digests=digests, contributors=contributors,
-        )
-        self.on_event("published", {"version": version, "round": last.round})
+        self.on_event(Published(*publishing.publish(self.project_dir, self.cfg, self.store, self.key)))

@@ -82,6 +82,23 @@ class ReleaseRow:
     path: str  # relative to the project folder
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """One key's record from its updates: what it sent and what became of it (the dashboard's row)."""
+
+    fingerprint: str
+    display_name: str | None
+    admitted: int  # updates admitted, in any round
+    rejected: int
+    examples: int  # examples of its admitted updates
+    last_seen: str  # when its latest update arrived
+    rejected_by_reason: dict[str, int]  # reason code -> count, sorted by code
+
+    @property
+    def short(self) -> str:
+        return fingerprint_display(self.fingerprint)
+
+
 def volunteer_row(row: Mapping[Any, Any]) -> VolunteerRow:
     return VolunteerRow(**row)
 

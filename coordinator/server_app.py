@@ -11,7 +11,8 @@ import threading
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from loracommons.coordinator.rounds import Coordinator, OnEvent
+from loracommons.coordinator.events import Event, OnEvent
+from loracommons.coordinator.rounds import Coordinator
 
 app = ServerApp()
 
@@ -23,9 +24,9 @@ def set_event_callback(callback: OnEvent | None) -> None:
     _on_event[:] = [callback] if callback else []
 
 
-def _event(event: str, details: dict) -> None:
+def _event(event: Event) -> None:
     for callback in _on_event:
-        callback(event, details)
+        callback(event)
 
 
 @app.main()

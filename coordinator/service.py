@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loracommons.coordinator.config import RELEASE_KEY, load_config
+from loracommons.coordinator.events import OnEvent
 from loracommons.coordinator.store import Store
 from loracommons.coordinator.superlink import Link, Tls, start_superlink
 from loracommons.protocol import processes
@@ -164,7 +165,7 @@ def start_http(app, host: str, port: int, limits: ApiLimits | None = None):  # n
 def run_coordinator(
     project_dir: str | Path,
     opts: StartOptions,
-    on_event: Callable[[str, dict], None] | None = None,
+    on_event: OnEvent | None = None,
     on_ready: Callable[[dict], None] | None = None,
     stop: threading.Event | None = None,
     tick: Callable[[], None] | None = None,

@@ -28,6 +28,7 @@ from loracommons.coordinator.blobs import BlobCorrupt, BlobStore, StoreError
 from loracommons.coordinator.rows import (
     OUTCOMES,
     ROUND_STATUSES,
+    Contribution,
     ReleaseRow,
     RoundRow,
     StoreStatus,
@@ -165,6 +166,15 @@ class Store:
                 .limit(limit)).mappings()
             return [volunteer_row(r) for r in rows]
 
+    def contributions(self, limit: int = 200) -> list[Contribution]:
+        """Each key's updates admitted and rejected (with reasons), examples and last update."""
+        with self._read() as conn:
+            return q.contributions(conn, limit)
+
+    def volunteers_admitted(self, through_round: int) -> int:
+        with self._read() as conn:
+            return q.volunteers_admitted(conn, through_round)
+
     # -- rounds and updates -----------------------------------------------
 
     def open_round(self, round: int, nonce: str, *, base_version: int, sampled: int = 0,
@@ -258,6 +268,10 @@ class Store:
                 updates.c.round == round, updates.c.fingerprint == fingerprint,
                 updates.c.outcome == "admitted")).scalar()
             return bool(count)
+
+    def rejections_by_round(self, first_round: int = 1) -> dict[int, dict[str, int]]:
+        with self._read() as conn:
+            return q.rejections_by_round(conn, first_round)
 
     def round_updates(self, round: int) -> list[UpdateRow]:
         with self._read() as conn:

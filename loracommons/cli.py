@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -36,6 +37,28 @@ identity_app = typer.Typer(help="Your volunteer identity (an ECDSA P-256 key).",
 app.add_typer(identity_app, name="identity")
 
 
+#: The libraries' own switches for their progress bars and advisory messages, read when they are
+#: first imported (after this runs: the commands import them lazily) and by the processes the demo
+#: starts. A value the user set in the environment wins.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def configure_output(verbose: bool) -> None:
+    """Logging for the whole command. Library progress bars ("Loading weights") and Python warnings
+    (e.g. a deprecation inside transformers) are for developers: shown with --verbose only.
+    Warnings go to logging (the `py.warnings` logger), which hides them below --verbose; no warning
+    filter is installed."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    if verbose:
+        return
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"loracommons {__version__}")
@@ -46,10 +69,10 @@ def _version(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Log debug details, library progress bars and warnings."),
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_output(verbose)
 
 
 @identity_app.command("new")

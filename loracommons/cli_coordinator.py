@@ -17,6 +17,7 @@ from rich.text import Text
 from loracommons.cli_common import fail
 
 if TYPE_CHECKING:
+    from loracommons.coordinator.events import Event
     from loracommons.coordinator.rows import StoreStatus
 
 console = Console()
@@ -114,8 +115,8 @@ def start(
     ready: dict = {}
     live_view = not plain and console.is_terminal
 
-    def on_event(event: str, details: dict) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {event} " + " ".join(f"{k}={v}" for k, v in details.items())
+    def on_event(event: Event) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {event.line()}"
         events.append(line)
         if not live_view:
             print(line, flush=True)
@@ -262,9 +263,9 @@ def rehearse(
             steps=steps, hostile=Hostile.parse(hostile), threads=threads, cpus=cpus, gpus=gpus,
             device=device, ray_address=ray_address, heldout=heldout, seed=seed)
 
-        def on_event(event: str, details: dict) -> None:
-            if event in ("round_open", "round_closed", "published"):
-                console.print(Text(f"{event}: {json.dumps(details)}"), highlight=False)
+        def on_event(event: Event) -> None:
+            if event.name in ("round_open", "round_closed", "published"):
+                console.print(Text(f"{time.strftime('%H:%M:%S')} {event.line()}"), highlight=False)
 
         folder, report = run_rehearsal(directory, settings, on_event)
     except (ConfigError, DataError, SplitError, RehearsalError) as exc:

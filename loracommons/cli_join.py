@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from loracommons.cli_common import err_console
+from loracommons.client.volunteer import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_STEPS
 from loracommons.paths import data_dir, default_identity
 
 console = Console(soft_wrap=True)  # status lines stay whole in logs and pipes
@@ -76,12 +77,31 @@ class JoinView:
                     self.state["last_outcome"] = details
                     self._write()
         elif state == "connecting":
-            self.say(f"connecting to {details['superlink']}; waiting for a round")
+            self.say(f"connecting to {details['superlink']} ...")
+        elif state == "connected":
+            self.say(f"connected to {details['superlink']}{' again' if details.get('again') else ''}; "
+                     "waiting for a round")
+        elif state == "unreachable":
+            self.say(f"cannot connect to {details['superlink']}: {details['error']}; retrying by itself "
+                     f"(next try in {details['in_seconds']:.1f} s; SuperNode log {details['log']})")
+        elif state == "flower_home":
+            self.say(f"another node runs in {details['taken']}; this one keeps its Flower files in "
+                     f"{details['path']}")
+        elif state == "bound":
+            self.say(f"joined project {details['project']} at {details['superlink']}: tasks of any other "
+                     "project will be refused")
+        elif state == "capped":
+            cut = ", ".join(f"{name} {asked} -> {used}" for name, (asked, used) in details["fields"].items())
+            self.say(f"round {details['round']}: task cut to your caps ({cut})")
         elif state == "reconnecting":
             self.say(f"connection lost (SuperNode exit {details['exit_code']}); "
                      f"reconnecting in {details['in_seconds']:.0f} s")
         elif state == "refused":
-            self.say(f"refused a run whose app differs from the installed loracommons: {details['reason']}")
+            if "run" in details:
+                self.say("refused a run whose app differs from the installed loracommons: "
+                         f"{details['reason']}")
+            else:  # a task of another project (client/binding.py): the reason says which
+                self.say(details["reason"])
         elif state == "failed":
             self.say(f"round failed: {details['reason']}")
         elif state == "stopped":
@@ -95,6 +115,14 @@ def join(
     identity: Path = typer.Option(None, "--identity", help="Your key (created on first use)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps."),
     max_minutes: float = typer.Option(None, "--max-minutes-per-round", help="Your cap on training time."),
+    max_steps: int = typer.Option(DEFAULT_MAX_STEPS, "--max-steps-per-round", min=1,
+                                  help="Your cap on optimizer steps per round."),
+    max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, "--max-batch-size", min=1,
+                                       help="Your cap on sequences per micro-batch."),
+    max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, "--max-seq-len", min=8,
+                                    help="Your cap on tokens per training sequence."),
+    project: str = typer.Option(None, "--project", help="The project id you join: tasks of any other "
+                                "project are refused (default: the first project seen at this address)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS: only for a local test coordinator."),
     root_certificates: Path = typer.Option(None, "--root-certificates", help="CA certificate (PEM) "
                                            "of the coordinator."),
@@ -108,10 +136,15 @@ def join(
     """Join a community project: train on your data each round, send signed LoRA updates."""
     from loracommons.client.data import DataError, load_records
     from loracommons.protocol import SigningKey
+    from loracommons.protocol.task import PROJECT_ID_RE
 
     if insecure == (root_certificates is not None):
         raise fail("give either --root-certificates CA.pem (the coordinator's CA) or --insecure "
                    "(local test coordinators only)")
+    if project is not None and not PROJECT_ID_RE.match(project):
+        raise fail(f"--project {project!r} is not a project id (1-64 of a-z 0-9 . _ -)")
+    if max_minutes is not None and not 0 < max_minutes < float("inf"):
+        raise fail(f"--max-minutes-per-round must be a positive number, got {max_minutes}")
     if root_certificates is not None and not root_certificates.exists():
         raise fail(f"{root_certificates} does not exist")
     try:
@@ -132,14 +165,20 @@ def join(
     except Exception as exc:
         raise fail(str(exc)) from None
     from loracommons.client import client_app
-    from loracommons.client.node import NodeOptions, run_node
+    from loracommons.client.node import NodeError, NodeOptions, run_node
 
-    node_config = {"data-path": str(data.resolve()), "identity": str(identity.resolve()), "device": device}
+    node_home = data_dir() / "node" / public.fingerprint[:16]
+    node_config = {"data-path": str(data.resolve()), "identity": str(identity.resolve()), "device": device,
+                   "max-steps": str(max_steps), "max-batch-size": str(max_batch_size),
+                   "max-seq-len": str(max_seq_len), "superlink": coordinator,
+                   "bindings": str(node_home / "projects.json")}
+    if project is not None:
+        node_config["project"] = project
     if max_minutes is not None:
         node_config["max-minutes"] = str(max_minutes)
     if threads is not None:
         node_config["threads"] = str(threads)
-    home = Path(os.environ.get("FLWR_HOME") or data_dir() / "node" / public.fingerprint[:16])
+    home = Path(os.environ.get("FLWR_HOME") or node_home)  # run_node takes a folder of its own below it
     use_auth = node_auth
     opts = NodeOptions(superlink=coordinator, node_config=node_config, insecure=insecure,
                        root_certificates=str(root_certificates.resolve()) if root_certificates else None,
@@ -154,6 +193,8 @@ def join(
         if view.live is not None:
             view.live.start()
         run_node(opts, on_event=view.event)
+    except NodeError as exc:
+        raise fail(str(exc)) from None
     finally:
         if view.live is not None:
             view.live.stop()

@@ -20,7 +20,6 @@ import logging
 import random
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,15 +30,13 @@ from loracommons.client.data import load_records
 from loracommons.client.rehearsal import FAULT_KEY, NODE_FILE, volunteer_dir
 from loracommons.client.rehearsal_faults import FAULTS
 from loracommons.coordinator.config import RELEASE_KEY, load_config, write_default_toml
+from loracommons.coordinator.events import Event, OnEvent, RoundClosed, RoundOpened
 from loracommons.protocol.identity import SigningKey
 from loracommons.rehearsal_data import Split, write_shares
 
 REHEARSAL_TIMEOUT_S = 86400.0
 """A rehearsal's round timeout: virtual volunteers take turns on a few workers, so the
 project's timeout (meant for volunteers training side by side) would only cut them off."""
-
-OnEvent = Callable[[str, dict], None]
-
 
 class RehearsalError(RuntimeError):
     """A rehearsal cannot run as asked (one line, for the CLI)."""
@@ -181,15 +178,14 @@ class _Clock:
         self.rounds: dict[int, dict[str, float]] = {}
         self._opened: dict[int, float] = {}
 
-    def __call__(self, event: str, details: dict) -> None:
-        r = details.get("round")
-        if event == "round_open" and isinstance(r, int):
-            self._opened[r] = time.monotonic()
-        elif event == "round_closed" and isinstance(r, int) and r in self._opened:
-            self.rounds[r] = {"seconds": round(time.monotonic() - self._opened[r], 3),
-                              "coordinator_rss_mb": round(_rss_mb(), 1)}
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RoundOpened):
+            self._opened[event.round] = time.monotonic()
+        elif isinstance(event, RoundClosed) and event.round in self._opened:
+            self.rounds[event.round] = {"seconds": round(time.monotonic() - self._opened[event.round], 3),
+                                        "coordinator_rss_mb": round(_rss_mb(), 1)}
         if self.forward:
-            self.forward(event, details)
+            self.forward(event)
 
 
 def _verbose() -> bool:

@@ -66,6 +66,24 @@ def _finite(value: float) -> bool:
         return False
 
 
+#: Manifest fields a sender may leave out, with their type as `_check_type` names it.
+OPTIONAL_FIELDS = {"eval_loss": "float", "eval_tokens": "int"}
+
+
+def _check_eval(obj: dict) -> None:
+    """The evaluation claim comes whole or not at all: a finite loss >= 0 over >= 1 token."""
+    present = [name for name in OPTIONAL_FIELDS if name in obj]
+    if not present:
+        return
+    if len(present) != len(OPTIONAL_FIELDS):
+        missing = next(name for name in OPTIONAL_FIELDS if name not in obj)
+        raise MissingField(f"manifest carries {present[0]!r} without {missing!r}")
+    if obj["eval_loss"] < 0:
+        raise Malformed("manifest field 'eval_loss' is negative")
+    if obj["eval_tokens"] < 1:
+        raise Malformed("manifest field 'eval_tokens' must be at least 1 with an eval_loss")
+
+
 @dataclass(frozen=True)
 class UpdateManifest:
     """What an update claims about itself. Every field is signed."""
@@ -85,6 +103,11 @@ class UpdateManifest:
     payload_bytes: int
     payload_dtype: str
     signer: str  # OpenSSH public key line
+    eval_loss: float | None = None
+    """Loss per labelled token of the global adapter the update started from, on the signer's own
+    held-out split, scored before training (federated evaluation). Absent with `eval_tokens`."""
+    eval_tokens: int = 0
+    """Labelled tokens that loss was measured on (0: no evaluation)."""
 
     @classmethod
     def from_dict(cls, obj: dict) -> UpdateManifest:
@@ -92,11 +115,13 @@ class UpdateManifest:
         unknown = sorted(set(obj) - set(known))
         if unknown:
             raise UnknownField(f"unknown manifest field {unknown[0]!r}")
-        missing = sorted(set(known) - set(obj))
+        missing = sorted(set(known) - set(obj) - set(OPTIONAL_FIELDS))
         if missing:
             raise MissingField(f"manifest lacks field {missing[0]!r}")
         for name, kind in known.items():
-            _check_type(name, kind, obj[name])
+            if name in obj:
+                _check_type(name, OPTIONAL_FIELDS.get(name, kind), obj[name])
+        _check_eval(obj)
         if obj["format_version"] != FORMAT_VERSION:
             raise UnsupportedVersion(f"envelope format {obj['format_version']}, this reads {FORMAT_VERSION}")
         for name in ("round", "examples", "steps", "payload_bytes"):
@@ -104,10 +129,17 @@ class UpdateManifest:
                 raise Malformed(f"manifest field {name!r} is negative")
         if obj["payload_dtype"] not in DTYPES:
             raise Malformed(f"manifest payload_dtype {obj['payload_dtype']!r} not one of {sorted(DTYPES)}")
-        return cls(**{**obj, "train_loss": float(obj["train_loss"])})
+        floats = {name: float(obj[name]) for name in ("train_loss", "eval_loss") if name in obj}
+        return cls(**{**obj, **floats})
 
     def to_bytes(self) -> bytes:
-        return canonical_json(asdict(self))
+        """Canonical JSON; the optional evaluation fields only when there was an evaluation, so
+        a manifest without one is byte for byte what it was before they existed."""
+        obj = asdict(self)
+        if self.eval_loss is None:
+            for name in OPTIONAL_FIELDS:
+                del obj[name]
+        return canonical_json(obj)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ are refused.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from loracommons.protocol import modes
@@ -18,6 +20,80 @@ from loracommons.protocol.envelope import sha256_hex
 from loracommons.protocol.errors import Malformed, MissingField, UnknownField
 
 MAX_TASK_BYTES = 64 * 1024
+PROJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+"""A project id: what `[project] id` may be, and what a volunteer accepts in a task."""
+
+# The bounds of every numeric task field: the project config checks its [lora]/[train]/[limits]
+# keys against them (coordinator/config.py) and a volunteer checks every task it receives, so a
+# coordinator cannot ask for what no project file could hold (10**18 steps, inf minutes).
+LORA_BOUNDS: dict[str, dict] = {
+    "r": {"ge": 1, "le": 4096},
+    "alpha": {"gt": 0},
+    "dropout": {"ge": 0, "lt": 1},
+    "target_modules": {"nonempty": True},
+}
+TRAIN_BOUNDS: dict[str, dict] = {
+    "max_steps": {"ge": 1, "le": 1_000_000},
+    "max_minutes": {"gt": 0, "le": 7 * 24 * 60},
+    "batch_size": {"ge": 1, "le": 65_536},
+    "grad_accum": {"ge": 1, "le": 65_536},
+    "learning_rate": {"gt": 0, "le": 10},
+    "warmup_steps": {"ge": 0, "le": 1_000_000},
+    "weight_decay": {"ge": 0, "le": 10},
+    "seq_len": {"ge": 8, "le": 1 << 20},
+    "seed": {"ge": 0, "le": 2**32},
+}
+MAX_ROUND = 2**31 - 1
+"""Far beyond any project's life; keeps the per-round seeds a volunteer derives within range."""
+PAYLOAD_BOUNDS: dict[str, int] = {"ge": 1024, "le": 1 << 40}
+"""`max_payload_bytes` of a task ([limits] in the project file)."""
+
+_CHECKS = (("ge", lambda v, b: v >= b, "at least"), ("gt", lambda v, b: v > b, "greater than"),
+           ("le", lambda v, b: v <= b, "at most"), ("lt", lambda v, b: v < b, "less than"))
+
+
+def bound_problem(value: object, bounds: dict) -> str | None:
+    """What is wrong with a number against its bounds (ge, gt, le, lt), or None."""
+    for check, holds, words in _CHECKS:
+        if check in bounds and not holds(value, bounds[check]):
+            return f"expected {words} {bounds[check]}"
+    return None
+
+
+def _shown(value: object) -> str:
+    """A value for an error line: short, and safe for an integer of thousands of digits."""
+    try:
+        return repr(value)[:40]
+    except ValueError:  # int -> str conversion limit
+        return f"<{type(value).__name__} too large to show>"
+
+
+def _finite(value: object) -> bool:
+    try:  # a 400-digit integer is not a float either
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _check_number(what: str, name: str, value: object, default: object, bounds: dict) -> None:
+    if isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer"
+    else:
+        ok = _finite(value)
+        kind = "a finite number"
+    if not ok:
+        raise Malformed(f"{what} {name} = {_shown(value)}: expected {kind}")
+    problem = bound_problem(value, bounds)
+    if problem:
+        raise Malformed(f"{what} {name} = {_shown(value)}: {problem}")
+
+
+def _check_bounded(cls: type, obj: dict, bounds: dict[str, dict], what: str) -> None:
+    """Every numeric field present in `obj` has the type of its default and lies within its bounds."""
+    for f in fields(cls):
+        if f.name in obj and isinstance(f.default, int | float):
+            _check_number(what, f.name, obj[f.name], f.default, bounds.get(f.name, {}))
 
 
 def _check_fields(cls: type, obj: object, what: str) -> dict:
@@ -60,6 +136,11 @@ class LoraSettings:
     @classmethod
     def from_dict(cls, obj: dict) -> LoraSettings:
         obj = _check_fields(cls, obj, "lora settings")
+        _check_bounded(cls, obj, LORA_BOUNDS, "lora")
+        modules = obj.get("target_modules", ())
+        if isinstance(modules, list) and (not modules or len(modules) > 256
+                                          or not all(isinstance(m, str) and m for m in modules)):
+            raise Malformed(f"lora target_modules: expected 1-256 module names, got {_shown(modules)}")
         try:
             return cls(**obj)
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a 400-digit alpha
@@ -80,7 +161,9 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, obj: dict) -> TrainSettings:
-        return cls(**_check_fields(cls, obj, "train settings"))
+        obj = _check_fields(cls, obj, "train settings")
+        _check_bounded(cls, obj, TRAIN_BOUNDS, "train")
+        return cls(**obj)
 
 
 @dataclass(frozen=True)
@@ -109,15 +192,34 @@ class RoundTask:
         obj["lora"] = LoraSettings.from_dict(obj["lora"])
         obj["train"] = TrainSettings.from_dict(obj["train"])
         task = cls(**obj)
+        task._check_plain_fields()
         try:
             modes.get(task.mode)
         except KeyError:
             raise Malformed(f"round task mode {task.mode!r} not one of {modes.names()}") from None
         if not isinstance(task.payload_dtype, str) or task.payload_dtype not in DTYPES:
             raise Malformed(f"round task payload_dtype {task.payload_dtype!r} not one of {sorted(DTYPES)}")
-        if not isinstance(task.round, int) or isinstance(task.round, bool) or task.round < 0:
-            raise Malformed(f"round task round {task.round!r} must be a non-negative integer")
+        rnd = task.round
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= MAX_ROUND:
+            raise Malformed(f"round task round {_shown(rnd)} must be an integer from 0 to {MAX_ROUND}")
         return task
+
+    def _check_plain_fields(self) -> None:
+        """Types and shapes of the fields that are not settings: what a hostile coordinator could bend."""
+        if not isinstance(self.project_id, str) or not PROJECT_ID_RE.match(self.project_id):
+            raise Malformed(f"round task project_id {_shown(self.project_id)}: expected 1-64 of "
+                            "a-z 0-9 . _ - starting with a letter or digit")
+        for name, longest in (("nonce", 128), ("base_model_id", 4096), ("base_model_revision", 256)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or len(value) > longest or (name != "base_model_revision"
+                                                                      and not value):
+                raise Malformed(f"round task {name}: expected a string of at most {longest} characters")
+        digest = self.base_adapter_digest
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise Malformed("round task base_adapter_digest: expected 64 lowercase hex digits")
+        _check_number("round task", "max_payload_bytes", self.max_payload_bytes, 0, PAYLOAD_BOUNDS)
+        if not isinstance(self.extra, dict):
+            raise Malformed("round task extra: expected an object")
 
     def claims(self) -> dict:
         """The manifest fields an update for this task must carry."""

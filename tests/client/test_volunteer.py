@@ -273,3 +273,20 @@ def test_client_app_train_handler(model_dir, global_adapter, tmp_path, task_iden
     assert manifest.signer == key.public.openssh and sorted(tensors) == sorted(global_adapter)
     assert statuses[0] == ("note", {"round": 2, "outcome": "admitted"})  # the earlier round's outcome
     assert statuses[-1][0] == "sent"
+
+
+def test_update_signs_its_evaluation_of_the_received_adapter(model_dir, global_adapter, make_volunteer, spy):
+    """Federated evaluation (issue 11): scored before training, on the volunteer's held-out split."""
+    from loracommons.client.volunteer import MIN_EVAL_EXAMPLES
+
+    adapter_bytes = encode_tensors(global_adapter)
+    task = make_task(model_dir, adapter_bytes)
+    envelope = make_volunteer(records=48).run_round(task, adapter_bytes)  # 5 held out
+    manifest, _ = verify_update(envelope, expected_for(task, global_adapter))
+    assert manifest.eval_tokens > 0 and np.isfinite(manifest.eval_loss) and manifest.eval_loss > 0
+    after = spy[-1]["result"].eval_loss  # the trainer's own figure, after training, on the same split
+    assert after is not None and manifest.eval_loss != after
+    few = make_volunteer(index=1, records=24).run_round(task, adapter_bytes)  # 2 held out
+    assert 24 // 10 < MIN_EVAL_EXAMPLES
+    manifest, _ = verify_update(few, expected_for(task, global_adapter))
+    assert manifest.eval_loss is None and manifest.eval_tokens == 0 and b"eval_" not in few.manifest

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loracommons.coordinator.config import ProjectConfig
-from loracommons.coordinator.round import Round, UpdateRecord
+from loracommons.coordinator.round import LOSS_CEILING, Round, UpdateRecord, robust_loss
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import Envelope, sha256_hex
 from loracommons.protocol.errors import Reason
@@ -118,3 +118,23 @@ def test_round_under_dp_annotates_with_the_fixed_bound(rng):
     result = rnd.close()
     assert result.clip_bound == 0.01 and len(result.annotations) == 3
     assert sha256_hex(encode_tensors(result.tensors)) != signer.digest
+
+
+@pytest.mark.parametrize("hostile", [1e9, -1e6, float("inf"), float("nan"), None])
+def test_robust_loss_is_a_bounded_median(hostile):
+    honest = [2.0, 2.1, 2.2, 2.3]
+    moved = robust_loss([*honest, hostile])
+    assert abs(moved - robust_loss(honest)) < max(honest) - min(honest)
+    assert robust_loss([]) is None and robust_loss([None]) is None
+    assert robust_loss([-5.0]) == 0.0 and robust_loss([1e9]) == LOSS_CEILING
+
+
+def test_round_reports_median_losses_of_the_updates_it_kept(rng):
+    g = make_global(rng)
+    rnd, signer = _round(_cfg(), g)
+    for train, evaluation in [(1.0, 3.0), (2.0, None), (1e9, 1e9), (1.5, 2.0)]:
+        scored = {} if evaluation is None else {"eval_loss": evaluation, "eval_tokens": 50}
+        record = rnd.offer(signer.envelope(make_update(g, "ffa", rng), train_loss=train, **scored))
+        assert record.accepted and record.eval_loss == evaluation
+    result = rnd.close()
+    assert result.train_loss == pytest.approx(1.75) and result.eval_loss == pytest.approx(3.0)

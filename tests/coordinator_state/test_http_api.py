@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -206,12 +207,72 @@ def test_dashboard_draws_charts_offline(served):
     assert Reason.BAD_SIGNATURE.doc in page
 
 
+def test_open_round_progress_contributions_and_reasons_per_round(served):
+    client, _, store = served
+    assert client.get("/api/rounds/open").json()["replied"] == 0
+    store.open_round(4, "n4b", base_version=3, sampled=3)
+    store.record_update(4, volunteer_fp(1), "admitted", examples=12, received="2099-01-01T00:00:09Z")
+    store.record_update(4, volunteer_fp(2), "rejected", reason=Reason.LATE, received="2099-01-01T00:00:10Z")
+    progress = client.get("/api/rounds/open").json()
+    assert {k: progress[k] for k in ("round", "sampled", "replied", "admitted", "rejected", "waiting")} == {
+        "round": 4, "sampled": 3, "replied": 2, "admitted": 1, "rejected": 1, "waiting": 1}
+    assert [(r["fingerprint"], r["outcome"], r["reason"]) for r in progress["replies"]] == [
+        ("0101-0101-0101-0101", "admitted", ""), ("0202-0202-0202-0202", "rejected", "late")]
+    rounds = client.get("/api/rounds").json()
+    assert rounds[2]["rejected_by_reason"] == {"bad_signature": 2} and rounds[1]["rejected_by_reason"] == {}
+    board = {c["fingerprint"]: c for c in client.get("/api/contributions").json()}
+    assert board["0202-0202-0202-0202"] == {
+        "fingerprint": "0202-0202-0202-0202", "display_name": None, "admitted": 3, "rejected": 1,
+        "examples": 60, "last_seen": "2099-01-01T00:00:10Z", "rejected_by_reason": {"late": 1}}
+    assert board["0101-0101-0101-0101"]["admitted"] == 4  # the open round's admitted update counts
+    page = client.get("/").text
+    assert "<b>3</b> sampled, <b>2</b> replied (1 admitted, 1 rejected), <b>1</b> still training" in page
+    assert f'<abbr title="{Reason.LATE.doc}"><code>late</code></abbr>' in page
+    store.close_round(4, "skipped")
+    assert client.get("/api/rounds/open").json() is None
+    assert "No round is open." in client.get("/").text
+
+
+def test_dashboard_before_any_federated_evaluation_shows_train_loss(tmp_path: Path):
+    store = Store(tmp_path)
+    store.open_round(1, "n1", base_version=0, sampled=2)
+    store.record_update(1, volunteer_fp(1), "admitted", examples=10, train_loss=2.0)
+    store.close_round(1, "aggregated")
+    with TestClient(create_app(tmp_path, store, info=PROJECT)) as client:
+        page = client.get("/").text
+    store.close()
+    assert "No federated evaluation reported yet" in page and 'id="eval-latest"' not in page
+    assert page.count("<polyline") == 1 and 'data-series="train loss" data-round="1" data-value="2"' in page
+
+
+def test_dashboard_escapes_names_and_reasons(served):
+    client, _, store = served
+    key = SigningKey.generate("volunteer").public
+    store.register_volunteer(key, "<script>alert(1)</script>")
+    store.record_update(4, key.fingerprint, "rejected", reason='<img src=x onerror="y">')
+    page = client.get("/").text
+    assert "<script" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x" in page
+
+
+def test_dashboard_leads_with_the_federated_evaluation(served):
+    client, _, _ = served
+    page = client.get("/").text
+    assert "loss <b>1.1667</b> at round 3 (round 1: 3.5000, -2.3333 since)" in page
+    points = re.findall(r'data-series="held-out loss \(federated\)" data-round="(\d+)" data-value="([\d.]+)"',
+                        page)
+    want = [(r, pytest.approx(3.5 / r, rel=1e-5)) for r in (1, 2, 3)]
+    assert [(int(r), float(v)) for r, v in points] == want
+    assert '<meta name="viewport"' in page
+
+
 def test_openapi_declares_every_endpoint(served):
     client, _, _ = served
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) >= {
         "/api/project", "/api/releases", "/api/releases/latest", "/api/releases/{version}",
-        "/api/releases/{version}/files/{name}", "/api/rounds", "/api/volunteers", "/metrics", "/healthz", "/"}
+        "/api/releases/{version}/files/{name}", "/api/rounds", "/api/volunteers", "/metrics", "/healthz", "/",
+        "/api/rounds/open", "/api/contributions"}
     file_responses = spec["paths"]["/api/releases/{version}/files/{name}"]["get"]["responses"]
     assert {"200", "206", "404", "416"} <= set(file_responses)
     json.dumps(spec)

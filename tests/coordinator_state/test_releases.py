@@ -187,7 +187,10 @@ def test_kill_9_while_publishing_keeps_the_chain(tmp_path: Path, delay: float):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
+        deadline = time.monotonic() + 30  # under load the first release can take longer than `delay`
+        while not (folder / "releases" / "v1").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)  # then the kill lands at some point of a later release
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

@@ -260,7 +260,10 @@ def test_blobs_survive_kill_9(tmp_path: Path, delay: float):
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(root)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
+        deadline = time.monotonic() + 30  # under load the first 4 MiB put can take longer than `delay`
+        while not any(p.name[:1] != "." for p in (root / "sha256").glob("*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)  # then the kill lands at some point of a later put
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

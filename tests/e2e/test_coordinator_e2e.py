@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,17 @@ def test_three_volunteers_three_rounds_three_releases(tmp_path, procs, tiny_base
     base_loss = heldout_loss(tiny_base, None, held_out)
     community_loss = heldout_loss(tiny_base, project / "releases" / "v3", held_out)
     assert community_loss < base_loss, (community_loss, base_loss)
+    # federated evaluation: each round's eval loss (the median of the volunteers' own held-out losses of
+    # the version the round started from) is written, and falls as the community's adapter learns
+    from loracommons.coordinator.store import Store
+
+    store = Store(project)
+    try:
+        evals = [row.eval_loss for row in store.rounds()]
+    finally:
+        store.close()
+    assert all(e is not None and math.isfinite(e) for e in evals), evals
+    assert evals[-1] < evals[0], evals
     # each volunteer saw its updates admitted
     notes = [json.loads((tmp_path / f"vol{i}.json").read_text()) for i in range(3)]
     assert all(n["rounds_sent"] == 3 for n in notes)

@@ -152,3 +152,16 @@ def test_node_reconnects_after_the_superlink_restarts(tmp_path, procs, tiny_base
     status = read_json(tmp_path / "vol0.json")
     assert status["rounds_sent"] == 1, status
     assert waiting.poll() is None  # the same join process throughout
+
+
+def test_bad_project_or_caps_fail_at_once(tmp_path):
+    """`--project` must be a project id and the caps positive: one error line, no node started."""
+    data = write_jsonl(tmp_path / "data.jsonl", skill_records(4))
+    base = ["127.0.0.1:9", "--data", str(data), "--insecure", "--identity", str(tmp_path / "id")]
+    for extra, words in ((["--project", "[link=x]Bad Id"], "is not a project id"),
+                         (["--max-minutes-per-round", "inf"], "--max-minutes-per-round"),
+                         (["--max-steps-per-round", "0"], "--max-steps-per-round")):
+        done, _ = join(*base, *extra)
+        assert done.returncode != 0 and words in one_line(done.stderr), (extra, done.stderr)
+        assert "connecting" not in done.stdout
+    assert no_node_started()

@@ -293,7 +293,26 @@ MANIFESTS = {
     "a-list": (b"[]", Malformed),
     "not-utf8": (b'{"\xff":1}', Malformed),
     "too-large": (canonical_json(_manifest(project_id="x" * MAX_MANIFEST_BYTES)), TooLarge),
+    "eval-negative": (canonical_json(_manifest(eval_loss=-1e6, eval_tokens=10)), Malformed),
+    "eval-null": (canonical_json(_manifest(eval_loss=None, eval_tokens=10)), Malformed),
+    "eval-string": (canonical_json(_manifest(eval_loss="low", eval_tokens=10)), Malformed),
+    "eval-overflow": (canonical_json(_manifest(eval_loss=10**400, eval_tokens=10)), Malformed),
+    "eval-no-tokens": (canonical_json(_manifest(eval_loss=2.0, eval_tokens=0)), Malformed),
+    "eval-huge-tokens": (canonical_json(_manifest(eval_loss=2.0, eval_tokens=10**400)), Malformed),
+    "eval-alone": (canonical_json(_manifest(eval_loss=2.0)), MissingField),
+    "eval-tokens-alone": (canonical_json(_manifest(eval_tokens=10)), MissingField),
 }
+
+
+def test_eval_claim_is_optional_signed_and_read_back():
+    """Federated evaluation rides on the update: absent, the manifest is what it always was."""
+    manifest, _ = verify_update(SMALL, expected())
+    assert manifest.eval_loss is None and manifest.eval_tokens == 0 and b"eval_" not in SMALL.manifest
+    scored = signed(eval_loss=2.5, eval_tokens=120)
+    manifest, _ = verify_update(scored, expected())
+    assert (manifest.eval_loss, manifest.eval_tokens) == (2.5, 120) and isinstance(manifest.eval_loss, float)
+    whole = signed(eval_loss=3, eval_tokens=1)  # an integer loss reads as a float
+    assert verify_update(whole, expected())[0].eval_loss == 3.0
 
 
 @pytest.mark.parametrize(("manifest", "error"), MANIFESTS.values(), ids=MANIFESTS.keys())

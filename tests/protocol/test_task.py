@@ -34,7 +34,7 @@ train_settings = st.builds(
 )
 round_tasks = st.builds(
     RoundTask,
-    project_id=st.text(min_size=1, max_size=30),
+    project_id=st.from_regex(r"\A[a-z0-9][a-z0-9._-]{0,29}\Z"),
     round=st.integers(0, 10**6),
     nonce=st.binary(min_size=16, max_size=16).map(bytes.hex),
     base_adapter_digest=st.binary(min_size=32, max_size=32).map(bytes.hex),
@@ -44,7 +44,7 @@ round_tasks = st.builds(
     lora=lora_settings,
     train=train_settings,
     payload_dtype=st.sampled_from(sorted(DTYPES)),
-    max_payload_bytes=st.integers(1, 2**40),
+    max_payload_bytes=st.integers(1024, 2**40),
     extra=st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=3),
 )
 
@@ -188,6 +188,8 @@ def test_claims_are_the_manifest_fields_a_task_fixes():
         "examples",
         "steps",
         "train_loss",
+        "eval_loss",  # optional: the sender's evaluation of the adapter it received
+        "eval_tokens",
         "payload_sha256",
         "payload_bytes",
         "signer",

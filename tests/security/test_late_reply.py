@@ -50,7 +50,7 @@ def exploding() -> PropertyMock:
 def coordinator(tmp_path) -> Coordinator:
     events: list = []
     coord = Coordinator(tmp_path, ProjectConfig(), MagicMock(), SigningKey.generate("coordinator"),
-                        on_event=lambda event, details: events.append((event, details)))
+                        on_event=lambda event: events.append((event.name, event.details())))
     coord.events = events  # type: ignore[attr-defined]
     return coord
 
