@@ -24,12 +24,15 @@ from pathlib import Path
 import benchlib
 
 HOSTILE = "0.2:model_replacement,weight_inflation"
+RECORDS_EACH = 50
+"""Records per volunteer in the scale runs (5 demo skills, iid)."""
 
 
 def workspace(root: Path, n_train: int) -> tuple[Path, Path]:
     """Demo skill data: (folder of train files, one held-out file of every skill)."""
     from loracommons.demo.skills import NEW_SKILLS, write_skill_files
 
+    root.mkdir(parents=True, exist_ok=True)
     paths = write_skill_files(root / "all", NEW_SKILLS, n_train=n_train, n_heldout=40, seed=0)
     train = root / "train"
     train.mkdir()
@@ -75,9 +78,10 @@ def summary(report: dict) -> dict:
 
 def scale(root: Path, ns: argparse.Namespace) -> dict:
     sizes = [int(s) for s in ns.sizes.split(",")]
-    train, heldout = workspace(root, n_train=max(40, max(sizes)))
     runs = []
     for n in sizes:
+        # the same work per volunteer at every N: RECORDS_EACH records each (10% held out, scored)
+        train, heldout = workspace(root / f"data-{n}", n_train=RECORDS_EACH * n // 5)
         report = rehearse(root, f"scale-{n}", [
             "--volunteers", str(n), "--per-round", str(n), "--data", str(train), "--rounds", str(ns.rounds),
             "--steps", str(ns.steps), "--heldout", str(heldout)])
@@ -90,7 +94,8 @@ def scale(root: Path, ns: argparse.Namespace) -> dict:
         steady = [s for s in run["round_seconds"][1:] if s] or run["round_seconds"]
         run["seconds_per_round_after_first"] = round(sum(steady) / len(steady), 2)
         run["seconds_per_volunteer"] = round(run["seconds_per_round_after_first"] / run["volunteers"], 3)
-    return {"sizes": sizes, "rounds": ns.rounds, "steps": ns.steps, "runs": runs}
+    return {"sizes": sizes, "rounds": ns.rounds, "steps": ns.steps, "records_per_volunteer": RECORDS_EACH,
+            "runs": runs}
 
 
 def hostile(root: Path, ns: argparse.Namespace) -> dict:

@@ -29,7 +29,7 @@ from loracommons.client._data_files import read_rows
 from loracommons.client.data import load_records
 from loracommons.client.rehearsal import FAULT_KEY, NODE_FILE, volunteer_dir
 from loracommons.client.rehearsal_faults import FAULTS
-from loracommons.coordinator.config import RELEASE_KEY, load_config, write_default_toml
+from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config, write_default_toml
 from loracommons.coordinator.events import Event, OnEvent, RoundClosed, RoundOpened
 from loracommons.protocol.identity import SigningKey
 from loracommons.rehearsal_data import Split, write_shares
@@ -104,7 +104,8 @@ def read_data(path: Path) -> list[dict]:
     return rows
 
 
-def _config_for(project_dir: Path, settings: RehearsalSettings) -> Any:
+def _config_for(project_dir: Path, settings: RehearsalSettings) -> ProjectConfig:
+    """The project's configuration with the rehearsal's overrides."""
     cfg = load_config(project_dir)
     n = settings.volunteers
     if cfg.round.min_volunteers > n:
