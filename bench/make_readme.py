@@ -68,14 +68,7 @@ def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | No
             ch = res["summary"]["checks"]
             for mode in ("ffa", "exact"):
                 m = ch[mode]
-                rows.append(
-                    [
-                        f"quality, {n} volunteers, `{mode}` within 10% of centralized held-out loss",
-                        f"{m['heldout_loss']:.3f} vs {m['centralized_best_loss']:.3f} "
-                        f"({100 * m['gap_to_centralized']:+.0f}%)",
-                        yes(m["within_10pct_of_centralized"]),
-                    ]
-                )
+                rows += _loss_ratio_rows(q, n, mode)
                 rows.append(
                     [
                         f"quality, {n} volunteers, `{mode}` above every local-only adapter on mean exact "
@@ -145,15 +138,51 @@ def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | No
                 ]
             )
     if o:
-        rows.append(
-            [
-                "round overhead, LoRA Commons / plain Flower <= 1.1",
-                f"{o['ratio_steady_overhead']:.2f} ({o['loracommons']['summary']['mean_overhead_s']:.2f} s "
-                f"vs {o['plain_flower']['summary']['mean_overhead_s']:.2f} s per round)",
-                yes(o["target"]["met"]),
-            ]
-        )
+        rows.append(_overhead_row(o))
     return "## Targets\n\n" + table(["target", "measured", ""], rows)
+
+
+QUALITY_RATIOS = {"equal_sequential_steps": 1.1, "equal_total_compute": 2.5}
+"""Issue 12's quality targets, for results written before quality_bench.py recorded them."""
+
+
+def quality_ratios(q: dict) -> dict[str, float]:
+    return {**QUALITY_RATIOS, **q["config"].get("target_ratios", {})}
+
+
+def _loss_ratio_rows(q: dict, n: str, mode: str) -> list[list]:
+    """Community held-out loss against one trainer on the pooled data: equal sequential steps (each
+    volunteer T steps, the trainer T steps: `pooled-same-time`) and equal total compute (N x T)."""
+    final = q["results"][n]["summary"]["final"]
+    ratios = quality_ratios(q)
+    loss = final[mode]["mean_heldout_loss"]
+    seq = final["pooled-same-time"]["mean_heldout_loss"]
+    central = min(final[k]["mean_heldout_loss"] for k in ("centralized-ffa", "centralized-full"))
+    seq_max, compute_max = ratios["equal_sequential_steps"], ratios["equal_total_compute"]
+    return [
+        [f"quality, {n} volunteers, `{mode}` held-out loss <= {seq_max} x centralized at equal sequential "
+         "steps", f"{loss:.3f} vs {seq:.3f} ({loss / seq:.2f}x)", yes(loss <= seq_max * seq)],
+        [f"quality, {n} volunteers, `{mode}` held-out loss <= {compute_max} x centralized at equal total "
+         "compute", f"{loss:.3f} vs {central:.3f} ({loss / central:.2f}x)",
+         yes(loss <= compute_max * central)],
+    ]
+
+
+def _overhead_row(o: dict) -> list:
+    """The per-round idle and the ratio to plain Flower, against the targets the bench recorded."""
+    target = o["target"]
+    idle = o["loracommons"]["summary"]["mean_overhead_s"]
+    limits = [f"<= {target['overhead_s_at_most']} s per round"] if "overhead_s_at_most" in target else []
+    limits.append(f"LoRA Commons / plain Flower <= {target['ratio_at_most']}")
+    ratio = o["ratio_steady_overhead"]
+    ratio_text = "no Flower run" if ratio is None else f"{ratio:.2f}"
+    return [
+        f"round overhead, {' and '.join(limits)}",
+        f"{idle:.2f} s per round; ratio {ratio_text} (plain Flower "
+        f"{o['plain_flower']['summary']['mean_overhead_s']:.2f} s)" if o.get("plain_flower") else
+        f"{idle:.2f} s per round",
+        yes(target["met"]),
+    ]
 
 
 def quality_section(q: dict) -> str:
@@ -466,6 +495,41 @@ def overhead_section(o: dict) -> str:
     )
 
 
+def time_to_quality_section(t: dict) -> str:
+    refs = t["references"]
+    seq = refs["pooled-same-time"]["mean_heldout_loss"]
+    rows = []
+    for run_ in t["runs"]:
+        rels = run_["releases"]
+        last = rels[-1]
+        reached = next((r["seconds"] for r in rels if r["mean_heldout_loss"] <= seq), None)
+        rows.append([f"{run_['rounds']} x {run_['steps']}", len(rels), f"{rels[0]['seconds']:.0f}",
+                     f"{last['seconds']:.0f}", f"{last['mean_heldout_loss']:.3f}",
+                     pct(last.get("mean_exact_match")), "-" if reached is None else f"{reached:.0f}",
+                     f"{run_['loadavg_before'][0]:.1f} / {run_['loadavg_after'][0]:.1f}"])
+    for name, ref in refs.items():
+        rows.append([f"{name}: one trainer, pooled data, {ref['steps']} steps", "-", "-",
+                     f"{ref['seconds']:.0f} (train + score)", f"{ref['mean_heldout_loss']:.3f}",
+                     pct(ref["mean_exact_match"]), "-", "-"])
+    return "\n".join([
+        "## Time to quality (`time_to_quality.py`, real processes on 127.0.0.1)\n",
+        f"The demo's community ({t['config']['volunteers']} volunteers, one skill each, `ffa`, batch "
+        f"{t['config']['batch_size']}, learning rate {t['config']['learning_rate']}) as "
+        "`loracommons coordinator start` + `loracommons join` processes, a release every round, for "
+        "schedules of equal total compute. Seconds count from the processes' spawn (start-up included) "
+        "to when the release appeared on `/api/releases`; every release is scored afterwards with the "
+        "demo's evaluation on its held-out sets. Wall-clock on this shared machine is noisy: the load "
+        "average (1 min) before / after each run is in the last column. The two references are the demo "
+        "report's trainer on the pooled data: one continuous run (warmup, then cosine over all its "
+        "steps), unlike the quality bench's `pooled-same-time`, which restarts its optimizer every round "
+        "as a volunteer does; they ran after the federations, on a less loaded machine.\n",
+        table(["schedule (rounds x steps)", "releases", "first release s", "last release s",
+               "final held-out loss", "final exact match", "s to reach pooled-same-time loss",
+               "load before / after"], rows),
+        "\n![time to quality](results/time_to_quality.png)\n",
+    ])
+
+
 def trainer_section(t: dict) -> str:
     cfg = t["config"]
     return "\n".join(
@@ -500,6 +564,7 @@ python bench/quality_bench.py --workers 2       # quality, exactness, bytes: qua
 python bench/comm_bench.py --quality bench/results/quality.json   # comm.json, comm_bars.png
 python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.json
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)
+python bench/time_to_quality.py                 # time_to_quality.json, .png (real processes, 15+ min)
 python bench/trainer_bench.py --threads 1 --device cpu            # trainer.json
 python bench/protocol_bench.py                  # protocol.json
 python bench/make_readme.py                     # this file, from bench/results/*.json
@@ -511,6 +576,7 @@ python bench/make_readme.py                     # this file, from bench/results/
 | `comm_bench.py` | bytes per volunteer per round for each mode and dtype; quality at equal bytes |
 | `aggregate_bench.py` | coordinator admission + aggregation throughput and peak memory for N updates |
 | `overhead_bench.py`, `plain_flower_app/` | round overhead on real processes against plain-Flower FedAvg |
+| `time_to_quality.py` | held-out loss and exact match of every release against wall-clock, per schedule |
 | `trainer_bench.py` | volunteer trainer tokens/s against a bare peft + torch loop |
 | `protocol_bench.py` | signed-envelope verification throughput against sha256 |
 | `benchlib.py`, `make_readme.py`, `run_all` | shared helpers, this README, the whole suite |
@@ -569,6 +635,7 @@ def machine_section(results: dict[str, dict | None], run_all: dict | None) -> st
 def render(results_dir: Path) -> str:
     names = ("quality", "comm", "aggregate", "overhead", "trainer", "protocol")
     res = {n: load(results_dir, n) for n in names}
+    ttq = load(results_dir, "time_to_quality")
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -590,6 +657,7 @@ def render(results_dir: Path) -> str:
         (comm_section, c),
         (aggregate_section, a),
         (overhead_section, o),
+        (time_to_quality_section, ttq),
         (trainer_section, t),
         (protocol_section, p),
     ):
@@ -625,8 +693,9 @@ def notes_section(q: dict | None, c: dict | None, a: dict | None, o: dict | None
                 f"{_rel(ch['ffa']['heldout_loss'], ch['ffa']['pooled_same_time_heldout_loss'])} it."
                 + (
                     ""
-                    if res["summary"]["target_met"]
-                    else " **The quality target is missed** (see the checks above)."
+                    if all(row[2] == yes(True) for mode in ("ffa", "exact")
+                           for row in _loss_ratio_rows(q, n, mode))
+                    else " **A loss-ratio target is missed** (see the targets above)."
                 )
             )
         notes.append(
@@ -663,10 +732,7 @@ def notes_section(q: dict | None, c: dict | None, a: dict | None, o: dict | None
     if a:
         notes.append(_coordinator_words(a))
     if o:
-        notes.append(
-            f"- **Round overhead**: ratio {o['ratio_steady_overhead']:.2f} against plain Flower (target <= "
-            "1.1)."
-        )
+        notes.append(f"- **Round overhead**: {_overhead_row(o)[1]}; targets: {_overhead_row(o)[0][16:]}.")
     return "\n".join(notes) + "\n"
 
 

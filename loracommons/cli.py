@@ -21,6 +21,7 @@ from rich.markup import escape
 from loracommons import __version__, cli_download, cli_join  # none imports torch or flwr at import
 from loracommons.cli_common import fail
 from loracommons.cli_coordinator import app as coordinator_app
+from loracommons.demo.community import DemoSettings  # imports neither torch nor flwr
 from loracommons.paths import default_identity
 from loracommons.protocol import ProtocolError, PublicKey, SigningKey
 
@@ -120,18 +121,21 @@ def identity_show(
 @app.command("demo")
 def demo(
     volunteers: int = typer.Option(3, "--volunteers", min=2, max=8, help="Volunteers in the community."),
-    rounds: int = typer.Option(10, "--rounds", min=1, max=50, help="Federated rounds."),
-    steps: int = typer.Option(30, "--steps-per-round", min=1, max=1000,
+    rounds: int = typer.Option(DemoSettings.rounds, "--rounds", min=1, max=1000, help="Federated rounds."),
+    steps: int = typer.Option(DemoSettings.steps_per_round, "--steps-per-round", min=1, max=1000,
                               help="Training steps per volunteer per round."),
+    publish_every: int = typer.Option(DemoSettings.publish_every, "--publish-every", min=1,
+                                      help="A signed release every k rounds (and after the last)."),
     out: Path = typer.Option(Path("loracommons-demo"), "--out", help="Output folder (new or empty)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the coordinator, volunteers "
                                       "and dashboard running after the report, until Ctrl-C."),
 ) -> None:
     """A whole community on this machine: coordinator + volunteers on an embedded tiny model."""
-    from loracommons.demo.community import DemoError, DemoSettings, run_demo
+    from loracommons.demo.community import DemoError, run_demo
 
     try:
-        settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps)
+        settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps,
+                                publish_every=publish_every)
         run_demo(out, settings, console, keep_running)
     except DemoError as exc:
         raise fail(str(exc)) from None

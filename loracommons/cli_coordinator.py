@@ -226,3 +226,53 @@ def _store(directory: Path, store_cls):  # noqa: ANN001, ANN202
     if not (directory / "project.toml").exists():
         raise fail(f"{directory} is not a project folder (no project.toml); see `coordinator init`")
     return store_cls(directory)
+
+
+@app.command("rehearse")
+def rehearse(
+    directory: Path = typer.Argument(..., help="Project folder (only its project.toml is read)."),
+    volunteers: int = typer.Option(..., "--volunteers", help="Virtual volunteers."),
+    data: Path = typer.Option(..., "--data", help="Data file, datasets folder or folder of data files."),
+    split: str = typer.Option("iid", "--split", help="iid | by-field:NAME | dirichlet:ALPHA[:NAME]."),
+    rounds: int = typer.Option(3, "--rounds", help="Rounds to run."),
+    per_round: int = typer.Option(None, "--per-round", help="Volunteers per round (default: project's)."),
+    steps: int = typer.Option(None, "--steps", help="Local steps per round (default: project's)."),
+    hostile: str = typer.Option(None, "--hostile", help="FRACTION:BEHAVIOUR[,...], e.g. "
+                                "0.2:model_replacement,weight_inflation."),
+    heldout: Path = typer.Option(None, "--heldout", help="Held-out file: loss of the initial and "
+                                 "final adapter."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads per virtual volunteer."),
+    cpus: float = typer.Option(1.0, "--cpus", help="Ray CPUs per virtual volunteer."),
+    gpus: float = typer.Option(0.0, "--gpus", help="GPU fraction per virtual volunteer."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: "
+                                    "a local one)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data split and of who is hostile."),
+) -> None:
+    """Rehearse the project on Flower's Simulation Engine; state goes to DIR/rehearsals/<time>/."""
+    from loracommons.client._data_files import DataError
+    from loracommons.coordinator.config import ConfigError
+    from loracommons.rehearsal_data import Split, SplitError
+    from loracommons.rehearsal_report import flagged_lines, round_table
+    from loracommons.rehearse import Hostile, RehearsalError, RehearsalSettings
+    from loracommons.rehearse import rehearse as run_rehearsal
+
+    try:
+        settings = RehearsalSettings(
+            volunteers=volunteers, data=data, split=Split.parse(split), rounds=rounds, per_round=per_round,
+            steps=steps, hostile=Hostile.parse(hostile), threads=threads, cpus=cpus, gpus=gpus,
+            device=device, ray_address=ray_address, heldout=heldout, seed=seed)
+
+        def on_event(event: Event) -> None:
+            if event.name in ("round_open", "round_closed", "published"):
+                console.print(Text(f"{time.strftime('%H:%M:%S')} {event.line()}"), highlight=False)
+
+        folder, report = run_rehearsal(directory, settings, on_event)
+    except (ConfigError, DataError, SplitError, RehearsalError) as exc:
+        raise fail(str(exc)) from None
+    console.print(round_table(report))
+    for line in flagged_lines(report) or ["no update rejected or clipped"]:
+        console.print(Text(f"  {line}"), highlight=False)
+    if "heldout" in report:
+        console.print(Text(f"  held-out loss: {json.dumps(report['heldout'])}"), highlight=False)
+    console.print(Text(f"report: {folder / 'report.json'}"), highlight=False)

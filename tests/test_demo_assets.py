@@ -179,3 +179,32 @@ def test_build_base_script_writes_a_loadable_reproducible_folder(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one")
     ids = tok(render_prompt("Copy.", "abc"), return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+
+
+def _scores(em: float, loss: float = 1.0) -> dict:
+    return {"exact_match": em, "heldout_loss": loss}
+
+
+def test_report_says_per_skill_whether_joining_helped_the_holder():
+    from loracommons.demo.report import POOLED, summarize
+
+    plan = {"skills": ["reverse", "vowels", "dedupe"],
+            "volunteers": [{"name": f"volunteer-{i}", "skills": [k]}
+                           for i, k in enumerate(["reverse", "vowels", "dedupe"])]}
+    alone = {"reverse": 1.0, "vowels": 0.85, "dedupe": 0.9}
+    models = {"base": {k: _scores(0.0, 5.0) for k in alone}}
+    for i, k in enumerate(alone):
+        models[f"volunteer-{i} (local only)"] = {j: _scores(alone[k] if j == k else 0.0) for j in alone}
+    models[POOLED] = {k: _scores(0.9) for k in alone}
+    models["community"] = {"reverse": _scores(0.75, 0.2), "vowels": _scores(0.9, 0.2),
+                           "dedupe": _scores(0.85, 0.2)}
+    report = summarize(plan, models)
+    rows = {row["skill"]: row for row in report["holders"]}
+    assert rows["reverse"]["holders"] == ["volunteer-0"] and rows["reverse"]["alone"] == 1.0
+    assert rows["reverse"]["joining_helped"] == "no"  # 25 points below its holder alone
+    assert rows["vowels"]["joining_helped"] == "yes" and rows["dedupe"]["joining_helped"] == "kept"
+    assert rows["dedupe"]["pooled"] == 0.9
+    checks = report["checks"]
+    assert checks["community_at_least_80%_on_every_skill"] is False
+    assert checks["community_within_10_points_of_the_holder_alone_on_every_skill"] is False
+    assert checks["community_beats_base_on_every_skill"] is True

@@ -23,7 +23,9 @@ PRODUCT = ("protocol", "client", "coordinator", "loracommons")
 # pins what it relies on there.
 SEAMS = {"protocol/flower_runtime.py", "protocol/flower_timing.py", "client/flower_runtime.py",
          "coordinator/flower_runtime.py"}
-PUBLIC = {"flwr.app", "flwr.clientapp", "flwr.serverapp"}
+# flwr.simulation: the public (deprecated) run_simulation the rehearsal drives; pinned by
+# tests/rehearse/test_simulation_contract.py.
+PUBLIC = {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation"}
 
 
 def flwr_imports(path: Path) -> set[str]:

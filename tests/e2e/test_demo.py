@@ -59,11 +59,15 @@ def test_demo_short_run_and_plain_peft_load(tmp_path):
     from loracommons.demo import base_model_path
 
     out = tmp_path / "demo"
-    result = cli("demo", "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4", "--out", str(out))
+    result = cli("demo", "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4",
+                 "--publish-every", "1", "--out", str(out))
     assert "downloaded and verified the community adapter" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"base", "volunteer-0 (local only)", "volunteer-1 (local only)",
-                                     "community"}
+                                     "pooled data, one trainer", "community"}
+    assert [row["skill"] for row in report["holders"]] == ["reverse", "vowels"]
+    assert report["holders"][0]["holders"] == ["volunteer-0"]
+    assert "a release every 1 rounds" in " ".join(result.stdout.split())
     assert report["skills"] == ["reverse", "vowels"]
     assert (out / "report.png").stat().st_size > 10_000
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json",
