@@ -313,6 +313,8 @@ class RoundAggregator:
         self._rng = rng if rng is not None else np.random.default_rng()
         self._finished = False
         self._folding: Future[None] | None = None
+        if self.aggregator.overlaps and self._held is None:
+            background.helper()  # started before the first update arrives
 
     def weight(self, examples: int) -> float:
         """Examples reported, capped; 1 for every update under a rule that wants uniform weights (dp)."""

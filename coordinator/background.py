@@ -22,4 +22,5 @@ def helper() -> ThreadPoolExecutor | None:
     if pid not in _HELPER:
         _HELPER.clear()
         _HELPER[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lc-round")
+        _HELPER[pid].submit(int).result()  # start the thread now, not under the first update
     return _HELPER[pid]
