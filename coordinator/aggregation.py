@@ -21,6 +21,9 @@ contribution = global + s_i (update - global); in `exact`, B_g A_g + s_i (B_i A_
 
 `RoundAggregator` runs one round's rules (coordinator.rules) on top (see its doc): streaming
 when no rule needs the round's median, buffering the round's updates otherwise.
+
+A little past ~400 lines: the three aggregators, their registry and the round's composition of
+them are one subject (the maths above); the low-rank sum and the rules already live apart.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ silently do nothing.
     cfg = init_project("myproj", "loracommons/demo-tiny")   # writes project.toml + keys/release_key
     cfg = load_config("myproj")
     task = cfg.task(round=1, nonce=..., base_adapter_digest=...)
+
+Past ~400 lines because it is the one declaration of every project.toml key with its doc,
+unit and checks, and of what `init` chooses; splitting the schema would split that one list.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ their admission outcome and reason, and releases; reads return the frozen record
 `rows.py`. Every write is one transaction, so a kill -9 leaves either the state before a
 call or the state after it. Blobs (`blobs.py`) are named by their sha256 and never hold a
 partial file.
+
+Past ~400 lines because it is one short transaction per thing the coordinator records or asks;
+the schema, the read queries, the rows and the blobs are already apart.
 """
 
 from __future__ import annotations

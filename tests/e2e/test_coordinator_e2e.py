@@ -70,7 +70,9 @@ def test_three_volunteers_three_rounds_three_releases(tmp_path, procs, tiny_base
 def test_kill9_mid_round_then_resume(tmp_path, procs, tiny_base):
     project = make_project(tmp_path, tiny_base, round={"rounds": 3, "volunteers_per_round": 2,
                                                         "min_volunteers": 2, "timeout_s": 120.0},
-                           **{**FAST_ROUNDS, "train": {**FAST_ROUNDS["train"], "max_steps": 40}})
+                           # long enough a round that the CLI status poll (a second or two) sees it
+                           # open: rounds are otherwise over before the next poll
+                           **{**FAST_ROUNDS, "train": {**FAST_ROUNDS["train"], "max_steps": 400}})
     port, http_port = free_port(), free_port()
     first = procs.coordinator(project, port, http_port, log="coordinator1.log")
     for i, data in enumerate(volunteer_data(tmp_path, 2)):
