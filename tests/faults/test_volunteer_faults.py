@@ -79,7 +79,9 @@ def test_killed_volunteer_and_straggler(tmp_path, tiny_base, honest):
                      if u["fingerprint"] == fingerprint(key)] for name, key in keys.items()}
     assert by_key["steady0"] == by_key["steady1"] == [(1, "admitted"), (2, "admitted")]
     assert by_key["killed"] == []
-    assert by_key["straggler"] == [(2, "late"), (2, "admitted")], by_key["straggler"]
+    # its round-1 reply arrives during round 2 (recorded late there) and its round-2 update is
+    # admitted; with rounds this quick either may be recorded first
+    assert sorted(by_key["straggler"]) == [(2, "admitted"), (2, "late")], by_key["straggler"]
     late = next(u for u in updates if u["reason"] == "late")
     assert "round 1 arrived after that round closed" in late["message"]
     assert [m.round for m in release_chain(project)] == [1, 2]
