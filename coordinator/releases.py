@@ -13,7 +13,6 @@ a row; `reconcile` (run at start) adopts it when it verifies and chains, or remo
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ from loracommons.coordinator.card import CardFacts, model_card
 from loracommons.coordinator.config import ConfigError, ProjectConfig, ProjectSection, load_config
 from loracommons.coordinator.rows import ReleaseRow, utc_now
 from loracommons.coordinator.store import Store
+from loracommons.protocol.canonical import plain_json
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.durable import TEMP_PREFIX, fsync_dir, synced_write
 from loracommons.protocol.errors import ProtocolError
@@ -63,27 +63,6 @@ class ReleaseError(Exception):
 
 def release_dir(project_dir: str | Path, version: int) -> Path:
     return Path(project_dir) / RELEASES / f"v{version}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, enum.Enum):  # PeftType.LORA -> "LORA"
-        return _jsonable(value.value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, bool) or value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float | np.floating):
-        value = float(value)
-        return value if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 @dataclass
@@ -133,8 +112,8 @@ def publish_release(
         raise ReleaseError("project info needs an id and a base model")
     weights = encode_tensors(dict(adapter_tensors), metadata={"format": "pt"})
     contributors = dict(contributors) if isinstance(contributors, Mapping) else {c: 0 for c in contributors}
-    metrics_json: dict[str, Any] = _jsonable(dict(metrics or {}))
-    config_bytes = (json.dumps(_jsonable(dict(adapter_config)), indent=2, sort_keys=True) + "\n").encode()
+    metrics_json: dict[str, Any] = plain_json(dict(metrics or {}))
+    config_bytes = (json.dumps(plain_json(dict(adapter_config)), indent=2, sort_keys=True) + "\n").encode()
     card = model_card(CardFacts(
         project=project, version=version, round=round, metrics=metrics_json, contributors=contributors,
         signer=key.public, previous=previous, history=[r for r in store.rounds() if r.round <= round],

@@ -9,7 +9,11 @@ every failure a `Malformed` or `TooLarge`.
 import json
 import math
 import re
+from collections.abc import Mapping
+from enum import Enum
 from typing import Any
+
+import numpy as np
 
 from loracommons.protocol.errors import Malformed, TooLarge
 
@@ -77,3 +81,26 @@ def parse_json(data: bytes, *, max_bytes: int, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Malformed(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def plain_json(value: Any) -> Any:
+    """`value` as plain JSON data: mappings with string keys, sets sorted, enums by value, numpy
+    numbers as Python ones, non-finite floats as null; anything else is a TypeError."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(plain_json(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [plain_json(v) for v in value]
+    if isinstance(value, Enum):  # PeftType.LORA -> "LORA"
+        return plain_json(value.value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        return value if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

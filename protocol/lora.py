@@ -13,13 +13,12 @@ never at import time: protocol is also installed by downloaders without them
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loracommons.protocol.canonical import plain_json
 from loracommons.protocol.task import LoraSettings
 
 if TYPE_CHECKING:
@@ -89,17 +88,5 @@ def peft_adapter_config(lora: LoraSettings, base_model: str, revision: str | Non
     out["base_model_name_or_path"] = base_model
     out["revision"] = revision or None
     out["inference_mode"] = True
-    return {key: _plain(value) for key, value in out.items()}
+    return {key: plain_json(value) for key, value in out.items()}
 
-
-def _plain(value: Any) -> Any:
-    """`value` with peft's sets and enums turned into JSON lists and strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted(_plain(v) for v in value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):  # PeftType.LORA -> "LORA"
-        return _plain(value.value)
-    return value
