@@ -56,15 +56,22 @@ def _evaluated(history: Sequence[RoundRow]) -> list[RoundRow]:
     return [r for r in history if r.eval_loss is not None]
 
 
+def _scored_versions(metrics: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The release metrics' `eval_by_version` (coordinator/publishing.py), oldest version first."""
+    rows = metrics.get("eval_by_version")
+    if not isinstance(rows, list):
+        return []
+    return [r for r in rows if isinstance(r, Mapping) and {"version", "round", "eval_loss"} <= set(r)]
+
+
 def front_matter(facts: CardFacts) -> list[str]:
     p = facts.project
     lines = ["---", "library_name: peft", f"base_model: {json.dumps(p.base_model)}",
              f"license: {json.dumps(p.license)}", "pipeline_tag: text-generation", "tags:"]
     lines += [f"- {tag}" for tag in TAGS]
-    evaluated = _evaluated(facts.history)
-    if evaluated:
-        last = evaluated[-1]
-        name = f"held-out loss of the adapter that round {last.round} started from (v{last.base_version})"
+    figure = _headline_eval(facts)
+    if figure is not None:
+        name, value = figure
         lines += [
             "model-index:",
             f"- name: {json.dumps(f'{p.name or p.id} v{facts.version}')}",
@@ -76,10 +83,25 @@ def front_matter(facts: CardFacts) -> list[str]:
             f"      type: {EVAL_DATASET_TYPE}",
             "    metrics:",
             "    - type: loss",
-            f"      value: {json.dumps(round(float(last.eval_loss or 0.0), 6))}",
+            f"      value: {json.dumps(round(value, 6))}",
             f"      name: {json.dumps(name)}",
         ]
     return [*lines, "---", ""]
+
+
+def _headline_eval(facts: CardFacts) -> tuple[str, float] | None:
+    """The model-index figure: the latest scored version's federated loss, with what it measured."""
+    scored = _scored_versions(facts.metrics)
+    if scored:
+        last = scored[-1]
+        return (f"held-out loss of v{last['version']} (scored in round {last['round']})",
+                float(last["eval_loss"]))
+    evaluated = _evaluated(facts.history)
+    if evaluated:
+        row = evaluated[-1]
+        return (f"held-out loss of the adapter that round {row.round} started from (v{row.base_version})",
+                float(row.eval_loss or 0.0))
+    return None
 
 
 def _intro(facts: CardFacts) -> list[str]:
@@ -118,7 +140,8 @@ def _training(facts: CardFacts) -> list[str]:
     if facts.metrics:
         lines += ["", "Release metrics (also in the signed `release.json`):", "",
                   "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(facts.metrics.items())]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(facts.metrics.items())
+                  if not isinstance(v, (list, dict))]  # eval_by_version has its own table below
     return [*lines, ""]
 
 
@@ -156,8 +179,15 @@ def _evaluation(facts: CardFacts) -> list[str]:
     lines = ["## Evaluation", "",
              "Federated evaluation: before training, each sampled volunteer scored the global adapter it",
              "received on its own held-out split; the coordinator recorded a robust median per round,",
-             "so no single volunteer can move the figure. Lower is better.", "",
-             "| round | adapter evaluated | held-out loss | train loss |", "| --- | --- | --- | --- |"]
+             "so no single volunteer can move the figure. Lower is better.", ""]
+    scored = _scored_versions(facts.metrics)
+    if scored:
+        lines += ["Per version (also `eval_by_version` in the signed `release.json`):", "",
+                  "| version | scored in round | held-out loss |", "| --- | --- | --- |"]
+        lines += [f"| v{v['version']} | {v['round']} | {_fmt(float(v['eval_loss']))} |" for v in scored]
+        lines += ["", f"v{facts.version} itself is scored by the volunteers of the next round: its figure",
+                  "comes with the next release and on the coordinator's dashboard.", "", "Per round:", ""]
+    lines += ["| round | adapter evaluated | held-out loss | train loss |", "| --- | --- | --- | --- |"]
     lines += [f"| {r.round} | v{r.base_version} | {_fmt(r.eval_loss)} | {_fmt(r.train_loss)} |"
               for r in evaluated]
     return [*lines, ""]
