@@ -71,6 +71,10 @@ class Volunteer:
         self.records = load_records(settings.data_path)  # fails fast on a malformed file
         self.on_status = on_status or (lambda state, details: None)
         self._tokenized: tuple[tuple, tuple[TokenizedData, TokenizedData | None]] | None = None
+        self._own_loss: tuple[tuple, float] | None = None
+        """Held-out loss of the adapter this volunteer trained in its last round, with the key of the
+        held-out split it was measured on (the per-volunteer answer compares it with the next
+        community adapter's)."""
 
     @property
     def fingerprint(self) -> str:
@@ -123,8 +127,21 @@ class Volunteer:
         )
         self.on_status("sent", {"round": task.round, "steps": result.steps, "train_loss": result.train_loss,
                                 "eval_loss": result.eval_loss, "seconds": time.monotonic() - started,
-                                "bytes": len(payload) + len(envelope.manifest), "digest": envelope.digest})
+                                "bytes": len(payload) + len(envelope.manifest), "digest": envelope.digest,
+                                **self._compare(evaluated.get("eval_loss"), result.eval_loss)})
         return envelope
+
+    def _compare(self, community: float | int | None, own: float | None) -> dict[str, float | None]:
+        """This volunteer's own answer to "does joining help me?": the community adapter it received
+        (`community_loss`) against the adapter it trained alone in its previous round (`own_loss`),
+        both on its held-out split; then this round's own adapter becomes the one to beat."""
+        assert self._tokenized is not None  # run_round tokenized before training
+        split = self._tokenized[0]
+        last = self._own_loss[1] if self._own_loss is not None and self._own_loss[0] == split else None
+        self._own_loss = None
+        if community is not None and own is not None and math.isfinite(own):  # a split big enough to score
+            self._own_loss = (split, float(own))
+        return {"community_loss": float(community) if community is not None else None, "own_loss": last}
 
 
     def _tokenize(self, tokenizer: object, task: RoundTask) -> tuple[TokenizedData, TokenizedData | None]:

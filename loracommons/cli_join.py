@@ -27,6 +27,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def community_line(details: dict) -> str | None:
+    """The volunteer's own answer to "does joining help me?" from a `sent` status (client/volunteer.py):
+    the community adapter it received against its previous round's adapter, on its held-out split."""
+    community, own = details.get("community_loss"), details.get("own_loss")
+    if community is None:  # too small a held-out split to score (volunteer.MIN_EVAL_EXAMPLES)
+        return None
+    alone = f"{own:.3f}" if own is not None else "none yet"
+    return (f"round {details['round']}: community adapter on your held-out data: loss {community:.3f} "
+            f"(your last update alone: {alone})")
+
+
 class JoinView:
     """One status line per round, a live line while training; optionally a JSON status file."""
 
@@ -68,6 +79,9 @@ class JoinView:
             self.say(f"round {details['round']}: update sent ({details['steps']} steps, train loss "
                      f"{details['train_loss']:.3f}{held}, {details['bytes'] / 1024:.0f} KiB, "
                      f"{details['seconds']:.1f} s)")
+            line = community_line(details)
+            if line is not None:
+                self.say(line)
         elif state == "note":
             outcome = details.get("outcome")
             if outcome:

@@ -290,3 +290,27 @@ def test_update_signs_its_evaluation_of_the_received_adapter(model_dir, global_a
     assert 24 // 10 < MIN_EVAL_EXAMPLES
     manifest, _ = verify_update(few, expected_for(task, global_adapter))
     assert manifest.eval_loss is None and manifest.eval_tokens == 0 and b"eval_" not in few.manifest
+
+
+def test_sent_status_compares_the_community_adapter_with_the_volunteers_last_update(
+        model_dir, global_adapter, make_volunteer, spy):
+    """Issue 16: "community adapter on your held-out data: loss X (your last update alone: Y)"; X is
+    what the volunteer signed for the adapter it received, Y its own previous round's adapter."""
+    adapter_bytes = encode_tensors(global_adapter)
+    volunteer = make_volunteer(records=48)
+    sent: list[dict] = []
+    volunteer.on_status = lambda state, details: sent.append(details) if state == "sent" else None
+    first = volunteer.run_round(make_task(model_dir, adapter_bytes, round=3), adapter_bytes)
+    second_task = make_task(model_dir, adapter_bytes, round=4)
+    second = volunteer.run_round(second_task, adapter_bytes)
+    signed = [verify_update(env, expected_for(task, global_adapter))[0].eval_loss for env, task in
+              ((first, make_task(model_dir, adapter_bytes, round=3)), (second, second_task))]
+    assert [d["community_loss"] for d in sent] == signed
+    own_first = spy[0]["result"].eval_loss  # round 3's trained adapter on the same held-out split
+    assert sent[0]["own_loss"] is None and sent[1]["own_loss"] == own_first
+    assert own_first < signed[0]  # trained on the same skill: it beats the untrained adapter
+    few = make_volunteer(index=1, records=24)  # 2 held out: no evaluation, so no comparison either
+    few.on_status = lambda state, details: sent.append(details) if state == "sent" else None
+    for r in (3, 4):
+        few.run_round(make_task(model_dir, adapter_bytes, round=r), adapter_bytes)
+    assert [(d["community_loss"], d["own_loss"]) for d in sent[2:]] == [(None, None), (None, None)]
