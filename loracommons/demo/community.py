@@ -182,8 +182,12 @@ class Community:
         latest = releases[-1] if releases else None
         release = f"v{latest['version']} (round {latest['round']})" if latest else "none"
         head.add_row("latest release", escape(release))  # API and status-file text: never markup
+        scored = [r for r in done if isinstance(r.get("eval_loss"), float)]
+        if scored:
+            head.add_row("community adapter", f"held-out loss {scored[-1]['eval_loss']:.3f} "
+                         f"(federated, scored in round {scored[-1]['round']})")
         table = Table(box=None, header_style="bold")
-        for col in ("volunteer", "skills", "state", "round", "step", "loss", "sent"):
+        for col in ("volunteer", "skills", "state", "round", "step", "loss", "sent", "community (alone)"):
             table.add_column(col)
         for i, volunteer in enumerate(plan["volunteers"]):
             state = _read_json(self.out / "logs" / f"volunteer-{i}.json") or {}
@@ -192,7 +196,8 @@ class Community:
                           escape(str(state.get("state", "starting"))),
                           escape(str(state.get("round", "-"))),
                           escape(f"{state.get('step', '-')}/{state.get('max_steps', '-')}"),
-                          f"{loss:.3f}" if isinstance(loss, float) else "-", str(state.get("rounds_sent", 0)))
+                          f"{loss:.3f}" if isinstance(loss, float) else "-", str(state.get("rounds_sent", 0)),
+                          _versus(state))
         return Group(head, table)
 
     def wait_rounds(self, coordinator: subprocess.Popen, plan: dict) -> None:
@@ -222,6 +227,14 @@ class Community:
             raise DemoError(f"download failed: {result.stderr.strip() or result.stdout.strip()}")
         return {"command": f"loracommons download {self.http} --out {out} --pin {fingerprint}",
                 "output": result.stdout.strip()}
+
+
+def _versus(state: dict) -> str:
+    """A volunteer's held-out loss of the community adapter, and of its own last update alone."""
+    community, own = state.get("community_loss"), state.get("own_loss")
+    if not isinstance(community, float):
+        return "-"
+    return f"{community:.3f} ({own:.3f})" if isinstance(own, float) else f"{community:.3f} (-)"
 
 
 def _finished(rounds: list, releases: list, total: int) -> bool:
