@@ -19,6 +19,7 @@ from loracommons.coordinator.rounds import LATE_ROUNDS, Coordinator, GlobalAdapt
 from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import encode_tensors
 from loracommons.protocol.envelope import Envelope
+from loracommons.protocol.errors import Reason
 from loracommons.protocol.flower_app import envelope_content, read_task
 from loracommons.protocol.identity import SigningKey
 
@@ -99,13 +100,17 @@ def test_one_volunteer_does_not_set_the_rounds_losses(tmp_path, rng, train, eval
     hostile_key = SigningKey.generate()
 
     def hostile(s: Signer) -> Envelope:
-        evaluated = {"eval_loss": evaluation, "eval_tokens": 10**6} if evaluation >= 0 else {}
+        # a negative eval loss is signed as claimed; the coordinator's manifest parse refuses it
+        evaluated = {"eval_loss": evaluation, "eval_tokens": 10**6}
         claims = {"train_loss": train} if train == train else {}  # NaN cannot be signed: leave the default
         return s.envelope(make_update(g, "ffa", rng), key=hostile_key, examples=10**4, **claims, **evaluated)
 
     nodes[9] = hostile
     row = coord.run_round(Grid(coord.cfg, g, nodes), 1, sorted(nodes))
-    assert row.status == "aggregated" and row.admitted == 5
+    refused = evaluation < 0  # -1e6: refused whole as malformed, so it moves nothing
+    assert row.status == "aggregated" and row.admitted == 5 - refused
+    rejected = [(u.reason, u.message) for u in coord.store.round_updates(1) if u.outcome == "rejected"]
+    assert rejected == ([(Reason.MALFORMED, "manifest field 'eval_loss' is negative")] if refused else [])
     spread = max(trains) - min(trains)
     assert abs(row.train_loss - float(np.median(trains))) < spread
     assert abs(row.eval_loss - float(np.median(evals))) < max(evals) - min(evals)
