@@ -55,13 +55,19 @@ def coordinator_logits(project: Path, base: Path) -> np.ndarray:
         return model(input_ids=ids).logits.numpy()
 
 
-def test_demo_short_run_and_plain_peft_load(tmp_path):
+def test_demo_short_run_and_plain_peft_load(tmp_path, monkeypatch):
+    from loracommons.cli import QUIET_ENV
     from loracommons.demo import base_model_path
+    from tests.test_cli_quiet import NOISE
 
+    for name in QUIET_ENV:  # quiet because the demo makes itself so, not because a test did
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "demo"
     result = cli("demo", "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4",
                  "--publish-every", "1", "--out", str(out))
     assert "downloaded and verified the community adapter" in result.stdout
+    # issue 16: the demo's output has no library progress bars or warnings
+    assert not [noise for noise in NOISE if noise in result.stdout + result.stderr], result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"base", "volunteer-0 (local only)", "volunteer-1 (local only)",
                                      "pooled data, one trainer", "community"}

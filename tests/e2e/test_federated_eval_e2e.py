@@ -5,7 +5,8 @@ Each version's federated eval loss (the median of the volunteers' signed held-ou
 adapter a round started from) must be the same figure in the store, `/api/rounds`, `/metrics`, every
 release's signed metrics, the model card and the dashboard as headless Chromium renders it (screenshot
 kept under test-artifacts/), and it must fall from version to version. Each volunteer prints its own
-line: the community adapter on its held-out data against its last update alone.
+line: the community adapter on its held-out data against its last update alone, and no library
+progress bars or warnings.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loracommons.cli import QUIET_ENV
 from loracommons.demo.skills import make_examples
 from loracommons.protocol.lora import DEMO_MODEL_ID
 from tests.e2e.conftest import make_project
 from tests.e2e.procs import LC, free_port, read_json, wait_for
+from tests.test_cli_quiet import NOISE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -62,7 +65,9 @@ def finished(http: str) -> bool:
     return len(releases) == ROUNDS and sum(r["status"] == "aggregated" for r in rounds) == ROUNDS
 
 
-def test_each_versions_federated_eval_is_everywhere_and_falls(tmp_path, procs):
+def test_each_versions_federated_eval_is_everywhere_and_falls(tmp_path, procs, monkeypatch):
+    for name in QUIET_ENV:  # the volunteers' quiet output must come from `join` itself (item: quiet output)
+        monkeypatch.delenv(name, raising=False)
     project = make_project(tmp_path, DEMO_MODEL_ID, **SETTINGS)  # type: ignore[arg-type]
     port, http_port = free_port(), free_port()
     http = f"http://127.0.0.1:{http_port}"
@@ -123,8 +128,13 @@ def test_each_versions_federated_eval_is_everywhere_and_falls(tmp_path, procs):
 
 def check_volunteer_lines(folder: Path) -> None:
     """Each volunteer's own line per round: round 1 has no update of its own to compare with yet."""
+    from tests.coordinator_state.test_dashboard_browser import ARTIFACTS
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for i in range(VOLUNTEERS):
         log = (folder / f"vol{i}.log").read_text(errors="replace")
+        (ARTIFACTS / f"federated-eval-e2e-vol{i}.log").write_text(log)  # what the volunteer saw
+        assert not [noise for noise in NOISE if noise in log], log[-3000:]  # no library bars or warnings
         lines = [(int(r), float(x), y) for r, x, y in LINE.findall(log)]
         assert [r for r, _, _ in lines] == list(range(1, ROUNDS + 1)), log[-3000:]
         assert lines[0][2] == "none yet" and all(y != "none yet" for _, _, y in lines[1:])
