@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PAYLOAD_DTYPES = ("float32", "float16", "bfloat16")
 _WRAPPER_ATTR = "_loracommons_peft"  # (PeftModel, LoraSettings) kept on the base module
+_SLOTS_ATTR = "_loracommons_slots"  # PEFT saved name -> its parameter, kept on the wrapper
 
 
 class ModelError(RuntimeError):
@@ -174,6 +175,9 @@ def _wrapper(base: Any, settings: LoraSettings) -> PeftModel:
 
 def adapter_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
     """Names (PEFT saved names) and shapes of every adapter tensor."""
+    slots = getattr(model, _SLOTS_ATTR, None)  # found by copy_factors: the same names, no state dict walk
+    if slots is not None:
+        return {name: tuple(p.shape) for name, p in slots.items()}
     return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
 
 
@@ -198,16 +202,41 @@ def apply_adapter(base: Any, settings: LoraSettings, tensors: dict[str, np.ndarr
             raise ModelError(
                 f"global adapter tensor {name!r} has shape {np.shape(tensors[name])}, expected {shape}"
             )
-    state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in tensors.items()}
-    # peft returns torch's `_IncompatibleKeys`, a namedtuple its annotations leave untyped
-    unexpected: list[str] = set_peft_model_state_dict(model, state).unexpected_keys  # type: ignore[attr-defined]
-    if unexpected:
-        raise ModelError(f"PEFT did not place adapter tensors {unexpected[:2]}")
+    if not copy_factors(model, tensors):
+        state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in tensors.items()}
+        # peft returns torch's `_IncompatibleKeys`, a namedtuple its annotations leave untyped
+        unexpected: list[str] = set_peft_model_state_dict(model, state).unexpected_keys  # type: ignore[attr-defined]
+        if unexpected:
+            raise ModelError(f"PEFT did not place adapter tensors {unexpected[:2]}")
     for name, param in model.named_parameters():
         factor = next((f for f in modes.FACTORS if f".{f}." in name), None)
         param.requires_grad_(factor is not None and trains(factor))
         param.grad = None
     return model
+
+
+def copy_factors(model: PeftModel, tensors: dict[str, np.ndarray]) -> bool:
+    """Copy `tensors` (PEFT saved names, shapes already checked) into the wrapper's own parameters.
+
+    The round's re-apply: PEFT's `set_peft_model_state_dict` renames keys and loads a state dict
+    over the whole model every round (tens of ms on a small base); the factors' parameters do not
+    change while the wrapper lives, so they are found once (by shared storage) and copied into.
+    False when a name has no parameter of its own (the caller then loads through PEFT).
+    """
+    slots: dict[str, torch.nn.Parameter] | None = getattr(model, _SLOTS_ATTR, None)
+    if slots is None:
+        by_storage = {p.data_ptr(): p for p in model.parameters()}
+        found = {name: by_storage.get(t.data_ptr()) for name, t in get_peft_model_state_dict(model).items()}
+        slots = {name: p for name, p in found.items() if p is not None}
+        if len(slots) != len(found) or len({id(p) for p in slots.values()}) != len(slots):
+            return False
+        object.__setattr__(model, _SLOTS_ATTR, slots)  # not a registered submodule
+    if set(tensors) != set(slots):
+        return False
+    with torch.no_grad():
+        for name, value in tensors.items():
+            slots[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+    return True
 
 
 def extract_update(model: PeftModel, mode: str, dtype: str = "float32") -> dict[str, np.ndarray]:

@@ -135,6 +135,25 @@ def test_apply_adapter_reuses_one_wrapper_across_rounds(model_dir):
     assert set(M.adapter_shapes(model)) == set(_expected_shapes(wider))
 
 
+def test_reapply_copies_into_the_factors_without_reloading_through_peft(model_dir, monkeypatch):
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    M.apply_adapter(base, SETTINGS, _random_adapter(SETTINGS, seed=1), "ffa")
+    params = {n: p for n, p in M._wrapper(base, SETTINGS).named_parameters() if ".lora_" in n}
+
+    def no_peft_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("re-apply went through set_peft_model_state_dict")
+
+    monkeypatch.setattr(M, "set_peft_model_state_dict", no_peft_load)
+    tensors = _random_adapter(SETTINGS, seed=2)
+    model = M.apply_adapter(base, SETTINGS, tensors, "exact")
+    state = get_peft_model_state_dict(model)
+    assert all(np.array_equal(state[k].numpy(), v) for k, v in tensors.items())
+    # the same parameter objects, written in place (an optimizer built on them stays valid)
+    assert all(p is params[n] for n, p in model.named_parameters() if ".lora_" in n)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in params if ".lora_A." in n or ".lora_B." in n}
+
+
 def test_apply_adapter_refuses_what_does_not_fit(model_dir):
     base, _ = M.load_base(str(model_dir), device="cpu")
     tensors = _random_adapter(SETTINGS)

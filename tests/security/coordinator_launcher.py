@@ -28,6 +28,7 @@ def mark(event: str, details: str = "") -> None:
 
 def install_hooks() -> None:
     from loracommons.coordinator import admission, releases, rounds
+    from loracommons.coordinator import round as round_module
     from loracommons.coordinator.store import Store
 
     wait_nodes = int(os.environ.get("LC_TEST_WAIT_NODES") or 0)
@@ -73,7 +74,7 @@ def install_hooks() -> None:
             time.sleep(admit_delay)
             return admit(envelope, ctx)
 
-        rounds.admit = slow_admit
+        round_module.admit = slow_admit  # where `Round.offer` looks it up
 
 
 def main(argv: list[str]) -> None:
