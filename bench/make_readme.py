@@ -597,7 +597,7 @@ REPRODUCE = """## Reproduce
 bench/run_all                                   # everything, then this README (about {minutes} min here)
 bench/run_all --only overhead,comm              # a subset; the README is rewritten from all results
 python bench/quality_bench.py --workers 2       # quality, exactness, bytes: quality.json, quality_curves.png
-python bench/quality_ranks.py --workers 3       # nested ranks {{4,4,8,8,16,16}}: quality_ranks.json
+python bench/quality_ranks.py --workers 3 --rounds 8 --heldout 16   # nested ranks: quality_ranks.json
 python bench/comm_bench.py --quality bench/results/quality.json   # comm.json, comm_bars.png
 python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.json
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)

@@ -11,8 +11,9 @@ communities of the same project (rank 16, ffa):
 
 Targets (issue 14): the mixed community's held-out loss within 10% of all-16's, and below two-16's.
 
-    python bench/quality_ranks.py --workers 2                      # 3 communities, 40 x 10: ~20 min
-    python bench/quality_ranks.py --tiny --out /tmp/ranks.json     # smoke test
+    python bench/quality_ranks.py --workers 3                          # 40 rounds x 10 steps
+    python bench/quality_ranks.py --workers 3 --rounds 8 --heldout 16  # the recorded run (bench/README.md)
+    python bench/quality_ranks.py --tiny --out /tmp/ranks.json         # smoke test
 """
 
 from __future__ import annotations
