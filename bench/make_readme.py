@@ -175,6 +175,20 @@ def ranks_section(r: dict) -> str:
         f"Held-out loss after the last round (mean over the {len(cfg['skills'])} skills), measured under "
         f"load ({r['seconds'] / 60:.0f} min):\n",
         table(["community", "ranks", "held-out loss", "exact match"], rows),
+        "\nHeld-out loss per round:\n",
+        table(["round", *r["curves"]], [[i + 1, *(f"{c[i]:.3f}" for c in r["curves"].values())]
+                                        for i in range(len(next(iter(r["curves"].values()))))]),
+        "" if r["checks"]["met"] else (
+            f"\n**MISSED.** The mixed community "
+            f"{'beats' if r['checks'][f'better_than_two_{top}'] else 'trails'} "
+            f"the two rank-{top} volunteers alone and ends {100 * r['checks'][f'gap_to_all_{top}']:+.0f}% "
+            f"against all-{top}. What the per-round curve suggests (not yet tested): a volunteer of rank "
+            "r_i computes with the first r_i components only, so it fits its skill in those columns as if "
+            "the components above r_i were absent, and its update pulls the shared columns against what "
+            "the larger volunteers learned with them present. The next thing to try: keep the global's "
+            "remaining components in the volunteer's forward pass, frozen, and train only the first r_i "
+            "columns (the update and the coordinator's fold stay as they are)."
+        ),
     ])
 
 
