@@ -61,7 +61,9 @@ def table(header: list[str], rows: list[list]) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | None) -> str:
+def targets_section(
+    q: dict | None, c: dict | None, a: dict | None, o: dict | None, r: dict | None = None
+) -> str:
     rows = []
     if q:
         for n, res in q["results"].items():
@@ -139,7 +141,55 @@ def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | No
             )
     if o:
         rows.append(_overhead_row(o))
+    rows += ranks_rows(r)
     return "## Targets\n\n" + table(["target", "measured", ""], rows)
+
+
+def ranks_rows(r: dict | None) -> list[list]:
+    """Issue 14's nested-ranks targets (`quality_ranks.py`)."""
+    if not r:
+        return []
+    ch, ranks = r["checks"], ", ".join(map(str, r["config"]["ranks"]))
+    top = max(r["config"]["ranks"])
+    return [
+        [f"quality, ranks {{{ranks}}}: held-out loss within 10% of all {top}",
+         f"{ch['mixed_heldout_loss']:.3f} vs {ch[f'all_{top}_heldout_loss']:.3f} "
+         f"({100 * ch[f'gap_to_all_{top}']:+.1f}%)", yes(ch[f"within_10pct_of_all_{top}"])],
+        [f"quality, ranks {{{ranks}}}: better than the two rank-{top} volunteers alone",
+         f"{ch['mixed_heldout_loss']:.3f} vs {ch[f'two_{top}_heldout_loss']:.3f}",
+         yes(ch[f"better_than_two_{top}"])],
+    ]
+
+
+def ranks_section(r: dict) -> str:
+    cfg, top = r["config"], max(r["config"]["ranks"])
+    rows = [[name, ", ".join(map(str, row["ranks"])), f"{row['mean_heldout_loss']:.3f}",
+             pct(row.get("mean_exact_match"))] for name, row in r["final"].items()]
+    return "\n".join([
+        "## Nested ranks (`quality_ranks.py`)\n",
+        f"One `ffa` project of rank {cfg['project_rank']} on the demo's base and skills (non-IID, one skill "
+        f"per volunteer), {cfg['rounds']} rounds of {cfg['steps']} steps, in process through the product's "
+        "`Volunteer` (with `max_rank`) and `Round`. Volunteers below the project's rank train the first r_i "
+        "columns of B against the first r_i rows of the shared A; the coordinator averages each column over "
+        f"those who trained it. `two-{top}` is the community without the four smaller volunteers. "
+        f"Held-out loss after the last round (mean over the {len(cfg['skills'])} skills), measured under "
+        f"load ({r['seconds'] / 60:.0f} min):\n",
+        table(["community", "ranks", "held-out loss", "exact match"], rows),
+        "\nHeld-out loss per round:\n",
+        table(["round", *r["curves"]], [[i + 1, *(f"{c[i]:.3f}" for c in r["curves"].values())]
+                                        for i in range(len(next(iter(r["curves"].values()))))]),
+        "" if r["checks"]["met"] else (
+            f"\n**MISSED.** The mixed community "
+            f"{'beats' if r['checks'][f'better_than_two_{top}'] else 'trails'} "
+            f"the two rank-{top} volunteers alone and ends {100 * r['checks'][f'gap_to_all_{top}']:+.0f}% "
+            f"against all-{top}. What the per-round curve suggests (not yet tested): a volunteer of rank "
+            "r_i computes with the first r_i components only, so it fits its skill in those columns as if "
+            "the components above r_i were absent, and its update pulls the shared columns against what "
+            "the larger volunteers learned with them present. The next thing to try: keep the global's "
+            "remaining components in the volunteer's forward pass, frozen, and train only the first r_i "
+            "columns (the update and the coordinator's fold stay as they are)."
+        ),
+    ])
 
 
 QUALITY_RATIOS = {"equal_sequential_steps": 1.1, "equal_total_compute": 2.5}
@@ -561,6 +611,7 @@ REPRODUCE = """## Reproduce
 bench/run_all                                   # everything, then this README (about {minutes} min here)
 bench/run_all --only overhead,comm              # a subset; the README is rewritten from all results
 python bench/quality_bench.py --workers 2       # quality, exactness, bytes: quality.json, quality_curves.png
+python bench/quality_ranks.py --workers 3 --rounds 8 --heldout 16   # nested ranks: quality_ranks.json
 python bench/comm_bench.py --quality bench/results/quality.json   # comm.json, comm_bars.png
 python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.json
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)
@@ -573,6 +624,7 @@ python bench/make_readme.py                     # this file, from bench/results/
 | file | measures |
 | --- | --- |
 | `quality_bench.py` | quality per skill and round, aggregation exactness, bytes per round (in process) |
+| `quality_ranks.py` | held-out loss: mixed-rank ffa community, all at full rank, the full-rank ones alone |
 | `comm_bench.py` | bytes per volunteer per round for each mode and dtype; quality at equal bytes |
 | `aggregate_bench.py` | coordinator admission + aggregation throughput and peak memory for N updates |
 | `overhead_bench.py`, `plain_flower_app/` | round overhead on real processes against plain-Flower FedAvg |
@@ -636,6 +688,7 @@ def render(results_dir: Path) -> str:
     names = ("quality", "comm", "aggregate", "overhead", "trainer", "protocol")
     res = {n: load(results_dir, n) for n in names}
     ttq = load(results_dir, "time_to_quality")
+    ranks = load(results_dir, "quality_ranks")
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -647,13 +700,14 @@ def render(results_dir: Path) -> str:
         "and time, next to the common baseline (FlowerTune/OpenFedLLM style: fp32 A and B averaged "
         "separately)? Measured on the same data in the same runs. This file is generated by "
         "`bench/make_readme.py` from `bench/results/*.json`; the numbers below are those files' numbers.\n",
-        targets_section(q, c, a, o),
+        targets_section(q, c, a, o, ranks),
         notes_section(q, c, a, o),
         machine_section(res, run_all),
     ]
     for section, data in (
         (quality_section, q),
         (exactness_section, q),
+        (ranks_section, ranks),
         (comm_section, c),
         (aggregate_section, a),
         (overhead_section, o),

@@ -179,9 +179,9 @@ class ExactnessProbe:
     def add(self, tensors, weight: float) -> None:  # noqa: ANN001
         for module, (a_name, b_name) in self.pairs.items():
             a = tensors[a_name] if self.trains_a else self.global_tensors[a_name]
-            self.sums[module] = self.sums[module] + weight * (
-                np.asarray(tensors[b_name], np.float64) @ np.asarray(a, np.float64)
-            )
+            b = np.asarray(tensors[b_name], np.float64)
+            a = np.asarray(a, np.float64)[: b.shape[1]]  # a nested-rank update: its first rows of A
+            self.sums[module] = self.sums[module] + weight * (b @ a)
         self.weight += weight
 
     def compare(self, result: dict[str, np.ndarray], rank: int) -> dict:
@@ -216,7 +216,8 @@ def make_volunteers(participants: list[dict], work: Path, on_sent) -> list:  # n
     for p in participants:
         key = benchlib.seeded_identity(work / "identities" / p["name"], p["name"])
         settings = NodeSettings(
-            data_path=p["data"], identity_path=str(key), device="cpu", heldout_fraction=0.0, threads=1
+            data_path=p["data"], identity_path=str(key), device="cpu", heldout_fraction=0.0, threads=1,
+            max_rank=p.get("max_rank"),  # nested ranks (quality_ranks.py); None: the project's
         )
         out.append(Volunteer(settings, on_status=on_sent))
     return out

@@ -22,7 +22,13 @@ import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from loracommons.protocol import modes
-from loracommons.protocol.lora import hub_revision, lora_config, resolve_base_model
+from loracommons.protocol.lora import (
+    hub_revision,
+    lora_config,
+    nested_settings,
+    resolve_base_model,
+    take_rank,
+)
 from loracommons.protocol.task import LoraSettings
 
 log = logging.getLogger(__name__)
@@ -258,6 +264,68 @@ def extract_update(model: PeftModel, mode: str, dtype: str = "float32") -> dict[
             out[name] = tensor.to(getattr(torch, dtype)).to(torch.float32).numpy().copy()
     return out
 
+
+
+# ---------------------------------------------------------------- nested ranks (ffa)
+
+RANK_MEMORY_SHARE = 0.5
+"""Share of the device's free memory (after the base model is loaded) the LoRA layers of one
+rank may take in `affordable_rank`'s estimate; the rest is left to activations and fragmentation."""
+
+
+def apply_adapter_at_rank(
+    base: Any, settings: LoraSettings, tensors: dict[str, np.ndarray], mode: str, rank: int
+) -> PeftModel:
+    """`apply_adapter` for a volunteer of rank `rank` <= r (nested ranks, `Mode.nested_ranks`).
+
+    The PEFT layers are built at rank `rank` with alpha * rank / r (`protocol.lora.nested_settings`:
+    the same alpha / r scale as the project's) and hold A[:rank, :] and B[:, :rank], so the model
+    computes exactly the first `rank` components of the global adapter's ΔW. `extract_update` then
+    returns B[:, :rank], the columns the update carries.
+    """
+    if rank == settings.r:
+        return apply_adapter(base, settings, tensors, mode)
+    if not _mode(mode).nested_ranks:
+        raise ModelError(f"mode {mode!r} trains only the project's rank {settings.r}, not rank {rank}")
+    try:
+        narrow = nested_settings(settings, rank)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    cut = {name: np.ascontiguousarray(value) for name, value in take_rank(tensors, rank).items()}
+    return apply_adapter(base, narrow, cut, mode)
+
+
+def rank_bytes(base: Any, settings: LoraSettings, batch_tokens: int) -> int:
+    """Estimated training memory of one LoRA rank component on `base` (bytes).
+
+    Per targeted linear layer: (in + out) numbers for the factors, their gradients and AdamW's two
+    moments in float32 (16 bytes each: an upper bound, A is frozen in ffa), plus the activation A x
+    kept for the backward pass (`batch_tokens` numbers, 4 bytes). Activations of the base model
+    itself do not depend on the rank and are not counted.
+    """
+    targets = set(settings.target_modules)
+    total = 0
+    for name, module in base.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features"):
+            total += 16 * (module.in_features + module.out_features) + 4 * batch_tokens
+    return total
+
+
+def affordable_rank(free_bytes: int, per_rank: int, r: int) -> int:
+    """The largest of r, r/2, r/4, ..., 1 whose LoRA memory (`per_rank` x rank) fits in
+    `RANK_MEMORY_SHARE` of `free_bytes`; 1 when none does (training may then still run out)."""
+    rank = r
+    while rank > 1 and rank * per_rank > RANK_MEMORY_SHARE * free_bytes:
+        rank //= 2
+    return max(rank, 1)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device (None elsewhere: CPU and MPS share the host's memory)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 def _mode(name: str) -> modes.Mode:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loracommons.client.data import TokenizedData, load_records, split_heldout, tokenize
 from loracommons.protocol.codec import decode_tensors, encode_tensors
@@ -55,6 +56,9 @@ class NodeSettings:
     max_steps: int = DEFAULT_MAX_STEPS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_rank: int | None = None
+    """This volunteer's cap on the LoRA rank it trains (`join --max-rank`; nested ranks, ffa only).
+    None: the project's rank, or less where free GPU memory is short (`round_rank`)."""
 
     def cap(self, train: TrainSettings) -> TrainSettings:
         """`train` within this volunteer's caps (each field the smaller of the task's and the cap)."""
@@ -83,7 +87,7 @@ class Volunteer:
     def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:
         """Train on local data from the global adapter and sign the update."""
         from loracommons.client.evaluate import scored_loss
-        from loracommons.client.model import apply_adapter, load_base
+        from loracommons.client.model import apply_adapter_at_rank, load_base
         from loracommons.client.trainer import train
 
         if hashlib.sha256(adapter_bytes).hexdigest() != task.base_adapter_digest:
@@ -92,7 +96,8 @@ class Volunteer:
         # the revision the update signs (load_base ignores it for a local folder)
         base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
                                     device=self.settings.device)
-        model = apply_adapter(base, task.lora, dict(global_adapter), task.mode)
+        rank = self._round_rank(task, base)
+        model = apply_adapter_at_rank(base, task.lora, dict(global_adapter), task.mode, rank)
         data, heldout = self._tokenize(tokenizer, task)
         settings = self.settings.cap(task.train)
         capped = {name: [getattr(task.train, name), getattr(settings, name)]
@@ -107,7 +112,8 @@ class Volunteer:
         # Federated evaluation: the adapter as received, scored on this volunteer's held-out split and
         # signed with the update; the coordinator takes the median as the round's eval loss.
         evaluated: dict[str, float | int] = {}
-        if heldout is not None and heldout.examples >= MIN_EVAL_EXAMPLES:
+        # At a smaller rank the model holds a truncated adapter, not the version to score: no claim.
+        if heldout is not None and heldout.examples >= MIN_EVAL_EXAMPLES and rank == task.lora.r:
             loss, tokens = scored_loss(model, heldout, settings.batch_size)
             if tokens > 0 and math.isfinite(loss):
                 evaluated = {"eval_loss": loss, "eval_tokens": tokens}
@@ -124,6 +130,7 @@ class Volunteer:
         envelope = sign_update(
             self.key, payload, **task.claims(),
             examples=result.examples, steps=result.steps, train_loss=result.train_loss, **evaluated,
+            **({"rank": rank} if rank < task.lora.r else {}),
         )
         self.on_status("sent", {"round": task.round, "steps": result.steps, "train_loss": result.train_loss,
                                 "eval_loss": result.eval_loss, "seconds": time.monotonic() - started,
@@ -144,6 +151,14 @@ class Volunteer:
         return {"community_loss": float(community) if community is not None else None, "own_loss": last}
 
 
+    def _round_rank(self, task: RoundTask, base: Any) -> int:
+        """The rank this node trains this round (`round_rank`), said in a status line when below r."""
+        rank, why = round_rank(task, self.settings.max_rank, base)
+        if rank < task.lora.r:
+            self.on_status("rank", {"round": task.round, "rank": rank, "project_rank": task.lora.r,
+                                    "why": why})
+        return rank
+
     def _tokenize(self, tokenizer: object, task: RoundTask) -> tuple[TokenizedData, TokenizedData | None]:
         """Training and held-out tokens; the same every round of a project, so made once."""
         seq_len = min(task.train.seq_len, self.settings.max_seq_len)
@@ -158,13 +173,37 @@ class Volunteer:
         return self._tokenized[1]
 
 
+def round_rank(task: RoundTask, max_rank: int | None, base: Any) -> tuple[int, str]:
+    """The LoRA rank to train this round and why: the project's r, capped by `max_rank`; without a
+    cap, on a CUDA device, the largest of r, r/2, ... whose LoRA layers fit in half its free memory
+    (`client.model.affordable_rank`). A rank below r only where the mode nests ranks (ffa)."""
+    from loracommons.client.model import affordable_rank, free_device_bytes, rank_bytes
+    from loracommons.protocol import modes
+
+    r, nested = task.lora.r, modes.get(task.mode).nested_ranks
+    if max_rank is not None:
+        if max_rank < r and not nested:
+            raise VolunteerError(
+                f"this project's mode {task.mode!r} trains only its rank {r}; this node's --max-rank is "
+                f"{max_rank}: join again without --max-rank (smaller ranks: mode ffa)")
+        return min(max_rank, r), f"--max-rank {max_rank}"
+    parameter = next(iter(base.parameters()), None)
+    free = free_device_bytes(parameter.device) if parameter is not None else None
+    if free is None or not nested:
+        return r, "the project's rank"
+    per_rank = rank_bytes(base, task.lora, task.train.batch_size * task.train.seq_len)
+    rank = affordable_rank(free, per_rank, r)
+    return rank, f"{free / 2**30:.1f} GiB free on the GPU, ~{per_rank * r / 2**30:.2f} GiB for rank {r}"
+
+
 def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volunteer:
     """Build a `Volunteer` from the SuperNode's node config (set by `loracommons join`)."""
     try:
         max_minutes = float(node_config["max-minutes"]) if node_config.get("max-minutes") else None
         threads = int(node_config["threads"]) if node_config.get("threads") else None
         caps = {name: int(node_config[key]) for key, name in (
-            ("max-steps", "max_steps"), ("max-batch-size", "max_batch_size"), ("max-seq-len", "max_seq_len"))
+            ("max-steps", "max_steps"), ("max-batch-size", "max_batch_size"), ("max-seq-len", "max_seq_len"),
+            ("max-rank", "max_rank"))
             if node_config.get(key)}
         if any(value < 1 for value in caps.values()):
             raise ValueError(f"caps must be at least 1, got {caps}")

@@ -4,7 +4,14 @@ Checks run cheapest first and stop at the first failure:
 
     size -> manifest + signature -> signer allowed (bans, allowlist, one per round)
     -> project, round, nonce, base adapter, base model, LoRA config -> dtype, examples
-    -> payload digest -> tensor names/shapes/dtypes -> finite values -> delta norm bound
+    -> declared rank -> payload digest -> tensor names/shapes/dtypes -> finite values
+    -> delta norm bound
+
+Nested ranks (ffa): a manifest may declare the rank r_i it trained (absent: the project's r).
+It must be 1 <= r_i <= r (else `bad_rank`); below r only where the mode and every configured rule
+fold smaller ranks (else `rank_not_supported`); and the payload must hold exactly the first r_i
+columns of each B (else `rank_mismatch`). Its delta norm is taken against those columns of the
+global.
 
 `admit` is pure and never raises for a peer's bytes: every failure is a `Verdict`
 with a stable reason code (`protocol.errors.Reason`; REASONS below are those admission adds).
@@ -26,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from loracommons.coordinator import background
+from loracommons.coordinator import background, rules
 from loracommons.coordinator.config import ProjectConfig
 from loracommons.coordinator.robust import delta_norm
 from loracommons.protocol import modes
@@ -40,7 +47,8 @@ from loracommons.protocol.envelope import (
     check_payload,
     open_envelope,
 )
-from loracommons.protocol.errors import NonFinite, ProtocolError, Reason
+from loracommons.protocol.errors import BadTensor, NonFinite, ProtocolError, Reason
+from loracommons.protocol.lora import take_rank
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ REASONS = {
         Reason.WRONG_DTYPE,
         Reason.NO_EXAMPLES,
         Reason.NORM_TOO_LARGE,
+        Reason.BAD_RANK,
+        Reason.RANK_MISMATCH,
+        Reason.RANK_NOT_SUPPORTED,
         Reason.INTERNAL_ERROR,
     )
 }
@@ -73,6 +84,24 @@ class AdmissionContext:
     banned: Collection[str] = frozenset()
     admitted: Collection[str] = frozenset()  # signers already admitted this round
     max_norm: float = 0.0  # 0 = no absolute bound
+    rank: int = 0  # the project's LoRA rank r (0: the global adapter's, the usual case)
+    nested_refusal: str = ""  # why a rank below r cannot be folded here ("": it can; see rules)
+
+    @property
+    def project_rank(self) -> int:
+        if self.rank:
+            return self.rank
+        return next((t.shape[0] for n, t in self.global_tensors.items() if ".lora_A." in n), 0)
+
+    def at_rank(self, rank: int) -> AdmissionContext:
+        """The context for an update of declared rank `rank`: the spec and the global cut to it."""
+        if rank == self.project_rank:
+            return self
+        cut = take_rank(self.global_tensors, rank)
+        spec = TensorSpec({n: tuple(cut[n].shape) for n in self.expected.spec.shapes},
+                          self.expected.spec.dtypes)
+        return replace(self, expected=replace(self.expected, spec=spec), global_tensors=cut,
+                       rank=self.project_rank)
 
 
 @dataclass(frozen=True)
@@ -157,6 +186,7 @@ def context_for(
         banned=banned,
         admitted=admitted,
         max_norm=config.aggregation.max_norm,
+        nested_refusal=rules.nested_ranks_refusal(config),
     )
 
 
@@ -198,7 +228,7 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
             raise _Reject(Reason.NO_EXAMPLES, "update reports 0 training examples")
         # The norm doubles as the finiteness check: computed from float32 values it is finite
         # exactly when every value is (see robust.delta_norm), so the payload is read once less.
-        tensors, norm = _payload_and_norm(env, manifest, ctx)
+        tensors, norm = _payload_of_rank(env, manifest, ctx, _declared_rank(manifest, ctx))
         if not math.isfinite(norm):
             bad = next((n for n, t in tensors.items() if not np.isfinite(t).all()), "?")
             raise NonFinite(f"tensor {bad!r} holds NaN or Inf")
@@ -212,6 +242,60 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
         log.exception("admission failed on update %s", digest[:16])
         return Verdict(False, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", digest, signer, manifest)
     return Verdict(True, Reason.ACCEPTED, f"delta norm {norm:.4g}", digest, signer, manifest, tensors, norm)
+
+
+def _declared_rank(manifest: UpdateManifest, ctx: AdmissionContext) -> int:
+    """The rank the update declares, if this round can fold it."""
+    r = ctx.project_rank
+    if manifest.rank is None:
+        return r
+    if not 1 <= manifest.rank <= r:
+        raise _Reject(Reason.BAD_RANK,
+                      f"declared rank {manifest.rank} is outside 1..{r} (the project's rank)")
+    if manifest.rank < r and ctx.nested_refusal:
+        raise _Reject(
+            Reason.RANK_NOT_SUPPORTED,
+            f"declared rank {manifest.rank} is below the project's {r}: {ctx.nested_refusal}; "
+            f"train at rank {r} (join without --max-rank)",
+        )
+    return manifest.rank
+
+
+def _payload_of_rank(
+    env: Envelope, manifest: UpdateManifest, ctx: AdmissionContext, rank: int
+) -> tuple[dict[str, np.ndarray], float]:
+    """`_payload_and_norm` at the declared rank; a payload shaped as another rank's is a `rank_mismatch`."""
+    try:
+        return _payload_and_norm(env, manifest, ctx.at_rank(rank))
+    except BadTensor:
+        carried = _rank_carried(env.payload, ctx)
+        if carried is None or carried == rank:
+            raise
+        raise _Reject(
+            Reason.RANK_MISMATCH, f"update carries {carried} rank components, declares rank {rank}"
+        ) from None
+
+
+def _rank_carried(payload: bytes, ctx: AdmissionContext) -> int | None:
+    """The rank whose tensor shapes the payload has (None: no rank's). Called only once the payload's
+    digest matched its signed manifest, so these are the bytes the signer sent."""
+    try:
+        tensors = decode_tensors(payload, max_bytes=ctx.expected.max_payload_bytes, require_finite=False)
+    except ProtocolError:
+        return None
+    if set(tensors) != set(ctx.expected.spec.shapes):
+        return None
+    widths = {t.shape[-1] if ".lora_B." in n else t.shape[0] for n, t in tensors.items() if t.ndim == 2}
+    if len(widths) != 1:
+        return None
+    width = widths.pop()
+    full = ctx.expected.spec.shapes
+    for name, t in tensors.items():  # every other dimension as the project's
+        cut = list(full[name])
+        cut[-1 if ".lora_B." in name else 0] = width
+        if tuple(t.shape) != tuple(cut):
+            return None
+    return width
 
 
 def _norm_of_bytes(payload: bytes, ctx: AdmissionContext) -> float:

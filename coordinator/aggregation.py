@@ -6,6 +6,29 @@ Modes (ΔW = alpha/r · B @ A; every mode returns A and B for every module):
     exact    B' A' = rank-r truncated SVD of Σ w_i B_i A_i / Σ w_i, split B' = U √S, A' = √S Vᵀ
     fedavg   A' and B' averaged separately (the common baseline; not the mean of the ΔW_i)
 
+Nested ranks (ffa only; `Mode.nested_ranks`). A volunteer of rank r_i <= r trains the first r_i
+columns of B against the first r_i rows of the shared, frozen A, and sends B_i[:, :r_i]. With
+peft's scaling the volunteer's alpha is alpha r_i / r (`protocol.lora.nested_settings`), so
+its ΔW_i = (alpha/r) Σ_{j<r_i} B_i[:, j] A[j, :]: the first r_i rank-one components of the
+project's ΔW, on the same A rows as everyone else. Column j of the new B is the weighted mean
+over S_j = {i : r_i > j}, the volunteers who trained it:
+
+    B'[:, j] = Σ_{i∈S_j} w_i B_i[:, j] / W_j,   W_j = Σ_{i∈S_j} w_i      (W_j > 0)
+    B'[:, j] = B_g[:, j]                                                     (W_j = 0: nobody trained it)
+
+so (alpha/r) B'[:, j] A[j, :] is exactly the weighted mean of component j over those who trained
+it; with every r_i = r it is the plain mean above. (Counting the untrained columns as "no change"
+instead would give the mean of the ΔW_i, which is B'[:, j] shrunk toward B_g[:, j] by W_j / W: a
+column only large volunteers train would be diluted by everyone else. HetLoRA's zero padding is of
+that kind.) A clip scale s_i applies to each trained column's delta as above. Weights are the
+reported examples, capped, as for every update. `exact` and `fedavg` train A too, so a column of
+B means nothing without its row of A on the same volunteer: they refuse ranks below r at admission.
+Rules: norm-based ones (free riders, median clipping) compare norms scaled to the project's rank,
+norm x sqrt(r / r_i) (a per-component RMS: a rank-4 update is not a free rider for having fewer
+columns), and the clip scale applies to the update as sent; Krum, the trimmed mean and central DP
+are not defined per column here and admission refuses ranks below r under them
+(`coordinator.rules.nested_ranks_refusal`).
+
 `exact` keeps, per module, the running sum Σ w_i B_i A_i as U diag(s) Vᵀ of rank <= K
 (K = sketch rank, default 4r) plus pending factor columns, and never forms a d x k
 matrix. When more than K columns are pending it absorbs them by an incremental SVD
@@ -162,7 +185,49 @@ class MeanAggregator(Aggregator):
 
 @register_aggregator("ffa")
 class FfaAggregator(MeanAggregator):
-    pass
+    """The mean of B per column, over the volunteers who trained each column (nested ranks: see the
+    module doc). Per column j it keeps W_j = Σ w_i and C_j = Σ w_i s_i over S_j; the fold of a rank-r_i
+    update touches the first r_i columns of each sum. With every update at rank r, W_j and C_j equal the
+    scalars of `MeanAggregator` and the result is bit for bit its result."""
+
+    def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
+        super().__init__(global_tensors)
+        self.rank = next((t.shape[0] for n, t in self.global_tensors.items() if ".lora_A." in n), 0)
+        self._col_weight = np.zeros(self.rank)  # W_j
+        self._col_coef = np.zeros(self.rank)  # C_j
+        self.narrow = 0  # updates of a rank below r
+
+    def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        widths = {np.shape(tensors[n])[-1] for n in self.names}
+        if len(widths) != 1 or not 1 <= (width := widths.pop()) <= self.rank:
+            raise AggregationError(f"an update's B tensors must share one width in 1..{self.rank}")
+        coef = weight * scale
+        for name, acc in self._sum.items():
+            part = acc[..., :width]
+            tmp = self._scratch[: part.size].reshape(part.shape)
+            np.multiply(tensors[name], coef, out=tmp, dtype=np.float64)
+            part += tmp
+        self._col_weight[:width] += weight
+        self._col_coef[:width] += coef
+        self._update_coef += coef
+        self.narrow += width < self.rank
+
+    def mean_delta(self) -> dict[str, np.ndarray]:
+        trained = self._col_weight > 0
+        weight = np.where(trained, self._col_weight, 1.0)
+        kept = self._col_coef / weight
+        out = {}
+        for n, s in self._sum.items():
+            delta = s / weight - kept * np.asarray(self.global_tensors[n], dtype=np.float64)
+            delta[..., ~trained] = 0.0  # nobody trained these columns: they keep the global's value
+            out[n] = delta
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        if not self.narrow:
+            return {}
+        return {"nested_rank_updates": float(self.narrow),
+                "untrained_columns": float(np.sum(self._col_weight == 0))}
 
 
 @register_aggregator("fedavg")
@@ -314,6 +379,7 @@ class RoundAggregator:
         self._weight = 0.0
         self._signers: set[str] = set()
         self._rng = rng if rng is not None else np.random.default_rng()
+        self._project_rank = next((t.shape[0] for n, t in self.global_tensors.items() if ".lora_A." in n), 0)
         self._finished = False
         self._folding: Future[None] | None = None
         if self.aggregator.overlaps and self._held is None:
@@ -333,7 +399,7 @@ class RoundAggregator:
         if signer in self._signers:
             raise ValueError(f"signer {signer[:16]} already offered an update this round")
         self._signers.add(signer)
-        weight, norm = self.weight(verdict.manifest.examples), float(verdict.delta_norm or 0.0)
+        weight, norm = self.weight(verdict.manifest.examples), self._comparable_norm(verdict)
         if self._held is not None:
             self._held.add(digest, verdict.tensors)
             self._pending.append(Held(digest, signer, weight, norm))
@@ -341,6 +407,17 @@ class RoundAggregator:
         scale = self._fixed_scale(norm)
         self._fold_behind(verdict.tensors, weight, scale)
         self._record(digest, weight, scale)
+
+    def _comparable_norm(self, verdict: Verdict) -> float:
+        """The delta norm the rules compare: of a rank r_i < r update, scaled by sqrt(r / r_i) (its
+        per-component RMS at the project's rank; see the module doc). Rules that use a fixed bound
+        (dp) refuse smaller ranks at admission, so the scaling never meets a privacy bound."""
+        norm = float(verdict.delta_norm or 0.0)
+        assert verdict.manifest is not None  # an accepted verdict has one
+        declared, full = verdict.manifest.rank, self._project_rank
+        if declared is None or not 0 < declared < full:
+            return norm
+        return norm * math.sqrt(full / declared)
 
     def _fixed_scale(self, norm: float) -> float:
         """The clip scale of the rules with a fixed bound (dp), the same held or streamed."""

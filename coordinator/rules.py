@@ -94,6 +94,10 @@ class Rule:
     """Acts only when at least `min_volunteers` updates remain (otherwise nothing is aggregated)."""
     uniform_weights: ClassVar[bool] = False
     """Every update weighs 1, whatever examples it reports."""
+    nested_ranks: ClassVar[bool] = True
+    """Whether it is defined on updates of a rank below the project's (nested ranks, ffa): rules
+    that compare norms are (the norm is scaled to the project's rank, see `RoundAggregator`); rules
+    that compare or noise coordinates across updates are not, and admission refuses such updates."""
 
     def __init__(self, cfg: ProjectConfig) -> None:
         self.cfg = cfg
@@ -172,6 +176,8 @@ class FreeRiders(Rule):
 class MultiKrum(Rule):
     """Drop the f updates farthest from the others (Blanchard et al. 2017)."""
 
+    nested_ranks = False  # distances between updates of different widths are not defined
+
     @classmethod
     def configured(cls, cfg: ProjectConfig) -> bool:
         return cfg.aggregation.robust == "krum"
@@ -235,6 +241,7 @@ class TrimmedMean(Rule):
     """Coordinate-wise mean of the deltas without the trim lowest and highest values (unweighted)."""
 
     needs_quorum = True
+    nested_ranks = False  # trimming per column over a varying set of updates: not built
 
     @classmethod
     def configured(cls, cfg: ProjectConfig) -> bool:
@@ -274,6 +281,7 @@ class CentralDP(Rule):
 
     buffers = False
     uniform_weights = True  # each volunteer's sensitivity is the same
+    nested_ranks = False  # a column trained by n_j < N volunteers would need noise scaled to 1/n_j
 
     @classmethod
     def configured(cls, cfg: ProjectConfig) -> bool:
@@ -316,6 +324,22 @@ RULES: tuple[type[Rule], ...] = (FreeRiders, MultiKrum, MedianClip, TrimmedMean,
 def configured(cfg: ProjectConfig) -> list[Rule]:
     """The rules `cfg` turns on, in order."""
     return [rule(cfg) for rule in RULES if rule.configured(cfg)]
+
+
+_SETTING = {MultiKrum: "robust = 'krum'", TrimmedMean: "robust = 'trimmed_mean'", CentralDP: "[privacy] dp"}
+"""The project setting that turns on each rule that refuses smaller ranks, as a message names it."""
+
+
+def nested_ranks_refusal(cfg: ProjectConfig) -> str:
+    """Why this project cannot fold an update of a rank below its own ("" when it can)."""
+    mode = cfg.aggregation.mode
+    if not modes.get(mode).nested_ranks:
+        nested = ", ".join(m for m in modes.names() if modes.get(m).nested_ranks)
+        return f"mode = {mode!r} folds only the project's rank (nested ranks: {nested})"
+    refusing = [rule for rule in RULES if rule.configured(cfg) and not rule.nested_ranks]
+    if refusing:
+        return f"{_SETTING[refusing[0]]} is not defined on updates of a smaller rank"
+    return ""
 
 
 def validate(cfg: ProjectConfig) -> None:

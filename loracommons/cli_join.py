@@ -104,6 +104,9 @@ class JoinView:
         elif state == "bound":
             self.say(f"joined project {details['project']} at {details['superlink']}: tasks of any other "
                      "project will be refused")
+        elif state == "rank":
+            self.say(f"round {details['round']}: training rank {details['rank']} of the project's "
+                     f"{details['project_rank']} ({details['why']})")
         elif state == "capped":
             cut = ", ".join(f"{name} {asked} -> {used}" for name, (asked, used) in details["fields"].items())
             self.say(f"round {details['round']}: task cut to your caps ({cut})")
@@ -122,6 +125,21 @@ class JoinView:
             self.say("stopped")
 
 
+def rank_line(max_rank: int | None, device: str) -> str:
+    """What the startup line says of the LoRA rank this node will train (see `volunteer.round_rank`)."""
+    if max_rank is not None:
+        return f"rank: at most {max_rank} (--max-rank; below the project's rank in ffa projects only)"
+    from loracommons.client.model import ModelError, pick_device
+
+    try:
+        gpu = pick_device(device).type == "cuda"
+    except ModelError:
+        gpu = False  # the node reports the bad device itself
+    if gpu:
+        return "rank: the project's, or the largest of r/2, r/4 ... that fits half the free GPU memory"
+    return "rank: the project's"
+
+
 def join(
     coordinator: str = typer.Argument(..., help="The coordinator's SuperLink address, HOST:PORT."),
     data: Path = typer.Option(..., "--data", help="Your private training data (JSONL, CSV, Parquet, "
@@ -135,6 +153,10 @@ def join(
                                        help="Your cap on sequences per micro-batch."),
     max_seq_len: int = typer.Option(DEFAULT_MAX_SEQ_LEN, "--max-seq-len", min=8,
                                     help="Your cap on tokens per training sequence."),
+    max_rank: int = typer.Option(None, "--max-rank", min=1,
+                                 help="Your cap on the LoRA rank you train (ffa projects: you train "
+                                 "the first N components; default: the project's rank, lower on a GPU "
+                                 "whose free memory is short)."),
     project: str = typer.Option(None, "--project", help="The project id you join: tasks of any other "
                                 "project are refused (default: the first project seen at this address)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS: only for a local test coordinator."),
@@ -192,6 +214,8 @@ def join(
         node_config["max-minutes"] = str(max_minutes)
     if threads is not None:
         node_config["threads"] = str(threads)
+    if max_rank is not None:
+        node_config["max-rank"] = str(max_rank)
     home = Path(os.environ.get("FLWR_HOME") or node_home)  # run_node takes a folder of its own below it
     use_auth = node_auth
     opts = NodeOptions(superlink=coordinator, node_config=node_config, insecure=insecure,
@@ -199,7 +223,7 @@ def join(
                        auth_key=str(identity.resolve()) if use_auth else None, flwr_home=home)
     view = JoinView(status_file, live=console.is_terminal)
     joined = (f"volunteer {public.short}{f' ({name})' if name else ''}: {len(records)} examples in "
-              f"{data} (stay on this machine); coordinator {coordinator}"
+              f"{data} (stay on this machine); coordinator {coordinator}; {rank_line(max_rank, device)}"
               + (" [INSECURE: local test only]" if insecure else ""))
     console.print(escape(joined), highlight=False)
     client_app.set_status_callback(view.event)

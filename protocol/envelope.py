@@ -66,17 +66,19 @@ def _finite(value: float) -> bool:
         return False
 
 
+#: The evaluation claim's fields, which come together or not at all.
+EVAL_FIELDS = {"eval_loss": "float", "eval_tokens": "int"}
 #: Manifest fields a sender may leave out, with their type as `_check_type` names it.
-OPTIONAL_FIELDS = {"eval_loss": "float", "eval_tokens": "int"}
+OPTIONAL_FIELDS = {**EVAL_FIELDS, "rank": "int"}
 
 
 def _check_eval(obj: dict) -> None:
     """The evaluation claim comes whole or not at all: a finite loss >= 0 over >= 1 token."""
-    present = [name for name in OPTIONAL_FIELDS if name in obj]
+    present = [name for name in EVAL_FIELDS if name in obj]
     if not present:
         return
-    if len(present) != len(OPTIONAL_FIELDS):
-        missing = next(name for name in OPTIONAL_FIELDS if name not in obj)
+    if len(present) != len(EVAL_FIELDS):
+        missing = next(name for name in EVAL_FIELDS if name not in obj)
         raise MissingField(f"manifest carries {present[0]!r} without {missing!r}")
     if obj["eval_loss"] < 0:
         raise Malformed("manifest field 'eval_loss' is negative")
@@ -108,6 +110,10 @@ class UpdateManifest:
     held-out split, scored before training (federated evaluation). Absent with `eval_tokens`."""
     eval_tokens: int = 0
     """Labelled tokens that loss was measured on (0: no evaluation)."""
+    rank: int | None = None
+    """The LoRA rank r_i the signer trained (nested ranks, `Mode.nested_ranks`): its update carries the
+    first r_i columns of each B. Absent: the project's rank. Admission checks it (1 <= r_i <= r, the
+    mode and rules allow it, the tensors have exactly r_i columns)."""
 
     @classmethod
     def from_dict(cls, obj: dict) -> UpdateManifest:
@@ -133,12 +139,15 @@ class UpdateManifest:
         return cls(**{**obj, **floats})
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON; the optional evaluation fields only when there was an evaluation, so
-        a manifest without one is byte for byte what it was before they existed."""
+        """Canonical JSON; the optional evaluation fields only when there was an evaluation, and the
+        rank only when declared, so a manifest without them is byte for byte what it was before
+        they existed."""
         obj = asdict(self)
         if self.eval_loss is None:
-            for name in OPTIONAL_FIELDS:
+            for name in EVAL_FIELDS:
                 del obj[name]
+        if self.rank is None:
+            del obj["rank"]
         return canonical_json(obj)
 
 

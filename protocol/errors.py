@@ -125,6 +125,9 @@ class Reason(str, Enum):
     WRONG_DTYPE = "wrong_dtype"
     NO_EXAMPLES = "no_examples"
     NORM_TOO_LARGE = "norm_too_large"
+    BAD_RANK = "bad_rank"
+    RANK_MISMATCH = "rank_mismatch"
+    RANK_NOT_SUPPORTED = "rank_not_supported"
     # the round's rules, applied once every update is in
     FREE_RIDER = "free_rider"
     KRUM_OUTLIER = "krum_outlier"
@@ -170,6 +173,9 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.WRONG_DTYPE: "manifest claims a payload dtype the round does not use",
     Reason.NO_EXAMPLES: "update reports zero training examples",
     Reason.NORM_TOO_LARGE: "delta norm above the project's absolute max_norm",
+    Reason.BAD_RANK: "declared LoRA rank below 1 or above the project's rank",
+    Reason.RANK_MISMATCH: "tensors carry another number of rank components than the rank declared",
+    Reason.RANK_NOT_SUPPORTED: "a rank below the project's, where its mode or a rule cannot fold one",
     Reason.FREE_RIDER: "delta norm far below the round's median (no real training)",
     Reason.KRUM_OUTLIER: "among the updates farthest from the others (Multi-Krum)",
     Reason.CLIPPED: "admitted, its delta scaled down to the round's clip bound",

@@ -13,6 +13,8 @@ never at import time: protocol is also installed by downloaders without them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +82,33 @@ def init_adapter(base_model: Any, settings: LoraSettings, seed: int) -> dict[str
         return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
     finally:
         wrapped.unload()
+
+
+def nested_settings(settings: LoraSettings, rank: int) -> LoraSettings:
+    """The LoRA settings of a volunteer that trains rank `rank` <= r (nested ranks).
+
+    peft scales B A by alpha / r. The volunteer's layers hold the first `rank` components,
+    B[:, :rank] A[:rank], and must keep the project's scale, so its alpha is alpha * rank / r:
+    (alpha * rank / r) / rank = alpha / r, and its ΔW is exactly those components' part of the
+    project's ΔW."""
+    if not 1 <= rank <= settings.r:
+        raise ValueError(f"rank {rank} is outside 1..{settings.r} (the project's rank)")
+    if rank == settings.r:
+        return settings
+    return replace(settings, r=rank, alpha=settings.alpha * rank / settings.r)
+
+
+def take_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """Views of the first `rank` components of an adapter: B[:, :rank] and A[:rank, :] (no copy)."""
+    out = {}
+    for name, value in tensors.items():
+        if ".lora_B." in name:
+            out[name] = value[..., :rank]
+        elif ".lora_A." in name:
+            out[name] = value[:rank]
+        else:
+            out[name] = value
+    return out
 
 
 def peft_adapter_config(lora: LoraSettings, base_model: str, revision: str | None = None) -> dict:

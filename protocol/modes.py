@@ -11,6 +11,9 @@ admission spec); the coordinator's `aggregation` module registers, per mode, the
     exact   A and B trained and sent; the coordinator re-factorizes the mean of B_i A_i.
     fedavg  A and B trained and sent, averaged separately (the common baseline).
 
+Nested ranks (`Mode.nested_ranks`, ffa only): a volunteer of rank r_i <= r sends the first r_i
+columns of each B (`protocol.lora.take_rank` cuts an adapter to them).
+
 Adding a mode: `register(Mode(...))` here (or in a plugin/test), an `Aggregator`
 registered for its name on the coordinator, and tests. No torch, no flwr.
 """
@@ -39,6 +42,10 @@ class Mode:
     norm: Literal["parameter", "product"] = "parameter"
     """Where an update's delta is measured: `parameter` = flattened sent tensors minus the
     global's; `product` = B_i A_i - B_g A_g per module (Frobenius)."""
+    nested_ranks: bool = False
+    """Whether a volunteer may train a smaller rank r_i <= r: the first r_i columns of B against the
+    first r_i rows of A, sending those columns alone. Sound only where A is frozen and shared (`ffa`):
+    each column of B then multiplies the same row of A on every volunteer."""
 
     def __post_init__(self) -> None:
         if not self.sends or any(f not in FACTORS for f in self.sends):
@@ -88,7 +95,10 @@ def get(name: str) -> Mode:
         raise KeyError(f"mode {name!r} not one of {', '.join(_REGISTRY)}") from None
 
 
-FFA = register(Mode("ffa", "mean of B, A frozen from the project seed (exact, half the upload)", ("lora_B",)))
+FFA = register(
+    Mode("ffa", "mean of B, A frozen from the project seed (exact, half the upload)", ("lora_B",),
+         nested_ranks=True)
+)
 EXACT = register(
     Mode("exact", "rank-r SVD of the mean of B_i A_i (both factors sent)", FACTORS, norm="product")
 )

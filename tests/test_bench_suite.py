@@ -352,3 +352,16 @@ def check_targets(readme: str, results_dir: Path) -> None:
         assert len(matched) == 1, f"target {target!r}: {len(matched)} rules in this test know it"
         rule, args = matched[0]
         assert MARKS[mark] == rule(r, *args), f"target {target!r} is marked {mark} against the numbers"
+
+
+def test_quality_ranks_tiny(tmp_path):
+    """The nested-ranks bench: three communities run, the mixed one's volunteers train at their ranks."""
+    out = tmp_path / "quality_ranks.json"
+    run("quality_ranks.py", "--tiny", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    assert report["bench"] == "quality_ranks" and set(report["final"]) == {"mixed", "all-16", "two-16"}
+    assert report["final"]["mixed"]["ranks"] == [4, 4, 8, 8, 16, 16]
+    assert report["final"]["two-16"]["ranks"] == [16, 16]
+    checks = report["checks"]
+    assert checks["met"] == (checks["within_10pct_of_all_16"] and checks["better_than_two_16"])
+    assert all(len(curve) == report["config"]["rounds"] for curve in report["curves"].values())

@@ -16,6 +16,7 @@ from loracommons.protocol import errors
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.envelope import DOMAIN, Envelope
 from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.lora import take_rank
 
 from .conftest import Signer, make_global, make_update
 
@@ -81,6 +82,17 @@ def _tensors(world, drop=False, shape=False):
     if shape:
         t[name] = np.zeros((t[name].shape[0], t[name].shape[1] + 1), np.float32)
     return t
+
+
+def _at_rank(world, rank, declared):
+    """A validly signed update carrying `rank` columns of each B, declaring `declared` (None: nothing)."""
+    _, g, signer, _ = world
+    t = take_rank(make_update(g, "ffa", np.random.default_rng(5)), rank)
+    claims = {} if declared is None else {"rank": declared}
+    return signer.envelope({n: np.ascontiguousarray(v) for n, v in t.items()}, key=KEY, **claims)
+
+
+NOT_NESTED = "mode = 'exact' folds only the project's rank (nested ranks: ffa)"
 
 
 def _encoded(tensors, dtype="float32"):
@@ -170,6 +182,19 @@ CASES = {
     "huge_finite": (lambda w: _with_value(w, 3e38), {}, "accepted"),
     "huge_finite_bounded": (lambda w: _with_value(w, 3e38), {"max_norm": 1e30}, "norm_too_large"),
     "norm_too_large": (lambda w: _update(w), {"max_norm": 1e-3}, "norm_too_large"),
+    # nested ranks (the world's project rank is 4)
+    "rank_2_declared": (lambda w: _at_rank(w, 2, 2), {}, "accepted"),
+    "rank_4_declared": (lambda w: _at_rank(w, 4, 4), {}, "accepted"),
+    "more_columns_than_declared": (lambda w: _at_rank(w, 4, 2), {}, "rank_mismatch"),
+    "fewer_columns_than_declared": (lambda w: _at_rank(w, 2, 3), {}, "rank_mismatch"),
+    "narrow_undeclared": (lambda w: _at_rank(w, 2, None), {}, "rank_mismatch"),
+    "rank_above_project": (lambda w: _at_rank(w, 4, 5), {}, "bad_rank"),
+    "rank_zero": (lambda w: _at_rank(w, 4, 0), {}, "bad_rank"),
+    "rank_negative": (lambda w: _at_rank(w, 4, -1), {}, "bad_rank"),
+    "narrow_where_refused": (
+        lambda w: _at_rank(w, 2, 2), {"nested_refusal": NOT_NESTED}, "rank_not_supported"
+    ),
+    "full_declared_where_refused": (lambda w: _at_rank(w, 4, 4), {"nested_refusal": NOT_NESTED}, "accepted"),
 }
 
 
@@ -283,3 +308,43 @@ def test_payload_limit_is_the_spec_size(world):
     cfg, g, signer, expected = world
     assert expected.max_payload_bytes < cfg.limits.max_payload_bytes
     assert len(_update(world).payload) <= expected.max_payload_bytes
+
+
+@pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        ({"aggregation": {"mode": "ffa"}}, ""),
+        ({"aggregation": {"mode": "ffa", "clip": "median"}, "round": {"min_volunteers": 2}}, ""),
+        ({"aggregation": {"mode": "exact"}}, "mode = 'exact'"),
+        ({"aggregation": {"mode": "fedavg"}}, "mode = 'fedavg'"),
+        ({"aggregation": {"mode": "ffa", "robust": "trimmed_mean", "trim_fraction": 0.2},
+          "round": {"min_volunteers": 5, "volunteers_per_round": 5}}, "robust = 'trimmed_mean'"),
+        ({"aggregation": {"mode": "ffa", "robust": "krum", "krum_f": 1},
+          "round": {"min_volunteers": 5, "volunteers_per_round": 5}}, "robust = 'krum'"),
+        ({"privacy": {"dp": True, "clip_norm": 1.0, "noise_multiplier": 1.0}}, "[privacy] dp"),
+    ],
+)
+def test_projects_that_cannot_fold_a_smaller_rank_refuse_it_and_say_why(world, settings, refusal):
+    _, g, _, _ = world
+    cfg = ProjectConfig.from_dict({"project": {"id": "proj-1"}, **settings})
+    signer = Signer(cfg, g)
+    expected = expected_for(cfg, signer.round, signer.nonce, g, signer.digest)
+    ctx = context_for(cfg, expected, g)
+    assert ctx.nested_refusal.startswith(refusal) if refusal else ctx.nested_refusal == ""
+    narrow = take_rank(make_update(g, cfg.aggregation.mode, np.random.default_rng(6)), 2)
+    env = signer.envelope({n: np.ascontiguousarray(v) for n, v in narrow.items()}, key=KEY, rank=2)
+    verdict = admit(env, ctx)
+    if refusal:
+        assert verdict.reason == "rank_not_supported" and refusal in verdict.message
+        assert "below the project's 4" in verdict.message
+    else:
+        assert verdict.accepted, verdict.message
+
+
+def test_a_narrow_update_is_measured_against_its_own_columns(world):
+    _, g, signer, _ = world
+    t = make_update(g, "ffa", np.random.default_rng(7))
+    narrow = {n: np.ascontiguousarray(v) for n, v in take_rank(t, 2).items()}
+    verdict = admit(signer.envelope(narrow, key=KEY, rank=2), _ctx(world))
+    expected = np.sqrt(sum(np.sum((narrow[n] - g[n][:, :2]) ** 2) for n in narrow))
+    assert verdict.accepted and verdict.delta_norm == pytest.approx(expected, rel=1e-5)

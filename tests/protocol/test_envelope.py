@@ -301,7 +301,20 @@ MANIFESTS = {
     "eval-huge-tokens": (canonical_json(_manifest(eval_loss=2.0, eval_tokens=10**400)), Malformed),
     "eval-alone": (canonical_json(_manifest(eval_loss=2.0)), MissingField),
     "eval-tokens-alone": (canonical_json(_manifest(eval_tokens=10)), MissingField),
+    "rank-string": (canonical_json(_manifest(rank="4")), Malformed),
+    "rank-float": (canonical_json(_manifest(rank=4.0)), Malformed),
+    "rank-null": (canonical_json(_manifest(rank=None)), Malformed),
+    "rank-bool": (canonical_json(_manifest(rank=True)), Malformed),
 }
+
+
+def test_rank_is_optional_signed_and_read_back():
+    """Nested ranks: the rank a sender trained is signed; absent, the manifest is what it always was.
+    (Its bounds are the round's to check: admission refuses 0, negatives and ranks above the project's.)"""
+    manifest, _ = verify_update(SMALL, expected())
+    assert manifest.rank is None and b'"rank"' not in SMALL.manifest
+    declared = signed(rank=4)
+    assert b'"rank":4' in declared.manifest and verify_update(declared, expected())[0].rank == 4
 
 
 def test_eval_claim_is_optional_signed_and_read_back():

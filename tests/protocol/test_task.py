@@ -190,6 +190,7 @@ def test_claims_are_the_manifest_fields_a_task_fixes():
         "train_loss",
         "eval_loss",  # optional: the sender's evaluation of the adapter it received
         "eval_tokens",
+        "rank",  # optional: the rank the sender trained (nested ranks)
         "payload_sha256",
         "payload_bytes",
         "signer",

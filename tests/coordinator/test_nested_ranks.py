@@ -1,0 +1,119 @@
+"""Nested ranks in ffa: each column of B is the mean over the volunteers who trained it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from loracommons.coordinator.aggregation import AggregationError, make_aggregator
+from loracommons.coordinator.config import ProjectConfig
+from loracommons.coordinator.round import Round
+from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.lora import take_rank
+
+from .conftest import Signer, make_global, make_update
+
+
+def _narrow(tensors: dict, rank: int) -> dict:
+    return {n: np.ascontiguousarray(v) for n, v in take_rank(tensors, rank).items()}
+
+
+def test_column_mean_matches_a_hand_computation():
+    # one B of 2 rows x 3 columns; A is frozen and never sent
+    g = {"m.lora_A.weight": np.ones((3, 2), np.float32), "m.lora_B.weight": np.array(
+        [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)}
+    agg = make_aggregator("ffa", g)
+    agg.add({"m.lora_B.weight": np.array([[10.0], [20.0]], np.float32)}, weight=1)  # rank 1
+    agg.add({"m.lora_B.weight": np.array([[30.0, 40.0], [50.0, 60.0]], np.float32)}, weight=3)  # rank 2
+    b = agg.result()["m.lora_B.weight"]
+    # column 0: both, weights 1 and 3; column 1: the rank-2 update alone; column 2: nobody (global)
+    want = np.array([[(10 + 3 * 30) / 4, 40.0, 3.0], [(20 + 3 * 50) / 4, 60.0, 6.0]])
+    np.testing.assert_array_equal(b, want.astype(np.float32))
+    assert agg.metrics() == {"nested_rank_updates": 2.0, "untrained_columns": 1.0}
+    np.testing.assert_array_equal(agg.result()["m.lora_A.weight"], g["m.lora_A.weight"])
+
+
+def test_a_clipped_narrow_update_moves_its_columns_by_the_scaled_delta():
+    g = {"m.lora_A.weight": np.ones((2, 2), np.float32),
+         "m.lora_B.weight": np.array([[1.0, 1.0]], np.float32)}
+    agg = make_aggregator("ffa", g)
+    agg.add({"m.lora_B.weight": np.array([[5.0]], np.float32)}, weight=2, scale=0.5)
+    agg.add({"m.lora_B.weight": np.array([[3.0, 9.0]], np.float32)}, weight=2)
+    # column 0: (2 * (1 + 0.5 * 4) + 2 * 3) / 4 = 3; column 1: 9
+    np.testing.assert_allclose(agg.result()["m.lora_B.weight"], [[3.0, 9.0]])
+
+
+def test_every_update_at_full_rank_gives_the_plain_mean_bit_for_bit(rng):
+    g = make_global(rng)
+    updates = [make_update(g, "ffa", rng) for _ in range(3)]
+    agg = make_aggregator("ffa", g)
+    for weight, update in zip((3, 1, 7), updates, strict=True):
+        agg.add(update, weight)
+    out = agg.result()
+    for name in (n for n in g if ".lora_B." in n):
+        total = sum(w * u[name].astype(np.float64) for w, u in zip((3, 1, 7), updates, strict=True))
+        np.testing.assert_array_equal(out[name], (g[name] + (total / 11 - g[name])).astype(np.float32))
+    assert agg.metrics() == {}
+
+
+def test_the_product_of_each_trained_component_is_its_exact_mean(rng):
+    """(alpha/r) B' A restricted to component j is the weighted mean of that component over S_j."""
+    g = make_global(rng, r=4)
+    ranks, weights = (1, 2, 4, 4), (5.0, 1.0, 2.0, 3.0)
+    updates = [_narrow(make_update(g, "ffa", rng), r) for r in ranks]
+    agg = make_aggregator("ffa", g)
+    for update, weight in zip(updates, weights, strict=True):
+        agg.add(update, weight)
+    out = agg.result()
+    a_name, b_name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", (
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+    a = g[a_name].astype(np.float64)
+    for j in range(4):
+        trained = [(u, w) for u, w, r in zip(updates, weights, ranks, strict=True) if r > j]
+        mean = sum(w * np.outer(u[b_name][:, j], a[j]) for u, w in trained) / sum(w for _, w in trained)
+        np.testing.assert_allclose(np.outer(out[b_name][:, j], a[j]), mean, rtol=1e-5, atol=1e-7)
+
+
+def test_an_update_wider_than_the_project_or_ragged_is_refused_by_the_fold(rng):
+    g = make_global(rng, r=2)
+    agg = make_aggregator("ffa", g)
+    wide = {n: np.zeros((v.shape[0], 3), np.float32) for n, v in g.items() if ".lora_B." in n}
+    with pytest.raises(AggregationError, match="width"):
+        agg.add(wide, 1)
+    ragged = _narrow(make_update(g, "ffa", rng), 1)
+    first = sorted(ragged)[0]
+    ragged[first] = np.zeros((ragged[first].shape[0], 2), np.float32)
+    with pytest.raises(AggregationError, match="width"):
+        agg.add(ragged, 1)
+
+
+def _cfg(**agg) -> ProjectConfig:
+    base = ProjectConfig()
+    return ProjectConfig(
+        round=dataclasses.replace(base.round, volunteers_per_round=10, min_volunteers=2),
+        aggregation=dataclasses.replace(base.aggregation, mode="ffa", **agg),
+    )
+
+
+def test_a_mixed_rank_round_under_median_clipping_compares_per_component_norms(rng):
+    """A rank-1 update whose components moved like the others' is not clipped or called a free rider
+    for carrying a quarter of the columns: the rules compare norm x sqrt(r / r_i)."""
+    g = make_global(rng, r=4)
+    cfg = _cfg(clip="median", clip_factor=1.5, free_rider_ratio=0.6)
+    signer = Signer(cfg, g)
+    rnd = Round(cfg, signer.round, signer.nonce, g, signer.digest)
+    full = [make_update(g, "ffa", np.random.default_rng(s)) for s in (1, 2)]
+    small = _narrow(make_update(g, "ffa", np.random.default_rng(3)), 1)
+    records = [rnd.offer(signer.envelope(u, key=SigningKey.generate())) for u in full]
+    records.append(rnd.offer(signer.envelope(small, key=SigningKey.generate(), rank=1)))
+    assert all(r.accepted for r in records), [r.message for r in records]
+    result = rnd.close()
+    assert len(result.aggregated) == 3 and result.rejected == () and result.annotations == ()
+    assert result.metrics["nested_rank_updates"] == 1 and result.metrics["untrained_columns"] == 0
+    b = next(n for n in g if ".lora_B." in n)
+    want0 = (full[0][b][:, 0].astype(np.float64) + full[1][b][:, 0] + small[b][:, 0]) / 3
+    np.testing.assert_allclose(result.tensors[b][:, 0], want0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.tensors[b][:, 3], (full[0][b][:, 3] + full[1][b][:, 3]) / 2,
+                               rtol=1e-5, atol=1e-6)
