@@ -70,6 +70,23 @@ class UpdateRow:
     train_loss: float | None
     nbytes: int
     received: str
+    staleness: int | None = None  # async: versions closed since its base
+    envelope_digest: str | None = None  # async: its envelope's blob while its version is open
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """An async task: what a reply naming `nonce` (and `serial` as its round) trained from."""
+
+    nonce: str
+    serial: int
+    version: int
+    base_version: int
+    base_adapter_digest: str
+    node_id: int
+    sent: str
+    status: str  # sent, used, expired
+    update_digest: str | None
 
 
 @dataclass(frozen=True)
@@ -142,7 +159,8 @@ class UpdateCounts:
 
 _RECENT_ROUND_KEYS = ("round", "status", "started", "closed", "sampled", "admitted", "rejected",
                       "train_loss", "eval_loss", "note")
-_RECENT_UPDATE_KEYS = ("round", "fingerprint", "outcome", "reason", "message", "examples", "update_digest")
+_RECENT_UPDATE_KEYS = ("round", "fingerprint", "outcome", "reason", "message", "examples", "update_digest",
+                       "staleness")
 
 
 @dataclass(frozen=True)
