@@ -62,7 +62,10 @@ class World:
         g = self.adapters[self.version - 1]
         return Buffer(self.cfg, self.version, g, self.digests[self.version - 1], "ab" * 16,
                       tasks=self.store.task, last_serial=self.store.last_task_serial,
-                      bases=lambda d: next((self.adapters[v] for v, x in self.digests.items() if x == d), None))
+                      bases=self.base)
+
+    def base(self, digest: str):
+        return next((self.adapters[v] for v, x in self.digests.items() if x == digest), None)
 
 
 @pytest.fixture
@@ -193,10 +196,10 @@ def test_staleness_weights():
 def test_an_older_state_db_gains_the_new_columns(tmp_path):
     db = tmp_path / "state.db"
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE updates (id INTEGER PRIMARY KEY, round INTEGER NOT NULL, fingerprint "
-                     "VARCHAR(64), update_digest VARCHAR(64), outcome VARCHAR(16) NOT NULL, reason VARCHAR(64) "
-                     "NOT NULL, message TEXT NOT NULL, examples INTEGER NOT NULL, train_loss FLOAT, bytes "
-                     "INTEGER NOT NULL, received VARCHAR(32) NOT NULL)")
+        conn.execute("CREATE TABLE updates (id INTEGER PRIMARY KEY, round INTEGER NOT NULL, "
+                     "fingerprint VARCHAR(64), update_digest VARCHAR(64), outcome VARCHAR(16) NOT NULL, "
+                     "reason VARCHAR(64) NOT NULL, message TEXT NOT NULL, examples INTEGER NOT NULL, "
+                     "train_loss FLOAT, bytes INTEGER NOT NULL, received VARCHAR(32) NOT NULL)")
     store = Store(tmp_path)
     try:
         store.open_round(1, new_nonce(), base_version=0)
