@@ -55,6 +55,9 @@ class NodeSettings:
     max_steps: int = DEFAULT_MAX_STEPS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_steps_per_second: float | None = None
+    """This volunteer's pace cap (`join --max-steps-per-second`): training sleeps to stay under it, to
+    share the machine with other work (None: as fast as it can)."""
 
     def cap(self, train: TrainSettings) -> TrainSettings:
         """`train` within this volunteer's caps (each field the smaller of the task's and the cap)."""
@@ -115,7 +118,8 @@ class Volunteer:
 
         self.on_status("training", {"round": task.round, "step": 0, "max_steps": settings.max_steps})
         result = train(model, tokenizer, data, settings, task.mode, heldout=heldout, on_step=on_step,
-                       payload_dtype=task.payload_dtype, threads=self.settings.threads)
+                       payload_dtype=task.payload_dtype, threads=self.settings.threads,
+                       max_steps_per_second=self.settings.max_steps_per_second)
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
@@ -146,6 +150,9 @@ def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volu
     try:
         max_minutes = float(node_config["max-minutes"]) if node_config.get("max-minutes") else None
         threads = int(node_config["threads"]) if node_config.get("threads") else None
+        pace = float(node_config["max-steps-per-second"]) if node_config.get("max-steps-per-second") else None
+        if pace is not None and not 0 < pace < float("inf"):
+            raise ValueError(f"max-steps-per-second must be a positive number, got {pace}")
         caps = {name: int(node_config[key]) for key, name in (
             ("max-steps", "max_steps"), ("max-batch-size", "max_batch_size"), ("max-seq-len", "max_seq_len"))
             if node_config.get(key)}
@@ -157,6 +164,7 @@ def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volu
             device=str(node_config.get("device", "auto")),
             max_minutes=max_minutes,
             threads=threads,
+            max_steps_per_second=pace,
             **caps,
         )
     except KeyError as exc:
