@@ -110,10 +110,23 @@ class Contribution:
     examples: int  # examples of its admitted updates
     last_seen: str  # when its latest update arrived
     rejected_by_reason: dict[str, int]  # reason code -> count, sorted by code
+    first_seen: str = ""  # when its first update arrived
+    mean_staleness: float | None = None  # async: mean staleness of its admitted updates
 
     @property
     def short(self) -> str:
         return fingerprint_display(self.fingerprint)
+
+    @property
+    def updates_per_hour(self) -> float | None:
+        """Throughput: admitted updates per hour between its first and its latest update (None
+        until they are a minute apart)."""
+        try:
+            span = (datetime.fromisoformat(self.last_seen.replace("Z", "+00:00"))
+                    - datetime.fromisoformat(self.first_seen.replace("Z", "+00:00"))).total_seconds()
+        except ValueError:
+            return None
+        return self.admitted * 3600.0 / span if span >= 60 else None
 
 
 def volunteer_row(row: Mapping[Any, Any]) -> VolunteerRow:
