@@ -32,7 +32,7 @@ from loracommons.coordinator.buffer import Buffer
 from loracommons.coordinator.events import Finished, RoundOpened, TaskSent, UpdateHandled, Waiting
 from loracommons.coordinator.initial import decode_adapter
 from loracommons.coordinator.round import UpdateRecord
-from loracommons.coordinator.rounds import POLL_FLOOR, POLL_SECONDS, Coordinator
+from loracommons.coordinator.rounds import LATE_ROUNDS, POLL_FLOOR, POLL_SECONDS, Coordinator
 from loracommons.coordinator.rows import TaskRow
 from loracommons.coordinator.store import new_nonce
 from loracommons.protocol.envelope import Envelope
@@ -76,6 +76,7 @@ class AsyncCoordinator(Coordinator):
 
     RESUME_NOTE = "the open version continues with the updates it had admitted"
     _flights: dict[str, InFlight] = field(default_factory=dict)  # message id -> task
+    _expired: dict[str, InFlight] = field(default_factory=dict)  # still asked for, to refuse with a reason
     _bases: OrderedDict[str, Mapping[str, np.ndarray]] = field(default_factory=OrderedDict)
 
     def run(self, grid) -> None:  # noqa: ANN001 (flwr Grid)
@@ -95,26 +96,37 @@ class AsyncCoordinator(Coordinator):
             waiting = not nodes
             if self._dispatch(grid, v, nodes):
                 pace.restart()
-            for reply in grid.pull_messages(set(self._flights)):
+            replies = grid.pull_messages(set(self._flights) | set(self._expired))
+            if replies:
                 pace.restart()
-                flight = self._flights.pop(reply.metadata.reply_to_message_id, None)
-                if flight is None:
-                    continue
-                if buffer is None:  # the last version closed: nothing left to admit into
-                    self.store.expire_tasks([flight.task.nonce])
-                    continue
-                self._receive(v, buffer, flight, reply)
-                if buffer.admitted >= self.cfg.round.buffer_size:
-                    self._close(v, buffer)
-                    v += 1
-                    buffer = self._open(v, len(nodes)) if total == 0 or v <= total else None
+            v, buffer = self._take(replies, v, buffer, len(nodes))
             self._expire(v)
             if buffer is not None:
                 self.stop.wait(pace.interval())
         self.store.expire_tasks([f.task.nonce for f in self._flights.values()])
+        self._flights.clear()
         if self._publish_due(final=True):
             self.publish()
         self.on_event(Finished(v - 1))
+
+    def _take(self, replies: list, v: int, buffer: Buffer | None,
+              connected: int) -> tuple[int, Buffer | None]:
+        """Offer each reply to the open version; close it and open the next every buffer_size."""
+        total = self.cfg.round.rounds
+        for reply in replies:
+            mid = reply.metadata.reply_to_message_id
+            flight = self._flights.pop(mid, None) or self._expired.pop(mid, None)
+            if flight is None:
+                continue
+            if buffer is None:  # the last version closed: nothing left to admit into
+                self.store.expire_tasks([flight.task.nonce])
+                continue
+            self._receive(v, buffer, flight, reply)
+            if buffer.admitted >= self.cfg.round.buffer_size:
+                self._close(v, buffer)
+                v += 1
+                buffer = self._open(v, connected) if total == 0 or v <= total else None
+        return v, buffer
 
     # -- versions ---------------------------------------------------------------
 
@@ -201,12 +213,18 @@ class AsyncCoordinator(Coordinator):
         gone = [mid for mid, f in self._flights.items()
                 if now - f.sent > rnd.timeout_s or v - f.task.version > rnd.max_staleness]
         if not gone:
+            self._expired = {mid: f for mid, f in self._expired.items()
+                             if v - f.task.version <= rnd.max_staleness + LATE_ROUNDS}
             return
-        flights = [self._flights.pop(mid) for mid in gone]
-        self.store.expire_tasks([f.task.nonce for f in flights])
-        for flight in flights:
+        flights = {mid: self._flights.pop(mid) for mid in gone}
+        self.store.expire_tasks([f.task.nonce for f in flights.values()])
+        for flight in flights.values():
             self._notes[flight.node] = {"round": flight.task.serial, "outcome": "missed",
                                         "reason": "no reply before the task expired"}
+        # a reply that still comes is refused with its reason (stale, late) for a few versions more
+        self._expired.update(flights)
+        self._expired = {mid: f for mid, f in self._expired.items()
+                         if v - f.task.version <= rnd.max_staleness + LATE_ROUNDS}
 
     # -- replies ----------------------------------------------------------------
 

@@ -117,12 +117,12 @@ class Buffer(Round):
         if task.nonce in self._used or (task.status == "used" and not again):
             raise Refused(Reason.REPLAYED, f"task {task.serial} already had an update admitted "
                                            f"({(task.update_digest or '')[:16]})")
-        if task.status == "expired":
-            raise Refused(Reason.LATE, f"task {task.serial} expired unanswered before this reply")
         limit = self.cfg.round.max_staleness
         if tau > limit:
             raise Refused(Reason.STALE, f"trained from version {task.base_version}, {tau} versions "
                                         f"behind the latest (max_staleness {limit})")
+        if task.status == "expired":
+            raise Refused(Reason.LATE, f"task {task.serial} expired unanswered before this reply")
 
     def _prepared(self, verdict: Verdict) -> Verdict:
         """A stale update as G + s(tau) (X - X_base): its own delta, weighted by its staleness."""

@@ -396,7 +396,7 @@ class Store:
             serial = (conn.execute(select(func.max(tasks.c.serial))).scalar() or 0) + 1
             conn.execute(tasks.insert().values(
                 nonce=nonce, serial=serial, version=version, base_version=version - 1,
-                base_adapter_digest=base_adapter_digest, node_id=int(node_id), sent=utc_now(),
+                base_adapter_digest=base_adapter_digest, node_id=str(int(node_id)), sent=utc_now(),
                 status="sent", update_digest=None))
             conn.execute(rounds.update().where(rounds.c.round == version)
                          .values(sampled=rounds.c.sampled + 1))
@@ -474,7 +474,7 @@ def _must(row: _Row | None) -> _Row:
 
 def _task(conn: Connection, nonce: str) -> TaskRow | None:
     row = conn.execute(select(tasks).where(tasks.c.nonce == nonce)).mappings().first()
-    return TaskRow(**row) if row is not None else None
+    return TaskRow(**{**row, "node_id": int(row["node_id"])}) if row is not None else None
 
 
 def new_nonce() -> str:

@@ -157,7 +157,7 @@ def test_a_node_that_leaves_and_one_that_joins_late(tmp_path, rng):
     # the silent node's task expired after timeout_s and it was given another
     assert [node for node, _ in grid.pushed].count(2) >= 2
     with sqlite3.connect(tmp_path / "state.db") as db:
-        expired = "SELECT count(*) FROM tasks WHERE node_id = 2 AND status = 'expired'"
+        expired = "SELECT count(*) FROM tasks WHERE node_id = '2' AND status = 'expired'"
         assert db.execute(expired).fetchone()[0] >= 1
     coord.store.close()
 
@@ -202,3 +202,16 @@ def test_packed_envelopes_round_trip():
 def test_reasons_are_documented():
     for reason in (Reason.STALE, Reason.REPLAYED, Reason.FUTURE_BASE):
         assert reason.doc.startswith("async")
+
+
+def test_a_reply_after_its_task_expired_is_refused_with_its_reason(tmp_path, rng):
+    cfg, _ = project(tmp_path, rng, rounds=8, max_staleness=1)
+    coord = coordinator(tmp_path, cfg)
+    grid = Grid(cfg, {1: Node(1), 2: Node(1), 3: Node(4)})
+    coord.run(grid)
+    slow = grid.nodes[3].key.public.fingerprint
+    store = coord.store
+    refused = [(u.reason, u.staleness) for r in store.rounds() for u in store.round_updates(r.round)
+               if u.fingerprint == slow]
+    assert refused and all(reason == Reason.STALE and tau > 1 for reason, tau in refused), refused
+    coord.store.close()

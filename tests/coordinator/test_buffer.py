@@ -50,7 +50,7 @@ class World:
                               base_adapter_digest=self.digests[self.version - 1])
 
     def task(self):
-        return self.store.record_task(new_nonce(), self.version, 7, self.digests[self.version - 1])
+        return self.store.record_task(new_nonce(), self.version, 2**64 - 7, self.digests[self.version - 1])
 
     def update(self, task, key=None, step=0.05, **claims):
         base = self.adapters[task.base_version]
