@@ -32,7 +32,7 @@ from loracommons.coordinator.buffer import Buffer
 from loracommons.coordinator.events import Finished, RoundOpened, TaskSent, UpdateHandled, Waiting
 from loracommons.coordinator.initial import decode_adapter
 from loracommons.coordinator.round import UpdateRecord
-from loracommons.coordinator.rounds import LATE_ROUNDS, POLL_FLOOR, POLL_SECONDS, Coordinator
+from loracommons.coordinator.rounds import POLL_FLOOR, POLL_SECONDS, Coordinator
 from loracommons.coordinator.rows import TaskRow
 from loracommons.coordinator.store import new_nonce
 from loracommons.protocol.envelope import Envelope
@@ -212,19 +212,17 @@ class AsyncCoordinator(Coordinator):
         now, rnd = time.monotonic(), self.cfg.round
         gone = [mid for mid, f in self._flights.items()
                 if now - f.sent > rnd.timeout_s or v - f.task.version > rnd.max_staleness]
+        self._expired = {mid: f for mid, f in self._expired.items() if now - f.sent <= 2 * rnd.timeout_s}
         if not gone:
-            self._expired = {mid: f for mid, f in self._expired.items()
-                             if v - f.task.version <= rnd.max_staleness + LATE_ROUNDS}
             return
         flights = {mid: self._flights.pop(mid) for mid in gone}
         self.store.expire_tasks([f.task.nonce for f in flights.values()])
         for flight in flights.values():
             self._notes[flight.node] = {"round": flight.task.serial, "outcome": "missed",
                                         "reason": "no reply before the task expired"}
-        # a reply that still comes is refused with its reason (stale, late) for a few versions more
+        # a reply that still comes (until 2 x timeout_s after the task was sent) is refused with its
+        # reason, stale or late, rather than ignored
         self._expired.update(flights)
-        self._expired = {mid: f for mid, f in self._expired.items()
-                         if v - f.task.version <= rnd.max_staleness + LATE_ROUNDS}
 
     # -- replies ----------------------------------------------------------------
 
