@@ -232,19 +232,19 @@ class AsyncCoordinator(Coordinator):
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 self.store.expire_tasks([flight.task.nonce])
-                self._record(v, UpdateRecord.failed(Reason.VOLUNTEER_ERROR, reason[:500]), None, None)
+                self._record_update(v, UpdateRecord.failed(Reason.VOLUNTEER_ERROR, reason[:500]), None, None)
                 self._notes[flight.node] = {"round": flight.task.serial, "outcome": "failed",
                                             "reason": reason[:200]}
                 return
             try:
                 envelope = Envelope(*read_envelope(reply.content, buffer.max_payload_bytes))
             except ProtocolError as exc:
-                self._record(v, UpdateRecord.failed(exc.reason, str(exc)), None, None)
+                self._record_update(v, UpdateRecord.failed(exc.reason, str(exc)), None, None)
                 return
             record = buffer.offer(envelope)
             task = buffer.last_task if record.accepted else None
             blob = self.store.blobs.put(pack_envelope(envelope)) if task is not None else None
-            self._record(v, record, blob, task)
+            self._record_update(v, record, blob, task)
             self._notes[flight.node] = record.note(flight.task.serial)
         except Exception as exc:  # a bug must not end the loop for everyone else
             log.exception("handling a reply of version %d failed", v)
@@ -254,7 +254,7 @@ class AsyncCoordinator(Coordinator):
             except Exception:
                 log.exception("could not record the failure")
 
-    def _record(self, v: int, record: UpdateRecord, blob: str | None, task: TaskRow | None) -> None:
+    def _record_update(self, v: int, record: UpdateRecord, blob: str | None, task: TaskRow | None) -> None:
         self.store.record_update(v, record.signer, record.outcome, **record.store_fields(),
                                  envelope_digest=blob, task_nonce=task.nonce if task else None)
         self.on_event(UpdateHandled(v, record.accepted, str(record.reason), (record.signer or "")[:16],
