@@ -145,7 +145,7 @@ class AsyncCoordinator(Coordinator):
             self.cfg, v, current.tensors, current.digest, row.nonce,
             tasks=self.store.task, bases=self._base_tensors, last_serial=self.store.last_task_serial,
             allowlist=self.store.registered_fingerprints() if membership == "allowlist" else frozenset(),
-            banned=self.store.banned_fingerprints(), spill_dir=self.spill_dir / f"v{v}",
+            banned=self.store.banned_fingerprints(), spill_dir=self.spill_dir,
         )
         self._refill(v, buffer)
         return buffer
