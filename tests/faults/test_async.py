@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import re
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from loracommons.coordinator.store import Store
-from tests.e2e.procs import free_port, release_chain, wait_for
+from tests.e2e.procs import free_port, read_json, release_chain, wait_for
 from tests.security.community import Community, make_project, torn_blobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -64,7 +65,7 @@ def versions(project: Path) -> list[tuple[int, str, int]]:
 def test_async_community_refusals_late_join_and_leave(tmp_path, tiny_base, honest):
     from tests.security.community import fingerprint
 
-    total = 8
+    total = 16  # room for the late joiner's first task (it loads the model first) before the end
     project = make_project(tmp_path, tiny_base, round={
         "schedule": "async", "buffer_size": 2, "min_volunteers": 2, "max_staleness": 1, "rounds": total,
         "timeout_s": 60.0, "publish_every": 1})
@@ -82,9 +83,13 @@ def test_async_community_refusals_late_join_and_leave(tmp_path, tiny_base, hones
         procs = [coordinator, *honest_nodes]
         wait_for(lambda: published(community, "coordinator.log") >= 2, 400, "version 2", procs=procs)
         late_key = honest.key("late")
-        community.node(None, address, honest.extra_data("late", 9), late_key, "late")
+        late = community.node(None, address, honest.extra_data("late", 9), late_key, "late")
         wait_for(lambda: published(community, "coordinator.log") >= 4, 400, "version 4", procs=procs)
         community.stop(honest_nodes[1])  # leaves, possibly mid-task: nothing waits for it
+        sent = partial(read_json, tmp_path / "late.json")
+        wait_for(lambda: (sent() or {}).get("rounds_sent", 0) >= 1, 400, "the late joiner's first update",
+                 procs=[coordinator, late])
+        assert published(community, "coordinator.log") < total, "the run ended before the late joiner sent"
         wait_for(lambda: any(name == "finished" for name, _ in events(community, "coordinator.log")), 500,
                  "the last version", procs=[coordinator])
     finally:
