@@ -100,12 +100,14 @@ def train(
     on_step: OnStep | None = None,
     payload_dtype: str = "float32",
     threads: int | None = None,
+    max_steps_per_second: float | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on `data` and return the update.
 
     `model` is what `apply_adapter` returned (its requires_grad flags pick what
     trains); `tokenizer` is unused beyond API symmetry (padding comes with
-    `data`). `threads` sets torch's CPU threads for this call only.
+    `data`). `threads` sets torch's CPU threads for this call only. `max_steps_per_second` is
+    the volunteer's pace cap: after each step it sleeps until step / cap seconds have passed.
     """
     del tokenizer
     if len(data) == 0:
@@ -117,7 +119,8 @@ def train(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with _threads(threads), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(settings.seed)  # LoRA dropout draws from the global generator
-        steps, losses, tokens, seconds, stopped_by = _loop(model, params, data, settings, on_step, device)
+        steps, losses, tokens, seconds, stopped_by = _loop(model, params, data, settings, on_step, device,
+                                                           max_steps_per_second)
         eval_loss = tokenized_loss(model, heldout, settings.batch_size) if heldout is not None else None
     window = losses[-LOSS_WINDOW:]
     return TrainResult(
@@ -141,6 +144,7 @@ def _loop(
     settings: TrainSettings,
     on_step: OnStep | None,
     device: torch.device,
+    max_steps_per_second: float | None = None,
 ) -> tuple[int, list[float], int, float, str]:
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -180,6 +184,8 @@ def _loop(
             scheduler.step()
             step += 1
             losses.append(step_loss)
+            if max_steps_per_second:  # the volunteer's pace cap: no faster than this on average
+                time.sleep(max(0.0, start + step / max_steps_per_second - time.monotonic()))
             elapsed = time.monotonic() - start
             if on_step is not None:
                 on_step(step, settings.max_steps, step_loss, tokens / elapsed if elapsed > 0 else 0.0)

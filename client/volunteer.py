@@ -59,6 +59,9 @@ class NodeSettings:
     max_rank: int | None = None
     """This volunteer's cap on the LoRA rank it trains (`join --max-rank`; nested ranks, ffa only).
     None: the project's rank, or less where free GPU memory is short (`round_rank`)."""
+    max_steps_per_second: float | None = None
+    """This volunteer's pace cap (`join --max-steps-per-second`): training sleeps to stay under it, to
+    share the machine with other work (None: as fast as it can)."""
 
     def cap(self, train: TrainSettings) -> TrainSettings:
         """`train` within this volunteer's caps (each field the smaller of the task's and the cap)."""
@@ -125,7 +128,8 @@ class Volunteer:
 
         self.on_status("training", {"round": task.round, "step": 0, "max_steps": settings.max_steps})
         result = train(model, tokenizer, data, settings, task.mode, heldout=heldout, on_step=on_step,
-                       payload_dtype=task.payload_dtype, threads=self.settings.threads)
+                       payload_dtype=task.payload_dtype, threads=self.settings.threads,
+                       max_steps_per_second=self.settings.max_steps_per_second)
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
@@ -201,6 +205,9 @@ def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volu
     try:
         max_minutes = float(node_config["max-minutes"]) if node_config.get("max-minutes") else None
         threads = int(node_config["threads"]) if node_config.get("threads") else None
+        pace = float(node_config["max-steps-per-second"]) if node_config.get("max-steps-per-second") else None
+        if pace is not None and not 0 < pace < float("inf"):
+            raise ValueError(f"max-steps-per-second must be a positive number, got {pace}")
         caps = {name: int(node_config[key]) for key, name in (
             ("max-steps", "max_steps"), ("max-batch-size", "max_batch_size"), ("max-seq-len", "max_seq_len"),
             ("max-rank", "max_rank"))
@@ -213,6 +220,7 @@ def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volu
             device=str(node_config.get("device", "auto")),
             max_minutes=max_minutes,
             threads=threads,
+            max_steps_per_second=pace,
             **caps,
         )
     except KeyError as exc:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import wait
 from dataclasses import dataclass, replace
 
@@ -102,6 +102,9 @@ class AdmissionContext:
                           self.expected.spec.dtypes)
         return replace(self, expected=replace(self.expected, spec=spec), global_tensors=cut,
                        rank=self.project_rank)
+    resolve: Callable[[UpdateManifest], AdmissionContext] | None = None
+    """Async: the context of the task the manifest names (its claims, its base tensors for the
+    norm), asked once the signer is allowed; raises `Refused` (stale, replayed, future base)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,10 @@ class _Reject(Exception):
         self.reason = reason
 
 
+class Refused(_Reject):
+    """What an `AdmissionContext.resolve` raises: the update names no task it may be admitted for."""
+
+
 def _digest(env: Envelope) -> str:
     try:
         return env.digest
@@ -218,6 +225,8 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
         manifest, key = open_envelope(env, max_payload_bytes=ctx.expected.max_payload_bytes)
         signer = key.fingerprint
         _check_signer(signer, ctx)
+        if ctx.resolve is not None:
+            ctx = ctx.resolve(manifest)
         check_claims(manifest, ctx.expected)
         if manifest.payload_dtype != ctx.payload_dtype:
             raise _Reject(

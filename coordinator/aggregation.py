@@ -366,8 +366,11 @@ class RoundAggregator:
         *,
         spill_dir: str | Path | None = None,
         rng: np.random.Generator | None = None,
+        one_per_signer: bool = True,
     ) -> None:
         self.cfg = config
+        self.one_per_signer = one_per_signer  # async: one per task instead (a fast signer sends several)
+        self._offered = 0
         self.global_tensors = dict(global_tensors)
         self.aggregator = make_aggregator(config.aggregation.mode, self.global_tensors, config.sketch_rank)
         self.rules = rules.configured(config)
@@ -396,9 +399,10 @@ class RoundAggregator:
         if not verdict.accepted or verdict.tensors is None or verdict.manifest is None:
             raise ValueError(f"only accepted verdicts can be aggregated (got {verdict.reason!r})")
         signer, digest = verdict.signer or "", verdict.update_digest
-        if signer in self._signers:
+        if self.one_per_signer and signer in self._signers:
             raise ValueError(f"signer {signer[:16]} already offered an update this round")
         self._signers.add(signer)
+        self._offered += 1
         weight, norm = self.weight(verdict.manifest.examples), self._comparable_norm(verdict)
         if self._held is not None:
             self._held.add(digest, verdict.tensors)
@@ -449,7 +453,7 @@ class RoundAggregator:
             raise RuntimeError("round already finished")
         self._finished = True
         self._wait_fold()
-        metrics: dict[str, float] = {"admitted": float(len(self._signers))}
+        metrics: dict[str, float] = {"admitted": float(self._offered)}
         tally = Tally((), ())
         if self._held is not None:
             try:
@@ -460,7 +464,7 @@ class RoundAggregator:
         need = self.cfg.round.min_volunteers
         if len(self._scales) < need:
             message = (
-                f"{len(self._scales)} of {len(self._signers)} admitted updates usable, {need} required"
+                f"{len(self._scales)} of {self._offered} admitted updates usable, {need} required"
                 f"{tally.why_none}: keeping the previous version"
             )
             log.info("round not aggregated: %s", message)

@@ -84,11 +84,14 @@ class ContributionOut(BaseModel):
     examples: int
     last_seen: str
     rejected_by_reason: dict[str, int]
+    mean_staleness: float | None = None  # async: versions behind, on average, of its admitted updates
+    updates_per_hour: float | None = None  # throughput: admitted updates per hour since its first
 
     @classmethod
     def from_row(cls, c: Contribution) -> ContributionOut:
         return cls(fingerprint=c.short, display_name=c.display_name, admitted=c.admitted, rejected=c.rejected,
-                   examples=c.examples, last_seen=c.last_seen, rejected_by_reason=c.rejected_by_reason)
+                   examples=c.examples, last_seen=c.last_seen, rejected_by_reason=c.rejected_by_reason,
+                   mean_staleness=c.mean_staleness, updates_per_hour=c.updates_per_hour)
 
 
 class ReplyOut(BaseModel):
@@ -97,6 +100,7 @@ class ReplyOut(BaseModel):
     reason: str
     examples: int
     received: str
+    staleness: int | None = None  # async: versions closed since the update's base
 
 
 class OpenRoundOut(BaseModel):
@@ -118,7 +122,8 @@ class OpenRoundOut(BaseModel):
         if row is None:
             return None
         replies = [ReplyOut(fingerprint=fingerprint_display(u.fingerprint) if u.fingerprint else None,
-                            outcome=u.outcome, reason=u.reason, examples=u.examples, received=u.received)
+                            outcome=u.outcome, reason=u.reason, examples=u.examples, received=u.received,
+                            staleness=u.staleness)
                    for u in store.round_updates(row.round)]
         admitted = sum(r.outcome == "admitted" for r in replies)
         senders = {r.fingerprint for r in replies if r.fingerprint}

@@ -47,6 +47,8 @@ CONFIG_FILE = "project.toml"
 RELEASE_KEY = Path("keys") / "release_key"
 MEMBERSHIPS = ("open", "allowlist")
 CLIP_RULES = ("none", "median")
+SCHEDULES = ("sync", "async")
+STALENESS_WEIGHTS = ("inverse_sqrt", "inverse", "constant")
 ROBUST_RULES = ("none", "trimmed_mean", "krum")
 _ID_RE = PROJECT_ID_RE
 
@@ -91,11 +93,17 @@ class ProjectSection:
 
 @dataclass(frozen=True)
 class RoundSection:
-    volunteers_per_round: int = _key(3, "volunteers sampled and sent the task each round", "volunteers", ge=1)
+    volunteers_per_round: int = _key(
+        3, "volunteers sampled and sent the task each round (sync; async sends every free volunteer one)",
+        "volunteers", ge=1,
+    )
     min_volunteers: int = _key(
         2, "admitted updates needed to aggregate; fewer keeps the previous version", "updates", ge=1
     )
-    timeout_s: float = _key(600.0, "how long a round waits for replies", "seconds", gt=0)
+    timeout_s: float = _key(
+        600.0, "how long a round waits for replies (async: how long one task may stay unanswered before "
+        "its node gets another)", "seconds", gt=0
+    )
     rounds: int = _key(
         0,
         "total rounds to run; 0 = run until stopped. More rounds of fewer steps (train.max_steps) cost "
@@ -110,6 +118,28 @@ class RoundSection:
         "rounds cheaper",
         "rounds",
         ge=1,
+    )
+    schedule: str = _key(
+        "sync",
+        "sync: sampled rounds that wait for their replies; async: every volunteer kept busy, updates "
+        "folded into a buffer, a new version (a round) every buffer_size admitted updates (FedBuff)",
+        choices=SCHEDULES,
+    )
+    buffer_size: int = _key(
+        3, "async: admitted updates folded into each new version (FedBuff's K)", "updates", ge=1
+    )
+    max_staleness: int = _key(
+        4,
+        "async: refuse an update trained from a version more than this many versions older than the "
+        "latest (staleness = versions closed since its base)",
+        "versions",
+        ge=0,
+    )
+    staleness_weight: str = _key(
+        "inverse_sqrt",
+        "async: factor on a stale update's delta, tau = staleness: inverse_sqrt 1/sqrt(1+tau), "
+        "inverse 1/(1+tau), constant 1",
+        choices=STALENESS_WEIGHTS,
     )
 
 
@@ -372,6 +402,8 @@ def _check_combinations(cfg: ProjectConfig) -> None:
             f"must be 0 or at least lora r = {cfg.lora.r}",
         )
     rules.validate(cfg)
+    if rnd.schedule == "async":
+        _check_async(cfg)
     net = cfg.network
     ports = {
         "fleet_port": net.fleet_port,
@@ -382,6 +414,35 @@ def _check_combinations(cfg: ProjectConfig) -> None:
         if port in seen:
             raise config_error("network", key, port, f"already used by {seen[port]}")
         seen[port] = key
+
+
+def staleness_factor(cfg: ProjectConfig, tau: int) -> float:
+    """The factor on a stale update's delta (`[round] staleness_weight`); 1 for a fresh one."""
+    kind = cfg.round.staleness_weight
+    if kind == "constant":
+        return 1.0
+    return 1.0 / math.sqrt(1.0 + tau) if kind == "inverse_sqrt" else 1.0 / (1.0 + tau)
+
+
+def _check_async(cfg: ProjectConfig) -> None:
+    """Async refuses what it cannot do as documented (DESIGN: buffered asynchronous aggregation)."""
+    rnd = cfg.round
+    if cfg.aggregation.mode == "exact":
+        raise config_error(
+            "aggregation", "mode", "exact", "not with [round] schedule = 'async': a stale update's "
+            "product delta B_i A_i - B_base A_base has rank 2r, so the rank-r fold is no longer exact; "
+            "use ffa (exact there) or fedavg",
+        )
+    if cfg.privacy.dp:
+        raise config_error(
+            "privacy", "dp", True, "not with [round] schedule = 'async': the accountant counts sampled "
+            "synchronous rounds, which a buffer of whoever answers first is not",
+        )
+    if rnd.min_volunteers > rnd.buffer_size:
+        raise config_error(
+            "round", "min_volunteers", rnd.min_volunteers,
+            f"exceeds buffer_size = {rnd.buffer_size}: no version could ever be aggregated",
+        )
 
 
 def _toml_value(value: Any) -> str:

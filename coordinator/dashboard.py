@@ -120,8 +120,9 @@ def _round_row(r: RoundOut) -> str:
 def _contribution_row(c: ContributionOut) -> str:
     return (f'<tr data-fingerprint="{e(c.fingerprint)}"><td><code>{e(c.fingerprint)}</code></td>'
             f"<td>{e(c.display_name or '')}</td><td>{c.admitted}</td><td>{c.examples}</td>"
-            f"<td>{c.rejected}</td><td>{_reason_codes(c.rejected_by_reason)}</td><td>{e(c.last_seen)}</td></tr>")
+            f"<td>{c.rejected}</td><td>{_reason_codes(c.rejected_by_reason)}</td><td>{e(c.last_seen)}</td>"
+            f"<td>{_cell(c.mean_staleness, 2)}</td><td>{_cell(c.updates_per_hour, 1)}</td></tr>")
 
 
-def _cell(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _cell(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

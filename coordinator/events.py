@@ -66,6 +66,17 @@ class UpdateHandled(Event):
     accepted: bool
     reason: str
     signer: str = ""  # fingerprint prefix, once the signature verified
+    staleness: int | None = None  # async: versions closed since the update's base
+
+
+@dataclass(frozen=True)
+class TaskSent(Event):
+    """Async: one task pushed to a free node (its serial is the task's round field)."""
+
+    name = "task_sent"
+    task: int
+    version: int  # the version open (it trains from version - 1)
+    node: int
 
 
 @dataclass(frozen=True)

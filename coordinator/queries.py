@@ -96,7 +96,8 @@ def contributions(conn: Connection, limit: int) -> list[Contribution]:
     examples = func.coalesce(func.sum(u.examples).filter(u.outcome == "admitted"), 0)
     rows = conn.execute(
         select(u.fingerprint, v.display_name, admitted, func.count().filter(u.outcome == "rejected"),
-               examples, func.max(u.received))
+               examples, func.max(u.received), func.min(u.received),
+               func.avg(u.staleness).filter(u.outcome == "admitted"))
         .join(volunteers, v.fingerprint == u.fingerprint).where(~v.banned)
         .group_by(u.fingerprint, v.display_name)
         .order_by(admitted.desc(), examples.desc(), func.max(u.received).desc(), u.fingerprint)
@@ -108,8 +109,9 @@ def contributions(conn: Connection, limit: int) -> list[Contribution]:
             .group_by(u.fingerprint, u.reason).order_by(u.reason)):
         reasons.setdefault(fingerprint, {})[reason] = int(n)
     return [Contribution(fingerprint=fp, display_name=name, admitted=int(a), rejected=int(r),
-                         examples=int(ex), last_seen=seen, rejected_by_reason=reasons.get(fp, {}))
-            for fp, name, a, r, ex, seen in rows]
+                         examples=int(ex), last_seen=seen, rejected_by_reason=reasons.get(fp, {}),
+                         first_seen=first, mean_staleness=None if stale is None else float(stale))
+            for fp, name, a, r, ex, seen, first, stale in rows]
 
 
 def rejections_by_round(conn: Connection, first_round: int = 1) -> dict[int, dict[str, int]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loracommons.coordinator.admission import admit, context_for, expected_for
+from loracommons.coordinator.admission import Verdict, admit, context_for, expected_for
 from loracommons.coordinator.aggregation import Rejection, RoundAggregator
 from loracommons.coordinator.config import ProjectConfig
 from loracommons.protocol.envelope import Envelope
@@ -62,6 +62,7 @@ class UpdateRecord:
     nbytes: int = 0  # payload bytes as received
     delta_norm: float | None = None
     weight: float = 0.0  # weight in the round's mean (0 when refused)
+    staleness: int | None = None  # async: versions closed since the update's base (None under sync)
 
     @property
     def outcome(self) -> str:
@@ -84,6 +85,7 @@ class UpdateRecord:
             "train_loss": self.train_loss,
             "nbytes": self.nbytes,
             "public_key": self.public_key,
+            "staleness": self.staleness,
         }
 
     def note(self, round: int) -> dict:
@@ -140,6 +142,9 @@ class RoundResult:
 class Round:
     """One round: `offer` every envelope as it arrives, then `close` once."""
 
+    one_per_signer = True
+    """At most one admitted update per key (the async buffer allows one per task instead)."""
+
     def __init__(
         self,
         cfg: ProjectConfig,
@@ -163,7 +168,8 @@ class Round:
         )
         if spill_dir is not None:
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        self.aggregator = RoundAggregator(cfg, global_tensors, spill_dir=spill_dir, rng=rng)
+        self.aggregator = RoundAggregator(cfg, global_tensors, spill_dir=spill_dir, rng=rng,
+                                          one_per_signer=self.one_per_signer)
         self._claims: dict[str, tuple[float, float | None]] = {}  # digest -> (train, eval) of accepted
         self._closed = False
 
@@ -199,7 +205,7 @@ class Round:
         if verdict.accepted:
             assert verdict.signer is not None and manifest is not None  # an accepted verdict has both
             self._admitted.add(verdict.signer)
-            self.aggregator.offer(verdict)
+            self.aggregator.offer(self._prepared(verdict))
             weight = self.aggregator.weight(manifest.examples)
             self._claims[verdict.update_digest] = (manifest.train_loss, manifest.eval_loss)
         payload = envelope.payload
@@ -218,6 +224,10 @@ class Round:
             delta_norm=verdict.delta_norm,
             weight=weight,
         )
+
+    def _prepared(self, verdict: Verdict) -> Verdict:
+        """The accepted verdict as the aggregator folds it (the async buffer rebases stale ones)."""
+        return verdict
 
     def close(self) -> RoundResult:
         """Apply the round's rules and aggregate; the held updates are released."""

@@ -84,6 +84,7 @@ class Coordinator:
     global_adapter: GlobalAdapter | None = None
     _notes: dict[int, dict] = field(default_factory=dict)  # node id -> outcome of its last update
     _late: dict[str, tuple[int, int]] = field(default_factory=dict)  # message id -> (round, node)
+    RESUME_NOTE = "interrupted round will run again"
 
     @classmethod
     def open(cls, project_dir: str | Path, **kwargs) -> Coordinator:  # noqa: ANN003
@@ -116,7 +117,7 @@ class Coordinator:
         open_round = self.store.current_round()
         next_round = open_round.round if open_round else self.store.last_closed_round() + 1
         if open_round:
-            self.on_event(Resumed(next_round))
+            self.on_event(Resumed(next_round, self.RESUME_NOTE))
         return next_round
 
     # -- the loop --------------------------------------------------------------

@@ -70,6 +70,23 @@ class UpdateRow:
     train_loss: float | None
     nbytes: int
     received: str
+    staleness: int | None = None  # async: versions closed since its base
+    envelope_digest: str | None = None  # async: its envelope's blob while its version is open
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """An async task: what a reply naming `nonce` (and `serial` as its round) trained from."""
+
+    nonce: str
+    serial: int
+    version: int
+    base_version: int
+    base_adapter_digest: str
+    node_id: int
+    sent: str
+    status: str  # sent, used, expired
+    update_digest: str | None
 
 
 @dataclass(frozen=True)
@@ -93,10 +110,23 @@ class Contribution:
     examples: int  # examples of its admitted updates
     last_seen: str  # when its latest update arrived
     rejected_by_reason: dict[str, int]  # reason code -> count, sorted by code
+    first_seen: str = ""  # when its first update arrived
+    mean_staleness: float | None = None  # async: mean staleness of its admitted updates
 
     @property
     def short(self) -> str:
         return fingerprint_display(self.fingerprint)
+
+    @property
+    def updates_per_hour(self) -> float | None:
+        """Throughput: admitted updates per hour between its first and its latest update (None
+        until they are a minute apart)."""
+        try:
+            span = (datetime.fromisoformat(self.last_seen.replace("Z", "+00:00"))
+                    - datetime.fromisoformat(self.first_seen.replace("Z", "+00:00"))).total_seconds()
+        except ValueError:
+            return None
+        return self.admitted * 3600.0 / span if span >= 60 else None
 
 
 def volunteer_row(row: Mapping[Any, Any]) -> VolunteerRow:
@@ -142,7 +172,8 @@ class UpdateCounts:
 
 _RECENT_ROUND_KEYS = ("round", "status", "started", "closed", "sampled", "admitted", "rejected",
                       "train_loss", "eval_loss", "note")
-_RECENT_UPDATE_KEYS = ("round", "fingerprint", "outcome", "reason", "message", "examples", "update_digest")
+_RECENT_UPDATE_KEYS = ("round", "fingerprint", "outcome", "reason", "message", "examples", "update_digest",
+                       "staleness")
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,27 @@ updates = Table(
     Column("train_loss", Float, nullable=True),
     Column("bytes", Integer, nullable=False, default=0),
     Column("received", String(32), nullable=False),
+    # async schedule: versions closed since the update's base (None under sync), and the blob of its
+    # envelope while its version is open (resume folds it again from there)
+    Column("staleness", Integer, nullable=True),
+    Column("envelope_digest", String(64), nullable=True),
 )
+
+tasks = Table(  # async schedule: every task sent, so that any reply can be tied to its base
+    "tasks", metadata,
+    Column("nonce", String(128), primary_key=True),
+    Column("serial", Integer, nullable=False, unique=True),  # the task's `round` field: unique, increasing
+    Column("version", Integer, nullable=False),  # the version open when it was sent
+    Column("base_version", Integer, nullable=False),  # the version it trains from (version - 1)
+    Column("base_adapter_digest", String(64), nullable=False),
+    Column("node_id", String(24), nullable=False),  # Flower's node ids are unsigned 64-bit
+    Column("sent", String(32), nullable=False),
+    Column("status", String(16), nullable=False),  # sent, used (an update admitted), expired
+    Column("update_digest", String(64), nullable=True),
+)
+
+#: Columns added after a table was first released: `open_engine` adds them to an older state.db.
+ADDED_COLUMNS = {"updates": ("staleness INTEGER", "envelope_digest VARCHAR(64)")}
 
 releases = Table(
     "releases", metadata,
@@ -92,7 +112,18 @@ def open_engine(path: str) -> Engine:
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
     metadata.create_all(engine)
+    _migrate(engine)
     return engine
+
+
+def _migrate(engine: Engine) -> None:
+    """Add the columns of ADDED_COLUMNS that a state.db made by an older release lacks."""
+    with engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in have:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def _on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -29,10 +29,18 @@ def _event(event: Event) -> None:
         callback(event)
 
 
+def coordinator_for(project_dir: str) -> type[Coordinator]:
+    """The loop of the project's `[round] schedule`: sync rounds, or the async buffer."""
+    from loracommons.coordinator.async_rounds import AsyncCoordinator
+    from loracommons.coordinator.config import load_config
+
+    return AsyncCoordinator if load_config(project_dir).round.schedule == "async" else Coordinator
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     project_dir = str(context.run_config["project-dir"])
-    coordinator = Coordinator.open(project_dir, stop=stop_event, on_event=_event)
+    coordinator = coordinator_for(project_dir).open(project_dir, stop=stop_event, on_event=_event)
     try:
         coordinator.run(grid)
     finally:

@@ -35,6 +35,7 @@ from loracommons.coordinator.rows import (
     ReleaseRow,
     RoundRow,
     StoreStatus,
+    TaskRow,
     UpdateRow,
     VolunteerRow,
     release_row,
@@ -43,7 +44,15 @@ from loracommons.coordinator.rows import (
     utc_now,
     volunteer_row,
 )
-from loracommons.coordinator.schema import IMMEDIATE, open_engine, releases, rounds, updates, volunteers
+from loracommons.coordinator.schema import (
+    IMMEDIATE,
+    open_engine,
+    releases,
+    rounds,
+    tasks,
+    updates,
+    volunteers,
+)
 from loracommons.protocol.identity import KEY_TYPES, PublicKey
 
 __all__ = ["BlobCorrupt", "BlobStore", "Store", "StoreError", "new_nonce"]
@@ -206,8 +215,13 @@ class Store:
     def record_update(self, round: int, fingerprint: str | None, outcome: str, *, reason: str = "",
                       message: str = "", update_digest: str | None = None, examples: int = 0,
                       train_loss: float | None = None, nbytes: int = 0,
-                      public_key: str | None = None, received: str | None = None) -> int:
-        """Record one reply and its admission outcome; returns the update id."""
+                      public_key: str | None = None, received: str | None = None,
+                      staleness: int | None = None, envelope_digest: str | None = None,
+                      task_nonce: str | None = None) -> int:
+        """Record one reply and its admission outcome; returns the update id.
+
+        Async: `task_nonce` of an admitted update marks its task used in the same transaction, so
+        that a crash can neither admit it twice nor forget that it was admitted."""
         if outcome not in OUTCOMES:
             raise StoreError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         if outcome == "rejected" and not reason:
@@ -229,7 +243,14 @@ class Store:
             result = conn.execute(updates.insert().values(
                 round=round, fingerprint=fingerprint, update_digest=update_digest, outcome=outcome,
                 reason=reason, message=message[:MESSAGE_CHARS], examples=int(examples),
-                train_loss=_finite(train_loss), bytes=int(nbytes), received=received or utc_now()))
+                train_loss=_finite(train_loss), bytes=int(nbytes), received=received or utc_now(),
+                staleness=staleness, envelope_digest=envelope_digest))
+            if task_nonce is not None and outcome == "admitted":
+                unused = (tasks.c.nonce == task_nonce, tasks.c.status != "used")
+                used = conn.execute(tasks.update().where(*unused)
+                                    .values(status="used", update_digest=update_digest)).rowcount
+                if not used:
+                    raise StoreError(f"task {task_nonce[:16]} is unknown or already used")
             return int(_must(result.inserted_primary_key)[0])
 
     def reject_admitted(self, round: int, update_digest: str, reason: str, message: str = "") -> None:
@@ -364,6 +385,39 @@ class Store:
             return None
         return last
 
+    # -- async tasks ------------------------------------------------------
+
+    def record_task(self, nonce: str, version: int, node_id: int, base_adapter_digest: str) -> TaskRow:
+        """Record a task before it is sent: the next serial, on the version before `version` (open)."""
+        with self._write() as conn:
+            row = q.round_by_number(conn, version)
+            if row is None or row.status != "open":
+                raise StoreError(f"version {version} is not open; no task can be sent for it")
+            serial = (conn.execute(select(func.max(tasks.c.serial))).scalar() or 0) + 1
+            conn.execute(tasks.insert().values(
+                nonce=nonce, serial=serial, version=version, base_version=version - 1,
+                base_adapter_digest=base_adapter_digest, node_id=str(int(node_id)), sent=utc_now(),
+                status="sent", update_digest=None))
+            conn.execute(rounds.update().where(rounds.c.round == version)
+                         .values(sampled=rounds.c.sampled + 1))
+            return _must(_task(conn, nonce))
+
+    def task(self, nonce: str) -> TaskRow | None:
+        with self._read() as conn:
+            return _task(conn, nonce)
+
+    def last_task_serial(self) -> int:
+        with self._read() as conn:
+            return conn.execute(select(func.max(tasks.c.serial))).scalar() or 0
+
+    def expire_tasks(self, nonces: list[str] | None = None) -> int:
+        """Mark unanswered tasks expired (those named, or every one still sent); returns how many."""
+        with self._write() as conn:
+            where = [tasks.c.status == "sent"]
+            if nonces is not None:
+                where.append(tasks.c.nonce.in_(nonces))
+            return int(conn.execute(tasks.update().where(*where).values(status="expired")).rowcount)
+
     # -- releases ---------------------------------------------------------
 
     def add_release(self, version: int, round: int, manifest_digest: str, *, created: str, path: str,
@@ -416,6 +470,11 @@ def _must(row: _Row | None) -> _Row:
     if row is None:  # pragma: no cover - only if SQLite lost a write inside one transaction
         raise StoreError("a row written in this transaction is missing")
     return row
+
+
+def _task(conn: Connection, nonce: str) -> TaskRow | None:
+    row = conn.execute(select(tasks).where(tasks.c.nonce == nonce)).mappings().first()
+    return TaskRow(**{**row, "node_id": int(row["node_id"])}) if row is not None else None
 
 
 def new_nonce() -> str:

@@ -129,13 +129,18 @@ def demo(
     out: Path = typer.Option(Path("loracommons-demo"), "--out", help="Output folder (new or empty)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the coordinator, volunteers "
                                       "and dashboard running after the report, until Ctrl-C."),
+    schedule: str = typer.Option("sync", "--schedule", help="sync rounds, or async: every volunteer kept "
+                                 "busy, a new version every `volunteers` updates (then --rounds counts "
+                                 "versions)."),
 ) -> None:
     """A whole community on this machine: coordinator + volunteers on an embedded tiny model."""
     from loracommons.demo.community import DemoError, run_demo
 
     try:
+        if schedule not in ("sync", "async"):
+            raise fail(f"--schedule must be sync or async, got {schedule!r}")
         settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps,
-                                publish_every=publish_every)
+                                publish_every=publish_every, schedule=schedule)
         run_demo(out, settings, console, keep_running)
     except DemoError as exc:
         raise fail(str(exc)) from None

@@ -164,6 +164,9 @@ def join(
                                            "of the coordinator."),
     name: str = typer.Option(None, "--name", help="Display name (kept on this machine for now)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for training."),
+    max_steps_per_second: float = typer.Option(None, "--max-steps-per-second",
+                                               help="Your pace cap: training sleeps to stay at or under "
+                                               "this many optimizer steps per second (share the machine)."),
     status_file: Path = typer.Option(None, "--status-file", help="Also write status as JSON here."),
     node_auth: bool = typer.Option(False, "--node-auth/--no-node-auth",
                                    help="Authenticate the SuperNode with your key: allowlist projects "
@@ -181,6 +184,8 @@ def join(
         raise fail(f"--project {project!r} is not a project id (1-64 of a-z 0-9 . _ -)")
     if max_minutes is not None and not 0 < max_minutes < float("inf"):
         raise fail(f"--max-minutes-per-round must be a positive number, got {max_minutes}")
+    if max_steps_per_second is not None and not 0 < max_steps_per_second < float("inf"):
+        raise fail(f"--max-steps-per-second must be a positive number, got {max_steps_per_second}")
     if root_certificates is not None and not root_certificates.exists():
         raise fail(f"{root_certificates} does not exist")
     try:
@@ -216,6 +221,8 @@ def join(
         node_config["threads"] = str(threads)
     if max_rank is not None:
         node_config["max-rank"] = str(max_rank)
+    if max_steps_per_second is not None:
+        node_config["max-steps-per-second"] = str(max_steps_per_second)
     home = Path(os.environ.get("FLWR_HOME") or node_home)  # run_node takes a folder of its own below it
     use_auth = node_auth
     opts = NodeOptions(superlink=coordinator, node_config=node_config, insecure=insecure,

@@ -135,6 +135,9 @@ class Reason(str, Enum):
     WEIGHT_CAPPED = "weight_capped"
     # the round loop
     LATE = "late"
+    STALE = "stale"
+    REPLAYED = "replayed"
+    FUTURE_BASE = "future_base"
     VOLUNTEER_ERROR = "volunteer_error"
     INTERNAL_ERROR = "internal_error"
 
@@ -181,6 +184,9 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.CLIPPED: "admitted, its delta scaled down to the round's clip bound",
     Reason.WEIGHT_CAPPED: "admitted, its claimed examples counted only up to the project's cap",
     Reason.LATE: "arrived after its round closed",
+    Reason.STALE: "async: trained from a version more than max_staleness versions old",
+    Reason.REPLAYED: "async: names a task whose update was already admitted (a replay)",
+    Reason.FUTURE_BASE: "async: names a task or version the coordinator has not issued yet",
     Reason.VOLUNTEER_ERROR: "the volunteer's node reported an error instead of an update",
     Reason.INTERNAL_ERROR: "the coordinator failed handling it (a bug): logged with its traceback",
 }

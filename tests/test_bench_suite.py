@@ -190,6 +190,7 @@ def test_run_all_lists_every_bench():
         "aggregate_bench.py",
         "overhead_bench.py",
         "time_to_quality.py",
+        "async_bench.py",
         "trainer_bench.py",
         "protocol_bench.py",
     ):
@@ -308,6 +309,24 @@ def _overhead(r: dict, limits: str) -> bool:
     return ok and f"<= {o['target']['ratio_at_most']}" in limits
 
 
+def _async_runs(r: dict, scenario: str) -> tuple[list[dict], list[dict]]:
+    runs = r["async"]["runs"]
+    return runs[f"{scenario}-sync"]["releases"], runs[f"{scenario}-async"]["releases"]
+
+
+def _async_slow(r: dict) -> bool:
+    sync, asyn = _async_runs(r, "slow")
+    final, seconds = sync[-1]["mean_heldout_loss"], sync[-1]["seconds"]
+    return any(x["seconds"] <= 0.5 * seconds and x["mean_heldout_loss"] <= final + 1e-9 for x in asyn)
+
+
+def _async_equal(r: dict) -> bool:
+    sync, asyn = _async_runs(r, "equal")
+    final, seconds = sync[-1]["mean_heldout_loss"], sync[-1]["seconds"]
+    before = [x for x in asyn if x["seconds"] <= seconds]
+    return bool(before) and before[-1]["mean_heldout_loss"] <= final + 1e-9
+
+
 RULES = [
     (r"quality, (\d+) volunteers, `(\w+)` held-out loss <= ([\d.]+) x centralized at equal sequential steps",
      _equal_sequential),
@@ -322,6 +341,8 @@ RULES = [
     (r"coordinator `(\w+)`: admission\+aggregation >= 0.5 x sha256 throughput", _throughput),
     (r"coordinator `(\w+)`: peak memory N=\d+ within 1.2x of N=\d+", _memory),
     (r"round overhead, (.*LoRA Commons / plain Flower <= [\d.]+)$", _overhead),
+    (r"async, one volunteer 5x slower: reaches the sync run's final held-out loss in <= 0.5 x", _async_slow),
+    (r"async, equal speeds: held-out loss no worse than sync at the sync run's final time", _async_equal),
 ]
 
 
@@ -334,6 +355,7 @@ def _expected_rows(r: dict) -> int:
         count += sum("up_wire_ratio_to_fp32_ab" in m.get("ffa-bf16", {}) for m in measured)
         count += len(c["models"]) + len(c.get("quality_at_equal_bytes", {}))
     count += 2 * len(a["variants"]) if a else 0
+    count += len(r["async"]["verdicts"]) if r.get("async") else 0
     return count + (1 if o else 0)
 
 

@@ -63,6 +63,12 @@ class DemoSettings:
     """Held-out examples per skill."""
     seed: int = 0
     round_timeout_s: float = 240.0
+    schedule: str = "sync"
+    """sync rounds, or async: every volunteer kept busy, a version every `volunteers` updates."""
+    max_staleness: int = 4
+    paces: tuple[float | None, ...] = ()
+    """Each volunteer's `join --max-steps-per-second` (None or missing: no cap); the async bench's
+    slow volunteer."""
 
 
 class DemoError(RuntimeError):
@@ -120,9 +126,16 @@ class Community:
                    "learning_rate": s.learning_rate, "warmup_steps": 5, "max_minutes": 5.0},
             round={"rounds": s.rounds, "volunteers_per_round": s.volunteers,
                    "min_volunteers": s.volunteers, "timeout_s": s.round_timeout_s,
-                   "publish_every": s.publish_every},
+                   "publish_every": s.publish_every, **self.schedule_keys()},
         )
         return project
+
+    def schedule_keys(self) -> dict:
+        """The `[round]` keys of the schedule: async folds a version every `volunteers` updates."""
+        s = self.settings
+        if s.schedule != "async":
+            return {}
+        return {"schedule": "async", "buffer_size": s.volunteers, "max_staleness": s.max_staleness}
 
     # -- processes -------------------------------------------------------------------
 
@@ -141,10 +154,12 @@ class Community:
              "--http-host", "127.0.0.1", "--http-port", str(self.http_port), "--insecure", "--plain",
              "--serve-after"], "coordinator.log")
         for i, volunteer in enumerate(plan["volunteers"]):
+            pace = self.settings.paces[i] if i < len(self.settings.paces) else None
             self.spawn(
                 [*LC, "join", f"127.0.0.1:{self.port}", "--data", volunteer["data"],
                  "--identity", str(self.out / "identities" / f"volunteer-{i}"), "--insecure",
-                 "--threads", "1", "--status-file", str(self.out / "logs" / f"volunteer-{i}.json")],
+                 "--threads", "1", "--status-file", str(self.out / "logs" / f"volunteer-{i}.json"),
+                 *(["--max-steps-per-second", str(pace)] if pace else [])],
                 f"volunteer-{i}.log", env={"FLWR_HOME": str(self.out / "flower" / f"volunteer-{i}")})
         return coordinator
 
@@ -257,7 +272,7 @@ def _read_json(path: Path) -> dict | None:
 
 def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: bool = False) -> dict:
     """The whole demo; returns the report (also written to OUT/report.json)."""
-    from loracommons.demo.report import evaluate_all, print_table, write_plot
+    from loracommons.demo.report import contributions, evaluate_all, print_table, write_plot
     from loracommons.protocol import PublicKey
 
     out = out.resolve()
@@ -266,7 +281,8 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: 
     out.mkdir(parents=True, exist_ok=True)
     community = Community(out, settings, console)
     started = time.monotonic()
-    console.print(f"[bold]LoRA Commons demo[/]: {settings.volunteers} volunteers, {settings.rounds} rounds "
+    unit = "rounds" if settings.schedule == "sync" else f"async versions of {settings.volunteers} updates"
+    console.print(f"[bold]LoRA Commons demo[/]: {settings.volunteers} volunteers, {settings.rounds} {unit} "
                   f"of {settings.steps_per_round} steps, a release every {settings.publish_every} rounds "
                   f"and after the last, embedded tiny model, output in {out}", highlight=False)
     plan = community.write_data()
@@ -287,6 +303,8 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: 
         if not keep_running:
             community.stop_all()
         report = evaluate_all(out, plan, settings, project, console)
+        report["schedule"] = settings.schedule
+        report["contributions"] = contributions(out, plan, project)
         report.update(federated_seconds=round(federated_s, 1), download=downloaded,
                       dashboard=community.http, coordinator_fingerprint=fingerprint,
                       total_seconds=round(time.monotonic() - started, 1))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 SEQ_LEN = 64
@@ -179,6 +180,50 @@ def summarize(plan: dict, models: dict[str, dict], eval_seconds: float = 0.0) ->
             "eval_seconds": round(eval_seconds, 1)}
 
 
+def contributions(out: Path, plan: dict, project: Path) -> list[dict]:
+    """What each volunteer contributed, from the coordinator's store: updates admitted and refused
+    (by reason), examples, mean staleness (async) and throughput."""
+    from loracommons.coordinator.store import Store
+    from loracommons.protocol import PublicKey
+
+    names = {PublicKey.load(out / "identities" / f"volunteer-{i}.pub").fingerprint: v["name"]
+             for i, v in enumerate(plan["volunteers"])}
+    store = Store(project)
+    try:
+        rows = {c.fingerprint: c for c in store.contributions()}
+    finally:
+        store.close()
+    found = []
+    for fingerprint, name in names.items():
+        c = rows.get(fingerprint)
+        found.append({"volunteer": name, "admitted": c.admitted if c else 0,
+                      "rejected": c.rejected if c else 0,
+                      "rejected_by_reason": c.rejected_by_reason if c else {},
+                      "examples": c.examples if c else 0,
+                      "mean_staleness": None if c is None or c.mean_staleness is None
+                      else round(c.mean_staleness, 3),
+                      "updates_per_hour": None if c is None or c.updates_per_hour is None
+                      else round(c.updates_per_hour, 1)})
+    return found
+
+
+def print_contributions(report: dict, console: Console) -> None:
+    rows = report.get("contributions")
+    if not rows:
+        return
+    table = Table(title=f"what each volunteer contributed ({report.get('schedule', 'sync')} schedule)",
+                  header_style="bold")
+    for col in ("volunteer", "updates admitted", "refused", "examples", "mean staleness", "updates/h"):
+        table.add_column(col, justify="left" if col == "volunteer" else "right")
+    for row in rows:
+        reasons = ", ".join(f"{k} {n}" for k, n in row["rejected_by_reason"].items())
+        refused = f"{row['rejected']}" + (f" ({reasons})" if reasons else "")
+        table.add_row(row["volunteer"], str(row["admitted"]), escape(refused), str(row["examples"]),
+                      "-" if row["mean_staleness"] is None else f"{row['mean_staleness']:.2f}",
+                      "-" if row["updates_per_hour"] is None else f"{row['updates_per_hour']:.0f}")
+    console.print(table)
+
+
 def print_table(report: dict, console: Console) -> None:
     table = Table(title="did joining help the volunteer who holds each skill? held-out exact match",
                   header_style="bold")
@@ -192,6 +237,7 @@ def print_table(report: dict, console: Console) -> None:
                       marks[row["joining_helped"]], pooled)
     console.print(table)
     _print_all(report, console)
+    print_contributions(report, console)
     for check, ok in report["checks"].items():
         mark = "[green]yes[/]" if ok else "[red]NO[/]"
         console.print(f"  {check.replace('_', ' ')}: {mark}")

@@ -122,8 +122,12 @@ def test_node_config_carries_the_caps(tmp_path):
               "max-batch-size": "3", "max-seq-len": "32"}
     settings = load_volunteer(config).settings
     assert (settings.max_steps, settings.max_batch_size, settings.max_seq_len) == (7, 3, 32)
+    assert settings.max_steps_per_second is None
     with pytest.raises(VolunteerError, match="bad value"):
         load_volunteer({**config, "max-steps": "0"})
+    assert load_volunteer({**config, "max-steps-per-second": "0.5"}).settings.max_steps_per_second == 0.5
+    with pytest.raises(VolunteerError, match="bad value"):
+        load_volunteer({**config, "max-steps-per-second": "-1"})
 
 
 def test_a_round_trains_within_the_caps_and_says_so(model_dir, global_adapter, make_volunteer, spy):  # noqa: F811

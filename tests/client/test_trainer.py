@@ -240,3 +240,10 @@ def test_heldout_loss_is_the_token_mean(node):
             total += float(model(**batch).loss) * n
             count += n
     assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_pace_cap_holds_training_to_its_steps_per_second(node):
+    """Issue 13: `join --max-steps-per-second` slows a volunteer (the async bench's slow one)."""
+    settings = TrainSettings(max_steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1, seq_len=32)
+    _, _, result = _round(node, SETTINGS, "ffa", settings, max_steps_per_second=2.0)
+    assert result.steps == 4 and result.seconds >= 4 / 2.0 - 0.01

@@ -221,9 +221,12 @@ def test_open_round_progress_contributions_and_reasons_per_round(served):
     rounds = client.get("/api/rounds").json()
     assert rounds[2]["rejected_by_reason"] == {"bad_signature": 2} and rounds[1]["rejected_by_reason"] == {}
     board = {c["fingerprint"]: c for c in client.get("/api/contributions").json()}
+    rate = board["0202-0202-0202-0202"].pop("updates_per_hour")  # 3 updates from today to 2099
+    assert 0 < rate < 3 / (70 * 365 * 24)
     assert board["0202-0202-0202-0202"] == {
         "fingerprint": "0202-0202-0202-0202", "display_name": None, "admitted": 3, "rejected": 1,
-        "examples": 60, "last_seen": "2099-01-01T00:00:10Z", "rejected_by_reason": {"late": 1}}
+        "examples": 60, "last_seen": "2099-01-01T00:00:10Z", "rejected_by_reason": {"late": 1},
+        "mean_staleness": None}
     assert board["0101-0101-0101-0101"]["admitted"] == 4  # the open round's admitted update counts
     page = client.get("/").text
     assert "<b>3</b> sampled, <b>2</b> replied (1 admitted, 1 rejected), <b>1</b> still training" in page
@@ -231,6 +234,23 @@ def test_open_round_progress_contributions_and_reasons_per_round(served):
     store.close_round(4, "skipped")
     assert client.get("/api/rounds/open").json() is None
     assert "No round is open." in client.get("/").text
+
+
+def test_async_staleness_and_throughput_per_volunteer(tmp_path: Path):
+    """Issue 13: the API and the dashboard show each update's staleness and each volunteer's throughput."""
+    store = Store(tmp_path)
+    store.open_round(1, "n1", base_version=0)
+    for minute, staleness in ((0, 0), (10, 2), (20, 1)):
+        store.record_update(1, volunteer_fp(1), "admitted", examples=10, staleness=staleness,
+                            received=f"2030-01-01T00:{minute:02d}:00Z")
+    with TestClient(create_app(tmp_path, store, info=PROJECT)) as client:
+        row = client.get("/api/contributions").json()[0]
+        replies = client.get("/api/rounds/open").json()["replies"]
+        page = client.get("/").text
+    store.close()
+    assert row["mean_staleness"] == 1.0 and row["updates_per_hour"] == pytest.approx(9.0)
+    assert [r["staleness"] for r in replies] == [0, 2, 1]
+    assert "<td>1.00</td><td>9.0</td>" in page and ">updates/h</th>" in page
 
 
 def test_dashboard_before_any_federated_evaluation_shows_train_loss(tmp_path: Path):

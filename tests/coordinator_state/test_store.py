@@ -221,7 +221,7 @@ def test_status_dict(store: Store):
         (1, "admitted", ""), (1, "rejected", "wrong_nonce"), (1, "rejected", "malformed"),
         (2, "rejected", "wrong_nonce")]
     assert set(status["recent_updates"][0]) == {"round", "fingerprint", "outcome", "reason", "message",
-                                                "examples", "update_digest"}
+                                                "examples", "update_digest", "staleness"}
 
 
 def test_blobs_roundtrip_and_detect_corruption(tmp_path: Path):

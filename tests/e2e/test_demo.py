@@ -95,3 +95,28 @@ def test_demo_refuses_a_non_empty_out(tmp_path):
     result = cli("demo", "--out", str(tmp_path), check=False)
     assert result.returncode != 0 and "not empty" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_demo_async_schedule_reports_each_volunteers_contribution(tmp_path):
+    """Issue 13: `loracommons demo --schedule async` works, its report says what each volunteer gave."""
+    from loracommons.coordinator.store import Store
+
+    out = tmp_path / "demo"
+    result = cli("demo", "--volunteers", "2", "--rounds", "3", "--steps-per-round", "4",
+                 "--publish-every", "1", "--schedule", "async", "--out", str(out))
+    assert "what each volunteer contributed (async schedule)" in " ".join(result.stdout.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["schedule"] == "async"
+    rows = {row["volunteer"]: row for row in report["contributions"]}
+    assert set(rows) == {"volunteer-0", "volunteer-1"}
+    assert all(row["admitted"] >= 1 and row["examples"] > 0 for row in rows.values()), rows
+    store = Store(out / "project")
+    try:
+        versions = store.rounds()
+        admitted = [u for r in versions for u in store.round_updates(r.round) if u.outcome == "admitted"]
+    finally:
+        store.close()
+    assert [r.status for r in versions] == ["aggregated"] * 3 and all(r.admitted == 2 for r in versions)
+    assert sum(row["admitted"] for row in rows.values()) == len(admitted) == 6
+    assert all(u.staleness is not None for u in admitted)
+    assert (out / "adapter" / "release.json").exists()

@@ -144,6 +144,8 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
         return resign(SigningKey.load(os.environ["LC_HOSTILE_KEY"]), envelope)
     if mode == "wrong_project":
         return resign(self.key, envelope, project_id=task.project_id + "-elsewhere")
+    if mode == "future_base":  # async: names a task (and so a base) the coordinator has not issued
+        return resign(self.key, envelope, round=task.round + 1000)
     if mode == "stale_nonce":
         return resign(self.key, envelope, nonce=previous_nonce or secrets.token_hex(16))
     if mode == "inflated":
@@ -172,7 +174,7 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
 
 MODES = ("honest", "forged_signature", "unregistered_key", "twin", "replay", "wrong_project", "stale_nonce",
          "nonfinite", "bad_tensor", "oversize", "pickle", "scaled", "inflated", "free_rider", "sybil", "slow",
-         "late_overflow")
+         "late_overflow", "future_base")
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,212 @@
+"""Sync vs async (FedBuff) on real processes, with one volunteer 5x slower: held-out loss vs wall-clock.
+
+Each run is the demo's community for real (`loracommons.demo.community`): `loracommons coordinator
+start` and three `loracommons join` on 127.0.0.1, a release every round (sync) or version (async).
+Every volunteer is paced with the documented `join --max-steps-per-second` (fast: --pace; the slow
+one: --pace / 5), so that the speeds are what the bench says whatever else loads the machine, as
+long as a volunteer can train faster than --pace. Scenarios:
+
+    slow    volunteers at pace, pace, pace/5   sync ROUNDS rounds; async 2 x ROUNDS versions
+    equal   volunteers at pace, pace, pace     sync ROUNDS rounds; async ROUNDS + ROUNDS/2 versions
+
+Each release is scored afterwards on the demo's held-out sets (`time_to_quality.evaluate_releases`).
+Clock: seconds since the coordinator opened its first round (start-up, the same for both, is left
+out). Targets (issue 13): slow: async reaches the sync run's final held-out loss in <= 0.5x the sync
+run's wall-clock; equal: at the sync run's final time, async's latest release is no worse.
+
+    python bench/async_bench.py                      # ~8 min on 2 loaded cores
+    python bench/async_bench.py --rounds 2 --steps 2 --out /tmp/async.json    # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import benchlib
+from rich.console import Console
+from time_to_quality import evaluate_releases
+
+from loracommons.demo.community import Community, DemoError, DemoSettings, _finished
+
+DEFAULT_OUT = benchlib.RESULTS / "async.json"
+SLOWDOWN = 5.0
+
+
+def run_one(settings: DemoSettings, work: Path, label: str, log) -> dict:  # noqa: ANN001
+    """One community run: when the first round opened and when each release appeared."""
+    community = Community(work, settings, Console(quiet=True))
+    plan = community.write_data()
+    project = community.init_project()
+    seen: dict[int, float] = {}
+    opened: float | None = None
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    try:
+        community.start(project, plan)
+        while True:
+            if any(p.poll() is not None for p in community.procs):
+                raise DemoError(f"{label}: a process exited early; see {work / 'logs'}")
+            rounds = community.api("/api/rounds") or []
+            now = time.monotonic()
+            if opened is None and rounds:
+                opened = now
+            for release in community.api("/api/releases") or []:
+                seen.setdefault(int(release["version"]), now)
+            if _finished(rounds, community.api("/api/releases") or [], settings.rounds):
+                break
+            time.sleep(0.1)
+    finally:
+        community.stop_all()
+    t0 = opened if opened is not None else started
+    log(f"{label}: {len(seen)} releases in {time.monotonic() - t0:.0f} s after the first round opened "
+        f"(load {os.getloadavg()[0]:.1f})")
+    return {"run": label, "schedule": settings.schedule, "rounds": settings.rounds, "paces": settings.paces,
+            "startup_s": round(t0 - started, 1),
+            "release_seen_s": {v: round(t - t0, 2) for v, t in seen.items()}, "plan": plan,
+            "project": str(project), "out": str(work), "loadavg_before": list(load_before),
+            "loadavg_after": list(os.getloadavg()), "contributions": _contributions(project, plan, work)}
+
+
+def _contributions(project: Path, plan: dict, out: Path) -> list[dict]:
+    from loracommons.demo.report import contributions
+
+    return contributions(out, plan, project)
+
+
+def first_time_at_or_below(releases: list[dict], loss: float) -> float | None:
+    return next((r["seconds"] for r in releases if r["seconds"] is not None
+                 and r["mean_heldout_loss"] <= loss + 1e-9), None)
+
+
+def latest_at(releases: list[dict], seconds: float) -> dict | None:
+    before = [r for r in releases if r["seconds"] is not None and r["seconds"] <= seconds]
+    return before[-1] if before else None
+
+
+def verdicts(runs: dict[str, dict]) -> dict:
+    """The issue's two targets, from the scored runs."""
+    out: dict = {}
+    if "slow-sync" in runs and "slow-async" in runs:
+        sync, asyn = runs["slow-sync"]["releases"], runs["slow-async"]["releases"]
+        final, t_sync = sync[-1]["mean_heldout_loss"], sync[-1]["seconds"]
+        t_async = first_time_at_or_below(asyn, final)
+        ratio = None if t_async is None or not t_sync else round(t_async / t_sync, 3)
+        out["slow"] = {"sync_final_loss": final, "sync_seconds": t_sync,
+                       "async_seconds_to_that_loss": t_async, "ratio": ratio, "target": "<= 0.5",
+                       "met": ratio is not None and ratio <= 0.5}
+    if "equal-sync" in runs and "equal-async" in runs:
+        sync, asyn = runs["equal-sync"]["releases"], runs["equal-async"]["releases"]
+        final, t_sync = sync[-1]["mean_heldout_loss"], sync[-1]["seconds"]
+        at = latest_at(asyn, t_sync)
+        loss = at["mean_heldout_loss"] if at else None
+        out["equal"] = {"sync_final_loss": final, "sync_seconds": t_sync, "async_loss_at_that_time": loss,
+                        "target": "async <= sync", "met": loss is not None and loss <= final + 1e-9}
+    return out
+
+
+def run(args: argparse.Namespace, work: Path, log) -> dict:  # noqa: ANN001
+    started = time.monotonic()
+    base = DemoSettings(volunteers=3, steps_per_round=args.steps, publish_every=1, n_train=args.train,
+                        n_heldout=args.heldout, round_timeout_s=600.0, max_staleness=args.max_staleness)
+    fast, slow = args.pace, args.pace / SLOWDOWN
+    plans = {
+        "slow-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, slow)),
+        "slow-async": replace(base, schedule="async", rounds=2 * args.rounds, paces=(fast, fast, slow)),
+        "equal-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, fast)),
+        "equal-async": replace(base, schedule="async", rounds=args.rounds + max(1, args.rounds // 2),
+                               paces=(fast, fast, fast)),
+    }
+    runs: dict[str, dict] = {}
+    for label in args.runs.split(","):
+        got = run_one(plans[label], work / label, label, log)
+        got["releases"] = evaluate_releases(got, 0)
+        log(f"{label}: final held-out loss {got['releases'][-1]['mean_heldout_loss']:.3f}")
+        for key in ("plan", "project", "out"):
+            got.pop(key)
+        runs[label] = got
+    return {
+        "bench": "async",
+        "date": benchlib.now(),
+        "machine": benchlib.machine_info(),
+        "driver": "real processes on 127.0.0.1: `loracommons coordinator start` + three `loracommons join "
+        "--max-steps-per-second` (loracommons.demo.community), a release every round or version; each "
+        "release scored afterwards on the demo's held-out sets (time_to_quality.evaluate_releases)",
+        "config": {**asdict(base), "pace_fast": fast, "pace_slow": slow, "sync_rounds": args.rounds,
+                   "runs": {k: {"schedule": v.schedule, "rounds": v.rounds, "paces": v.paces}
+                            for k, v in plans.items()}},
+        "runs": runs,
+        "verdicts": verdicts(runs),
+        "loadavg_end": list(os.getloadavg()),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, scenario in zip(axes, ("slow", "equal"), strict=True):
+        for i, schedule in enumerate(("sync", "async")):
+            got = report["runs"].get(f"{scenario}-{schedule}")
+            if got is None:
+                continue
+            rows = [r for r in got["releases"] if r["seconds"] is not None]
+            unit = "rounds" if schedule == "sync" else "versions"
+            ax.plot([r["seconds"] for r in rows], [r["mean_heldout_loss"] for r in rows], f"C{i}-",
+                    marker="o", markersize=3, label=f"{schedule} ({got['rounds']} {unit})")
+        verdict = report["verdicts"].get(scenario)
+        if verdict:
+            ax.axhline(verdict["sync_final_loss"], color="k", linestyle=":", alpha=0.5,
+                       label="sync final loss")
+        paces = report["config"]["runs"][f"{scenario}-sync"]["paces"]
+        ax.set_title(f"{scenario}: steps/s per volunteer {', '.join(f'{p:g}' for p in paces)}")
+        ax.set_xlabel("wall-clock seconds since the first round opened")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("mean held-out loss of each release")
+    fig.suptitle("LoRA Commons: sync rounds vs async buffer (FedBuff), demo community on real processes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6, help="sync rounds (async runs more versions)")
+    parser.add_argument("--steps", type=int, default=5, help="local steps per task")
+    parser.add_argument("--pace", type=float, default=1.0, help="fast volunteers' steps per second")
+    parser.add_argument("--max-staleness", type=int, default=4)
+    parser.add_argument("--train", type=int, default=DemoSettings.n_train, help="examples per skill")
+    parser.add_argument("--heldout", type=int, default=DemoSettings.n_heldout, help="held-out per skill")
+    parser.add_argument("--runs", default="slow-sync,slow-async,equal-sync,equal-async")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or not args.pace > 0:
+        parser.error("need --rounds >= 1, --steps >= 1 and --pace > 0")
+    with tempfile.TemporaryDirectory(prefix="lc-async-") as work:
+        report = run(args, Path(work), _stderr)
+    benchlib.write_json(args.out, report)
+    png = plot(report, args.plot or args.out.with_name("async.png"))
+    print(f"{args.out} {png} ({report['seconds']:.0f} s)")
+    for name, verdict in report["verdicts"].items():
+        print(f"{name}: {'MET' if verdict['met'] else 'MISSED'} {verdict}")
+    return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
