@@ -141,11 +141,17 @@ def test_versions_come_from_whoever_answers_and_a_slow_node_is_not_waited_for(tm
     store.close()
 
 
-def test_a_node_that_leaves_and_one_that_joins_late(tmp_path, rng):
+def test_a_node_that_leaves_and_one_that_joins_late(tmp_path, rng, monkeypatch):
+    from loracommons.coordinator import async_rounds
+
     cfg, _ = project(tmp_path, rng, rounds=3, timeout_s=0.3)
     coord = coordinator(tmp_path, cfg)
     nodes = {1: Node(1), 2: Node(1, answers=False), 3: Node(1, joins_at=3)}
     grid = Grid(cfg, nodes)
+    # the loop's clock advances 0.15 s per poll, whatever the machine's speed: the silent node's
+    # task expires after two polls (timeout_s 0.3), long before the 3 versions are done
+    monkeypatch.setattr(async_rounds, "time", SimpleNamespace(monotonic=lambda: grid.poll * 0.15,
+                                                              time=async_rounds.time.time))
     coord.run(grid)
     rows = coord.store.rounds()
     assert [r.status for r in rows] == ["aggregated"] * 3
