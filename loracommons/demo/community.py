@@ -244,7 +244,7 @@ def _read_json(path: Path) -> dict | None:
 
 def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: bool = False) -> dict:
     """The whole demo; returns the report (also written to OUT/report.json)."""
-    from loracommons.demo.report import evaluate_all, print_table, write_plot
+    from loracommons.demo.report import evaluate_all, print_table, start_references, write_plot
     from loracommons.protocol import PublicKey
 
     out = out.resolve()
@@ -262,7 +262,9 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: 
     project = community.init_project()
     fingerprint = PublicKey.load(project / "keys" / "release_key.pub").fingerprint
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    references = None
     try:
+        references = start_references(out, plan, settings, project, console)
         coordinator = community.start(project, plan)
         console.print(f"coordinator on 127.0.0.1:{community.port} (INSECURE, plain HTTP: a local demo "
                       f"only), dashboard {community.http}", highlight=False)
@@ -273,7 +275,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: 
                       highlight=False)
         if not keep_running:
             community.stop_all()
-        report = evaluate_all(out, plan, settings, project, console)
+        report = evaluate_all(out, plan, references, console)
         report.update(federated_seconds=round(federated_s, 1), download=downloaded,
                       dashboard=community.http, coordinator_fingerprint=fingerprint,
                       total_seconds=round(time.monotonic() - started, 1))
@@ -289,5 +291,7 @@ def run_demo(out: Path, settings: DemoSettings, console: Console, keep_running: 
                 time.sleep(1)
         return report
     finally:
+        if references is not None:
+            references.stop()
         community.stop_all()
         signal.signal(signal.SIGTERM, previous)
