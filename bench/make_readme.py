@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -200,7 +201,9 @@ def quality_section(q: dict) -> str:
         "total steps and examples as the federation. `pooled-same-time` = the pooled data with only "
         f"{cfg['steps']} steps per round (`ffa`): what one machine holding everyone's data trains in the "
         "wall-clock time of one volunteer's round, a reference. Local-only = each volunteer alone, same "
-        "schedule. Every round restarts AdamW with warmup and cosine decay, as the volunteer trainer does.\n",
+        "schedule. Optimizer: "
+        f"{cfg.get('schedule', 'every round restarts AdamW with warmup and cosine decay')}, as the "
+        "volunteer trainer does.\n",
         f"**Driver**: {q['driver']}. Exact match = greedy decoding compared to the expected output.\n",
     ]
     for n, res in q["results"].items():
@@ -237,24 +240,35 @@ def quality_section(q: dict) -> str:
             table(["adapter", "mean held-out loss", "mean exact match", *[f"EM {k}" for k in skills]], rows)
         )
         curves = s["curves"]
+        shown = _shown_rounds(cfg["rounds"], cfg.get("em_every") or cfg["rounds"])
         out.append("\nMean held-out loss per round:\n")
         out.append(
             table(
-                ["method", *[f"r{i}" for i in range(1, cfg["rounds"] + 1)]],
-                [[f"`{k}`", *[f"{v:.3f}" for v in c["heldout_loss"]]] for k, c in curves.items()],
+                ["method", *[f"r{i}" for i in shown]],
+                [[f"`{k}`", *[f"{c['heldout_loss'][i - 1]:.3f}" for i in shown]] for k, c in curves.items()],
             )
         )
         if any(v is not None for c in curves.values() for v in c["exact_match"][:-1]):
             out.append(f"\nMean exact match, every {cfg.get('em_every')} rounds and after the last:\n")
             out.append(
                 table(
-                    ["method", *[f"r{i}" for i in range(1, cfg["rounds"] + 1)]],
-                    [[f"`{k}`", *[pct(v) for v in c["exact_match"]]] for k, c in curves.items()],
+                    ["method", *[f"r{i}" for i in shown]],
+                    [[f"`{k}`", *[pct(c["exact_match"][i - 1]) for i in shown]] for k, c in curves.items()],
                 )
             )
         out.append("")
     out.append("![quality curves](results/quality_curves.png)\n")
     return "\n".join(out)
+
+
+def _shown_rounds(rounds: int, em_every: int, columns: int = 12) -> list[int]:
+    """At most about `columns` rounds of a long run for the per-round tables (multiples of the exact
+    match interval, so both tables show the same rounds), always the last."""
+    if rounds <= columns:
+        return list(range(1, rounds + 1))
+    step = math.ceil(rounds / columns)
+    step = math.ceil(step / em_every) * em_every if em_every < rounds else step
+    return sorted({*range(step, rounds + 1, step), rounds})
 
 
 def _shared(q: dict) -> str:

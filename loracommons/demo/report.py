@@ -94,15 +94,6 @@ def _pooled_data(out: Path, plan: dict) -> Path:
     return path
 
 
-def _background() -> None:
-    """A reference worker yields the CPU to the community: it trains in the federation's idle time
-    (between rounds, while volunteers wait on the network) and at full speed once the rounds are done."""
-    import os
-
-    if hasattr(os, "nice"):
-        os.nice(19)
-
-
 @dataclass
 class References:
     """The report's reference trainings, running in worker processes since `start_references`."""
@@ -126,8 +117,10 @@ class References:
 
 def start_references(out: Path, plan: dict, settings, project: Path, console: Console) -> References:  # noqa: ANN001
     """Start training each volunteer alone and one trainer on the pooled data, each as many steps as a
-    volunteer makes in the federation (rounds x steps), on as many workers as cores (max 4), at the
-    lowest CPU priority: they run beside the federation, in the time its processes leave idle."""
+    volunteer makes in the federation (rounds x steps), on as many workers as cores (max 4), beside the
+    federation: they use the CPU its processes leave idle while rounds wait on the network, so the demo
+    takes about its total CPU time over the cores, not the federation's time plus theirs. (At the
+    lowest priority, measured: on a machine busy with other work they barely ran at all.)"""
     import os
     from multiprocessing import get_context
 
@@ -137,10 +130,10 @@ def start_references(out: Path, plan: dict, settings, project: Path, console: Co
             for i, v in enumerate(plan["volunteers"])}
     jobs[POOLED] = {**common, "data": str(_pooled_data(out, plan)), "seed": settings.seed}
     workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
-    console.print(f"training the references beside the community at low priority ({steps} steps each, "
+    console.print(f"training the references beside the community ({steps} steps each, "
                   f"{workers} at a time): each volunteer alone on its own data, and one trainer on the "
                   "pooled data", highlight=False)
-    pool = get_context("spawn").Pool(workers, initializer=_background)
+    pool = get_context("spawn").Pool(workers)
     pending = pool.map_async(_reference, list(jobs.values()), chunksize=1)
     pool.close()
     return References(list(jobs), steps, pool, pending)
@@ -172,7 +165,7 @@ def evaluate_all(out: Path, plan: dict, references: References, console: Console
     report = summarize(plan, models, time.monotonic() - started)
     report["references"] = {"steps": references.steps,
                              "seconds": round(time.monotonic() - references.started, 1),
-                             "trained": "beside the federation, at the lowest CPU priority"}
+                             "trained": "beside the federation, sharing the cores"}
     return report
 
 
