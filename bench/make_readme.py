@@ -202,8 +202,7 @@ def quality_section(q: dict) -> str:
         f"{cfg['steps']} steps per round (`ffa`): what one machine holding everyone's data trains in the "
         "wall-clock time of one volunteer's round, a reference. Local-only = each volunteer alone, same "
         "schedule. Optimizer: "
-        f"{cfg.get('schedule', 'every round restarts AdamW with warmup and cosine decay')}, as the "
-        "volunteer trainer does.\n",
+        f"{cfg.get('schedule', 'every round restarts AdamW with warmup and cosine decay')}.\n",
         f"**Driver**: {q['driver']}. Exact match = greedy decoding compared to the expected output.\n",
     ]
     for n, res in q["results"].items():
@@ -259,6 +258,27 @@ def quality_section(q: dict) -> str:
         out.append("")
     out.append("![quality curves](results/quality_curves.png)\n")
     return "\n".join(out)
+
+
+def keep_optimizer_section(k: dict) -> str:
+    """`[train] keep_optimizer` on and off at equal rounds (a partial run, as its file says)."""
+    keep = {r["round"]: r for r in k["keep_optimizer"]}
+    fresh = {r["round"]: r for r in k["fresh_optimizer"]}
+    rounds = [r for r in sorted(keep) if r % 5 == 0 or r == max(keep)]
+    rows = [[f"r{r}", f"{keep[r]['mean_heldout_loss']:.3f}" + (
+        f" ({pct(keep[r]['mean_exact_match'])} EM)" if "mean_exact_match" in keep[r] else ""),
+        f"{fresh[r]['mean_heldout_loss']:.3f}" + (
+        f" ({pct(fresh[r]['mean_exact_match'])} EM)" if "mean_exact_match" in fresh[r] else "")
+        if r in fresh else "-"] for r in rounds]
+    means = next(v for key, v in k.items() if key.startswith("mean_loss_rounds"))
+    span = next(key for key in k if key.startswith("mean_loss_rounds")).removeprefix("mean_loss_rounds_")
+    return "\n".join([
+        "## Optimizer across rounds (`[train] keep_optimizer`, partial)\n",
+        f"{k['what']}\n",
+        table(["round", "kept (mean held-out loss)", "restarted every round"], rows),
+        f"\nMean held-out loss over rounds {span.replace('_', ' ')}: kept {means['keep']:.3f}, restarted "
+        f"{means['fresh']:.3f}.\n",
+    ])
 
 
 def _shown_rounds(rounds: int, em_every: int, columns: int = 12) -> list[int]:
@@ -650,6 +670,7 @@ def render(results_dir: Path) -> str:
     names = ("quality", "comm", "aggregate", "overhead", "trainer", "protocol")
     res = {n: load(results_dir, n) for n in names}
     ttq = load(results_dir, "time_to_quality")
+    kept = load(results_dir, "keep_optimizer_partial")
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -672,6 +693,7 @@ def render(results_dir: Path) -> str:
         (aggregate_section, a),
         (overhead_section, o),
         (time_to_quality_section, ttq),
+        (keep_optimizer_section, kept),
         (trainer_section, t),
         (protocol_section, p),
     ):
