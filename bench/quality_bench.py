@@ -23,7 +23,8 @@ coordinator side is the product's `coordinator.round.Round` (admission, the exam
 aggregation and the round's rules), the object `Coordinator.run_round` drives. Only
 Flower's transport and the state store are left out.
 
-    python bench/quality_bench.py --workers 2                   # 3 and 6 volunteers, demo's 120 x 10: 1 h+
+    python bench/quality_bench.py --workers 2                   # 3 and 6 volunteers, demo's 80 x 10: 1 h+
+    python bench/quality_bench.py --workers 2 --methods ffa,centralized-ffa,pooled-same-time,local-only
     python bench/quality_bench.py --workers 2 --rounds 10 --steps 30   # the earlier schedule, ~15 min
     python bench/quality_bench.py --tiny --out /tmp/quality.json
 """

@@ -210,8 +210,9 @@ _TRAIN_KEYS = {
     "seed": {"doc": "seed of local data order and dropout"},
     "keep_optimizer": {
         "doc": "a volunteer keeps its AdamW moments and learning-rate warmup from its last round when "
-        "it goes on from the next version (it took part in the round before); false restarts the "
-        "optimizer every round. Measured on the demo (bench/README.md, quality): see [train] in the docs",
+        "it took part in the round before (mode ffa; it holds them in memory, two numbers per trained "
+        "one); false restarts the optimizer and warmup every round. Demo, real runs: 80 x 10 rounds "
+        "with it reach the exact match that 120 x 10 reached without it",
     },
 }
 

@@ -206,7 +206,8 @@ def test_carry_goes_on_with_the_optimizer(node):
 
     def second(carry):  # noqa: ANN001, ANN202
         merged = {**start, **after_first}
-        return train(M.apply_adapter(base, SETTINGS, merged, "ffa"), tokenizer, data, FAST, "ffa", carry=carry)
+        model = M.apply_adapter(base, SETTINGS, merged, "ffa")
+        return train(model, tokenizer, data, FAST, "ffa", carry=carry)
 
     carried, fresh = second(first.carry), second(None)
     assert carried.carry.steps == 2 * FAST.max_steps and fresh.carry.steps == FAST.max_steps
