@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def quality_section(q: dict) -> str:
         "total steps and examples as the federation. `pooled-same-time` = the pooled data with only "
         f"{cfg['steps']} steps per round (`ffa`): what one machine holding everyone's data trains in the "
         "wall-clock time of one volunteer's round, a reference. Local-only = each volunteer alone, same "
-        "schedule. Every round restarts AdamW with warmup and cosine decay, as the volunteer trainer does.\n",
+        "schedule. Optimizer: "
+        f"{cfg.get('schedule', 'every round restarts AdamW with warmup and cosine decay')}.\n",
         f"**Driver**: {q['driver']}. Exact match = greedy decoding compared to the expected output.\n",
     ]
     for n, res in q["results"].items():
@@ -309,24 +311,85 @@ def quality_section(q: dict) -> str:
             table(["adapter", "mean held-out loss", "mean exact match", *[f"EM {k}" for k in skills]], rows)
         )
         curves = s["curves"]
+        shown = _shown_rounds(cfg["rounds"], cfg.get("em_every") or cfg["rounds"])
         out.append("\nMean held-out loss per round:\n")
         out.append(
             table(
-                ["method", *[f"r{i}" for i in range(1, cfg["rounds"] + 1)]],
-                [[f"`{k}`", *[f"{v:.3f}" for v in c["heldout_loss"]]] for k, c in curves.items()],
+                ["method", *[f"r{i}" for i in shown]],
+                [[f"`{k}`", *[f"{c['heldout_loss'][i - 1]:.3f}" for i in shown]] for k, c in curves.items()],
             )
         )
         if any(v is not None for c in curves.values() for v in c["exact_match"][:-1]):
             out.append(f"\nMean exact match, every {cfg.get('em_every')} rounds and after the last:\n")
             out.append(
                 table(
-                    ["method", *[f"r{i}" for i in range(1, cfg["rounds"] + 1)]],
-                    [[f"`{k}`", *[pct(v) for v in c["exact_match"]]] for k, c in curves.items()],
+                    ["method", *[f"r{i}" for i in shown]],
+                    [[f"`{k}`", *[pct(c["exact_match"][i - 1]) for i in shown]] for k, c in curves.items()],
                 )
             )
         out.append("")
     out.append("![quality curves](results/quality_curves.png)\n")
     return "\n".join(out)
+
+
+def keep_optimizer_section(k: dict) -> str:
+    """`[train] keep_optimizer` on and off at equal rounds (a partial run, as its file says)."""
+    keep = {r["round"]: r for r in k["keep_optimizer"]}
+    fresh = {r["round"]: r for r in k["fresh_optimizer"]}
+    rounds = [r for r in sorted(keep) if r % 5 == 0 or r == max(keep)]
+    rows = [[f"r{r}", f"{keep[r]['mean_heldout_loss']:.3f}" + (
+        f" ({pct(keep[r]['mean_exact_match'])} EM)" if "mean_exact_match" in keep[r] else ""),
+        f"{fresh[r]['mean_heldout_loss']:.3f}" + (
+        f" ({pct(fresh[r]['mean_exact_match'])} EM)" if "mean_exact_match" in fresh[r] else "")
+        if r in fresh else "-"] for r in rounds]
+    means = next(v for key, v in k.items() if key.startswith("mean_loss_rounds"))
+    span = next(key for key in k if key.startswith("mean_loss_rounds")).removeprefix("mean_loss_rounds_")
+    return "\n".join([
+        "## Optimizer across rounds (`[train] keep_optimizer`, partial)\n",
+        f"{k['what']}\n",
+        table(["round", "kept (mean held-out loss)", "restarted every round"], rows),
+        f"\nMean held-out loss over rounds {span.replace('_', ' ')}: kept {means['keep']:.3f}, restarted "
+        f"{means['fresh']:.3f}.\n",
+    ])
+
+
+def quality_ratio_section(q: dict) -> str:
+    """Issue 12's two loss ratios from a quality run of some methods (`--methods`)."""
+    cfg, ratios = q["config"], quality_ratios(q)
+    rows = []
+    for n, res in q["results"].items():
+        for mode, c in res["summary"]["checks"].items():
+            rows += [
+                [f"{n} volunteers, `{mode}`, equal sequential steps (pooled trainer {cfg['steps']} a round)",
+                 f"{c['heldout_loss']:.3f} vs {c['pooled_same_time_heldout_loss']:.3f} "
+                 f"({c['loss_ratio_equal_sequential_steps']:.2f}x, "
+                 f"target <= {ratios['equal_sequential_steps']}x)",
+                 yes(c["equal_sequential_steps_met"])],
+                [f"{n} volunteers, `{mode}`, equal total compute (pooled trainer N x {cfg['steps']} a round)",
+                 f"{c['heldout_loss']:.3f} vs {c['centralized_best_loss']:.3f} "
+                 f"({c['loss_ratio_equal_total_compute']:.2f}x, target <= {ratios['equal_total_compute']}x)",
+                 yes(c["equal_total_compute_met"])],
+            ]
+    return "\n".join([
+        f"## Quality with the optimizer kept across rounds (`quality_bench.py`, {cfg['rounds']} x "
+        f"{cfg['steps']}, some methods)\n",
+        f"Methods run: {', '.join(cfg.get('methods', []))}; optimizer: {cfg.get('schedule')}. The pooled "
+        "trainers are driven like a one-volunteer federation, so they follow the same schedule (a cosine "
+        "per round, state kept). Volunteer counts run: "
+        f"{', '.join(map(str, cfg['volunteer_counts']))} (6 volunteers and the demo's 80 x 10 were not "
+        "run: the shared machine was at a load average of 12-30).\n",
+        table(["comparison", "community vs pooled (held-out loss)", ""], rows),
+    ])
+
+
+def _shown_rounds(rounds: int, em_every: int, columns: int = 12) -> list[int]:
+    """At most about `columns` rounds of a long run for the per-round tables (multiples of the exact
+    match interval, so both tables show the same rounds), always the last."""
+    if rounds <= columns:
+        return list(range(1, rounds + 1))
+    step = math.ceil(rounds / columns)
+    step = math.ceil(step / em_every) * em_every if em_every < rounds else step
+    return sorted({*range(step, rounds + 1, step), rounds})
 
 
 def _shared(q: dict) -> str:
@@ -761,6 +824,8 @@ def render(results_dir: Path) -> str:
     ttq = load(results_dir, "time_to_quality")
     ranks = load(results_dir, "quality_ranks")
     asy = load(results_dir, "async")
+    kept = load(results_dir, "keep_optimizer_partial")
+    kept_quality = load(results_dir, "quality_keep_3v_30x10")
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -785,6 +850,8 @@ def render(results_dir: Path) -> str:
         (overhead_section, o),
         (time_to_quality_section, ttq),
         (async_section, asy),
+        (keep_optimizer_section, kept),
+        (quality_ratio_section, kept_quality),
         (trainer_section, t),
         (protocol_section, p),
     ):

@@ -9,7 +9,15 @@ loss is the mean over every labelled token of the step. Training stops at
 least one step always runs). On CPU, the same inputs, seed and thread count
 give a bit-identical update.
 
+Across rounds (`carry`): a volunteer whose next round starts from the global
+adapter its last update went into passes back the `Carry` of that round: the
+AdamW moments go on and the learning-rate schedule counts the volunteer's steps
+since the carry began, so the warmup happens once and not at every round (a
+round of 10 steps with a 5-step warmup spent half of every round warming up).
+Within each round the rate still decays from the peak to a tenth (cosine).
+
     result = train(model, tokenizer, data, TrainSettings(max_steps=30), "ffa", on_step=print)
+    again = train(model, tokenizer, data, settings, "ffa", carry=result.carry)
 """
 
 from __future__ import annotations
@@ -41,6 +49,18 @@ LOSS_WINDOW = 10
 
 
 @dataclass(frozen=True)
+class Carry:
+    """What one round's optimizer leaves for the next: AdamW's state and the steps taken so far."""
+
+    optimizer: dict[str, Any] = field(repr=False)
+    """`torch.optim.AdamW.state_dict()` at the end of the round (moments per trainable tensor)."""
+    steps: int
+    """Optimizer steps since the carry began: the clock of the warmup."""
+    shapes: tuple[tuple[int, ...], ...]
+    """Shapes of the trainable tensors, in order: a carry that does not fit them is not used."""
+
+
+@dataclass(frozen=True)
 class TrainResult:
     update: dict[str, np.ndarray]
     """Tensors the update carries (names per the mode's `Mode.sent_names`), payload dtype."""
@@ -61,6 +81,8 @@ class TrainResult:
     """``max_steps`` or ``max_minutes``."""
     losses: list[float] = field(default_factory=list, repr=False)
     """Loss of every step."""
+    carry: Carry | None = field(default=None, repr=False)
+    """The optimizer's state after this round, for `train(..., carry=)` next round."""
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -70,6 +92,19 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
     return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def carried_lr_factor(step: int, done: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak rate at 0-based `step` of a round when `done` steps were taken
+    before it under the same carry: warmup over the first `warmup` steps of the carry only,
+    then each round a cosine from the peak to a tenth (the round's own `lr_factor` without warmup)."""
+    if done + step < warmup:
+        return (done + step + 1) / warmup
+    return lr_factor(step, 0, total)
+
+
+def _fits(carry: Carry | None, params: list[torch.Tensor]) -> bool:
+    return carry is not None and carry.shapes == tuple(tuple(p.shape) for p in params)
 
 
 def _index_stream(n: int, generator: torch.Generator) -> Iterator[int]:
@@ -101,13 +136,16 @@ def train(
     payload_dtype: str = "float32",
     threads: int | None = None,
     max_steps_per_second: float | None = None,
+    carry: Carry | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on `data` and return the update.
 
     `model` is what `apply_adapter` returned (its requires_grad flags pick what
     trains); `tokenizer` is unused beyond API symmetry (padding comes with
     `data`). `threads` sets torch's CPU threads for this call only. `max_steps_per_second` is
-    the volunteer's pace cap: after each step it sleeps until step / cap seconds have passed.
+    the volunteer's pace cap: after each step it sleeps until step / cap seconds have passed. `carry`: the
+    previous round's `TrainResult.carry`, to go on with its optimizer state (a
+    carry whose tensor shapes differ from the model's is ignored: a fresh start).
     """
     del tokenizer
     if len(data) == 0:
@@ -119,8 +157,11 @@ def train(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with _threads(threads), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(settings.seed)  # LoRA dropout draws from the global generator
-        steps, losses, tokens, seconds, stopped_by = _loop(model, params, data, settings, on_step, device,
-                                                           max_steps_per_second)
+        if carry is not None and not _fits(carry, params):
+            log.info("optimizer state of the last round does not fit the model; starting afresh")
+            carry = None
+        steps, losses, tokens, seconds, stopped_by, after = _loop(
+            model, params, data, settings, on_step, device, carry, max_steps_per_second)
         eval_loss = tokenized_loss(model, heldout, settings.batch_size) if heldout is not None else None
     window = losses[-LOSS_WINDOW:]
     return TrainResult(
@@ -134,6 +175,7 @@ def train(
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
         stopped_by=stopped_by,
         losses=losses,
+        carry=after,
     )
 
 
@@ -144,11 +186,21 @@ def _loop(
     settings: TrainSettings,
     on_step: OnStep | None,
     device: torch.device,
+    carry: Carry | None,
     max_steps_per_second: float | None = None,
-) -> tuple[int, list[float], int, float, str]:
+) -> tuple[int, list[float], int, float, str, Carry]:
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    done = 0
+    if carry is not None:
+        optimizer.load_state_dict(carry.optimizer)
+        for group in optimizer.param_groups:  # the task's rate, not the one saved with the state
+            group["lr"] = group["initial_lr"] = settings.learning_rate
+            group["weight_decay"] = settings.weight_decay
+        done = carry.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, settings.warmup_steps, settings.max_steps)
+        optimizer,
+        lambda s: carried_lr_factor(s, done, settings.warmup_steps, settings.max_steps) if carry is not None
+        else lr_factor(s, settings.warmup_steps, settings.max_steps),
     )
     fp16 = device.type == "cuda" and any(p.dtype == torch.float16 for p in model.parameters())
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -197,7 +249,8 @@ def _loop(
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)
-    return step, losses, tokens, time.monotonic() - start, stopped_by
+    after = Carry(optimizer.state_dict(), done + step, tuple(tuple(p.shape) for p in params))
+    return step, losses, tokens, time.monotonic() - start, stopped_by, after
 
 
 @contextmanager

@@ -3,6 +3,10 @@
 The node runner calls `Volunteer.run_round` for every training message. Data is
 read and validated once, when the node starts (a malformed file stops `join`
 before any model loads); the base model is loaded on the first round and kept.
+With `[train] keep_optimizer`, the optimizer's state of the last round is kept
+too and goes on in the next round if that round directly follows it (the global
+adapter is then the version this volunteer's update went into) and the mode
+keeps A frozen; otherwise the round starts a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loracommons.client.data import TokenizedData, load_records, split_heldout, tokenize
+from loracommons.protocol import modes
 from loracommons.protocol.codec import decode_tensors, encode_tensors
 from loracommons.protocol.envelope import Envelope, sign_update
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.task import RoundTask, TrainSettings
+
+if TYPE_CHECKING:  # the trainer imports torch: loaded with the first round, not with the node
+    from loracommons.client.trainer import Carry
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,8 @@ class Volunteer:
         """Held-out loss of the adapter this volunteer trained in its last round, with the key of the
         held-out split it was measured on (the per-volunteer answer compares it with the next
         community adapter's)."""
+        self._carry: tuple[tuple, Carry | None] | None = None
+        """(what the next round must match, the trainer's `Carry`) of the last round."""
 
     @property
     def fingerprint(self) -> str:
@@ -127,9 +137,12 @@ class Volunteer:
                                         "loss": loss, "tokens_per_s": tokens_per_s})
 
         self.on_status("training", {"round": task.round, "step": 0, "max_steps": settings.max_steps})
+        carry = self._take_carry(task)
         result = train(model, tokenizer, data, settings, task.mode, heldout=heldout, on_step=on_step,
                        payload_dtype=task.payload_dtype, threads=self.settings.threads,
-                       max_steps_per_second=self.settings.max_steps_per_second)
+                       max_steps_per_second=self.settings.max_steps_per_second, carry=carry)
+        if task.train.keep_optimizer and not modes.get(task.mode).trains("lora_A"):
+            self._carry = (_carry_key(task), result.carry)
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
@@ -162,6 +175,19 @@ class Volunteer:
             self.on_status("rank", {"round": task.round, "rank": rank, "project_rank": task.lora.r,
                                     "why": why})
         return rank
+
+    def _take_carry(self, task: RoundTask) -> Carry | None:
+        """The last round's optimizer state if this round goes on from it, else None (a fresh start).
+
+        It goes on when the project keeps optimizers, the mode keeps A frozen (where A trains, the
+        aggregate's factors are not the ones the moments were taken on), and this round directly
+        follows the one this volunteer trained last (a volunteer that sat out rounds missed versions).
+        """
+        kept, self._carry = self._carry, None
+        if kept is None or not task.train.keep_optimizer or modes.get(task.mode).trains("lora_A"):
+            return None
+        key = _carry_key(task)
+        return kept[1] if kept[0][:-1] == key[:-1] and kept[0][-1] == task.round - 1 else None
 
     def _tokenize(self, tokenizer: object, task: RoundTask) -> tuple[TokenizedData, TokenizedData | None]:
         """Training and held-out tokens; the same every round of a project, so made once."""
@@ -198,6 +224,12 @@ def round_rank(task: RoundTask, max_rank: int | None, base: Any) -> tuple[int, s
     per_rank = rank_bytes(base, task.lora, task.train.batch_size * task.train.seq_len)
     rank = affordable_rank(free, per_rank, r)
     return rank, f"{free / 2**30:.1f} GiB free on the GPU, ~{per_rank * r / 2**30:.2f} GiB for rank {r}"
+
+
+def _carry_key(task: RoundTask) -> tuple:
+    """Same project, model, LoRA settings, mode and training settings; the round last."""
+    return (task.project_id, task.base_model_id, task.base_model_revision, task.lora.digest(), task.mode,
+            task.train, task.round)
 
 
 def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volunteer:

@@ -233,10 +233,17 @@ _TRAIN_KEYS = {
     "batch_size": {"doc": "sequences per micro-batch", "unit": "sequences"},
     "grad_accum": {"doc": "micro-batches per optimizer step", "unit": "micro-batches"},
     "learning_rate": {"doc": "peak AdamW learning rate"},
-    "warmup_steps": {"doc": "linear warmup at the start of each round", "unit": "steps"},
+    "warmup_steps": {"doc": "linear warmup of the learning rate: once per volunteer with keep_optimizer, "
+                     "else at the start of each round", "unit": "steps"},
     "weight_decay": {"doc": "AdamW weight decay"},
     "seq_len": {"doc": "tokens per training sequence (longer ones are truncated)", "unit": "tokens"},
     "seed": {"doc": "seed of local data order and dropout"},
+    "keep_optimizer": {
+        "doc": "a volunteer keeps its AdamW moments and learning-rate warmup from its last round when "
+        "it took part in the round before (mode ffa; it holds them in memory, two numbers per trained "
+        "one); false restarts the optimizer and warmup every round. Demo, real runs: 80 x 10 rounds "
+        "with it reach the exact match that 120 x 10 reached without it",
+    },
 }
 
 SECTIONS: dict[str, type] = {

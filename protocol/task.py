@@ -42,6 +42,7 @@ TRAIN_BOUNDS: dict[str, dict] = {
     "weight_decay": {"ge": 0, "le": 10},
     "seq_len": {"ge": 8, "le": 1 << 20},
     "seed": {"ge": 0, "le": 2**32},
+    "keep_optimizer": {},
 }
 MAX_ROUND = 2**31 - 1
 """Far beyond any project's life; keeps the per-round seeds a volunteer derives within range."""
@@ -76,7 +77,10 @@ def _finite(value: object) -> bool:
 
 
 def _check_number(what: str, name: str, value: object, default: object, bounds: dict) -> None:
-    if isinstance(default, int):
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        kind = "true or false"
+    elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
         kind = "an integer"
     else:
@@ -158,6 +162,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     seq_len: int = 128
     seed: int = 0
+    keep_optimizer: bool = True
+    """Carry AdamW's state and the warmup over from a volunteer's last round when it goes on from
+    the global adapter its update went into (client.trainer.Carry)."""
 
     @classmethod
     def from_dict(cls, obj: dict) -> TrainSettings:

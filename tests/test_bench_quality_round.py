@@ -72,3 +72,26 @@ def test_federate_drives_the_products_round(method, tmp_path, monkeypatch):
         exactness = row["exactness"]  # exact: the best rank-r cut of the mean; ffa: the mean itself
         assert exactness["rel_frobenius_error"] <= exactness["best_rank_r_rel_error"] + 1e-3
         assert row["bytes_up_per_volunteer"] > 0
+
+
+def _run(loss: float, em: float, skills: list[str]) -> dict:
+    per_skill = {k: {"heldout_loss": loss, "exact_match": em} for k in skills}
+    return {"rounds": [{"mean_heldout_loss": loss, "mean_exact_match": em, "per_skill": per_skill}]}
+
+
+def test_summary_of_some_methods_states_both_comparisons():
+    """`--methods ffa,centralized-ffa,pooled-same-time,local-only`: both of issue 12's loss ratios,
+    each marked met or missed; the comparison with fedavg is absent (None), not passed or failed."""
+    skills = ["reverse", "vowels"]
+    plan = {"skills": skills, "volunteers": [{"name": f"volunteer-{i}", "skills": [k], "examples": 4}
+                                             for i, k in enumerate(skills)]}
+    runs = {"centralized-ffa": _run(0.1, 0.9, skills), "pooled-same-time": _run(0.3, 0.7, skills),
+            "ffa": _run(0.32, 0.8, skills)}
+    summary = quality_bench.summarize(2, runs, [_run(2.0, 0.45, skills)] * 2, plan)
+    ffa = summary["checks"]["ffa"]
+    assert set(summary["checks"]) == {"ffa"}
+    assert ffa["loss_ratio_equal_sequential_steps"] == pytest.approx(0.32 / 0.3, abs=1e-4)
+    assert ffa["loss_ratio_equal_total_compute"] == pytest.approx(3.2)
+    assert ffa["equal_sequential_steps_met"] is True and ffa["equal_total_compute_met"] is False
+    assert ffa["not_worse_than_fedavg"] is None and ffa["fedavg_heldout_loss"] is None
+    assert summary["target_met"] is False

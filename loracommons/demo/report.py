@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -93,11 +95,34 @@ def _pooled_data(out: Path, plan: dict) -> Path:
     return path
 
 
-def _train_references(out: Path, plan: dict, settings, project: Path, console: Console) -> dict:  # noqa: ANN001
-    """Each volunteer alone and one trainer on the pooled data, each as many steps as a volunteer
-    made in the federation (rounds x steps), on as many worker processes as there are cores (max 4)."""
+@dataclass
+class References:
+    """The report's reference trainings, running in worker processes since `start_references`."""
+
+    names: list[str]
+    steps: int
+    pool: Any
+    pending: Any
+    started: float = field(default_factory=time.monotonic)
+
+    def wait(self) -> dict[str, dict]:
+        """Every reference's scores (blocks until the last worker is done)."""
+        done = dict(zip(self.names, self.pending.get(), strict=True))
+        self.pool.join()
+        return done
+
+    def stop(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+def start_references(out: Path, plan: dict, settings, project: Path, console: Console) -> References:  # noqa: ANN001
+    """Start training each volunteer alone and one trainer on the pooled data, each as many steps as a
+    volunteer makes in the federation (rounds x steps), on as many workers as cores (max 4), beside the
+    federation: they use the CPU its processes leave idle while rounds wait on the network, so the demo
+    takes about its total CPU time over the cores, not the federation's time plus theirs. (At the
+    lowest priority, measured: on a machine busy with other work they barely ran at all.)"""
     import os
-    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     steps = settings.rounds * settings.steps_per_round
@@ -106,14 +131,17 @@ def _train_references(out: Path, plan: dict, settings, project: Path, console: C
             for i, v in enumerate(plan["volunteers"])}
     jobs[POOLED] = {**common, "data": str(_pooled_data(out, plan)), "seed": settings.seed}
     workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
-    console.print(f"training the references ({steps} steps each, {workers} at a time): each volunteer "
-                  "alone on its own data, and one trainer on the pooled data ...", highlight=False)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        done = dict(zip(jobs, pool.map(_reference, jobs.values()), strict=True))
-    return done
+    console.print(f"training the references beside the community ({steps} steps each, "
+                  f"{workers} at a time): each volunteer alone on its own data, and one trainer on the "
+                  "pooled data", highlight=False)
+    pool = get_context("spawn").Pool(workers)
+    pending = pool.map_async(_reference, list(jobs.values()), chunksize=1)
+    pool.close()
+    return References(list(jobs), steps, pool, pending)
 
 
-def evaluate_all(out: Path, plan: dict, settings, project: Path, console: Console) -> dict:  # noqa: ANN001
+def evaluate_all(out: Path, plan: dict, references: References, console: Console) -> dict:
+    """Scores of the base, the references (waiting for them) and the downloaded community adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,7 +149,6 @@ def evaluate_all(out: Path, plan: dict, settings, project: Path, console: Consol
     from loracommons.demo import base_model_path
 
     started = time.monotonic()
-    references = _train_references(out, plan, settings, project, console)
     torch.set_num_threads(1)
     _quiet()
     base_path = base_model_path()
@@ -130,11 +157,17 @@ def evaluate_all(out: Path, plan: dict, settings, project: Path, console: Consol
     console.print("evaluating the base model and the downloaded community adapter ...", highlight=False)
     models: dict[str, dict] = {"base": _scores(AutoModelForCausalLM.from_pretrained(
         base_path, dtype=torch.float32).eval(), tokenizer, sets)}
-    models.update(references)
     community = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(out / "adapter")).eval()
-    models["community"] = _scores(community, tokenizer, sets)
-    return summarize(plan, models, time.monotonic() - started)
+    community_scores = _scores(community, tokenizer, sets)
+    console.print("waiting for the references ...", highlight=False)
+    models.update(references.wait())
+    models["community"] = community_scores
+    report = summarize(plan, models, time.monotonic() - started)
+    report["references"] = {"steps": references.steps,
+                             "seconds": round(time.monotonic() - references.started, 1),
+                             "trained": "beside the federation, sharing the cores"}
+    return report
 
 
 #: Below the volunteer's own adapter by at most this many points still counts as "kept" (issue 12).

@@ -13,7 +13,7 @@ from peft import get_peft_model_state_dict
 from loracommons.client import model as M
 from loracommons.client.data import DataError, tokenize
 from loracommons.client.evaluate import exact_match, generate_responses, heldout_loss, tokenized_loss
-from loracommons.client.trainer import lr_factor, rich_progress, train
+from loracommons.client.trainer import carried_lr_factor, lr_factor, rich_progress, train
 from loracommons.protocol import (
     Expected,
     SigningKey,
@@ -181,6 +181,44 @@ def test_lr_schedule():
     assert factors == sorted(factors[:2]) + sorted(factors[2:], reverse=True)
     assert factors[-1] == pytest.approx(0.1)
     assert lr_factor(0, warmup=10, total=1) == 1.0
+
+
+def test_carried_lr_schedule_warms_up_once():
+    first = [carried_lr_factor(s, 0, warmup=5, total=10) for s in range(10)]
+    assert first[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    later = [carried_lr_factor(s, 10, warmup=5, total=10) for s in range(10)]
+    assert later[0] == 1.0 and later == sorted(later, reverse=True)  # no warmup: the peak, then decay
+    assert later[-1] == pytest.approx(0.1)
+    # a warmup longer than a round goes on across rounds
+    assert [carried_lr_factor(s, 4, warmup=8, total=4) for s in range(4)] == [5 / 8, 6 / 8, 7 / 8, 1.0]
+
+
+def test_carry_goes_on_with_the_optimizer(node):
+    """Two rounds with a carry = the moments and the warmup go on; a fresh round starts them again."""
+    base, tokenizer, data, _, initial = node
+    start = initial(SETTINGS)
+    model = M.apply_adapter(base, SETTINGS, start, "ffa")
+    first = train(model, tokenizer, data, FAST, "ffa")
+    assert first.carry is not None and first.carry.steps == FAST.max_steps
+    moments = first.carry.optimizer["state"]
+    assert moments and all(v["exp_avg_sq"].abs().sum() > 0 for v in moments.values())
+    after_first = {n: first.update[n] for n in first.update}
+
+    def second(carry):  # noqa: ANN001, ANN202
+        merged = {**start, **after_first}
+        model = M.apply_adapter(base, SETTINGS, merged, "ffa")
+        return train(model, tokenizer, data, FAST, "ffa", carry=carry)
+
+    carried, fresh = second(first.carry), second(None)
+    assert carried.carry.steps == 2 * FAST.max_steps and fresh.carry.steps == FAST.max_steps
+    assert carried.update.keys() == fresh.update.keys()
+    assert any(not np.array_equal(carried.update[n], fresh.update[n]) for n in carried.update)
+    # a carry taken on other shapes is ignored: exactly a fresh start
+    other = M.apply_adapter(base, ALL_LINEAR, initial(ALL_LINEAR), "ffa")
+    mismatched = train(other, tokenizer, data, FAST, "ffa", carry=first.carry)
+    plain = train(M.apply_adapter(base, ALL_LINEAR, initial(ALL_LINEAR), "ffa"), tokenizer, data, FAST, "ffa")
+    assert encode_tensors(mismatched.update) == encode_tensors(plain.update)
+    assert mismatched.carry.steps == FAST.max_steps
 
 
 def test_rich_progress_renders_steps(node):

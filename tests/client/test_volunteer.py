@@ -314,3 +314,35 @@ def test_sent_status_compares_the_community_adapter_with_the_volunteers_last_upd
     for r in (3, 4):
         few.run_round(make_task(model_dir, adapter_bytes, round=r), adapter_bytes)
     assert [(d["community_loss"], d["own_loss"]) for d in sent[2:]] == [(None, None), (None, None)]
+
+
+def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, global_adapter, make_volunteer,
+                                                                  monkeypatch):
+    """`[train] keep_optimizer`: the carry of round r goes into round r + 1 only, in a mode that keeps A
+    frozen, under the same settings; a skipped round, another mode or the key off start afresh."""
+    given: list[object] = []
+    real = T.train
+
+    def train(*args, carry=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        given.append(carry)
+        return real(*args, carry=carry, **kwargs)
+
+    monkeypatch.setattr(T, "train", train)
+    adapter_bytes = encode_tensors(global_adapter)
+    volunteer = make_volunteer()
+    for rnd in (3, 4, 5, 7):  # 6 missed: round 7's adapter is a version this volunteer did not train from
+        volunteer.run_round(make_task(model_dir, adapter_bytes, round=rnd), adapter_bytes)
+    assert given[0] is None and given[3] is None
+    assert [c.steps for c in given[1:3]] == [FAST.max_steps, 2 * FAST.max_steps]
+    off = dataclasses.replace(FAST, keep_optimizer=False)
+    volunteer.run_round(make_task(model_dir, adapter_bytes, round=8, train=off), adapter_bytes)
+    volunteer.run_round(make_task(model_dir, adapter_bytes, round=9, train=off), adapter_bytes)
+    assert given[4:] == [None, None]
+    given.clear()
+    exact = make_volunteer(1)  # A trains: the aggregate's factors are not the ones the moments were taken on
+    for rnd in (1, 2):
+        exact.run_round(make_task(model_dir, adapter_bytes, "exact", round=rnd), adapter_bytes)
+    other_lr = dataclasses.replace(FAST, learning_rate=1e-2)
+    for rnd, train_settings in ((3, FAST), (4, other_lr)):
+        exact.run_round(make_task(model_dir, adapter_bytes, round=rnd, train=train_settings), adapter_bytes)
+    assert given == [None, None, None, None]

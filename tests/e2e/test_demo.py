@@ -75,6 +75,9 @@ def test_demo_short_run_and_plain_peft_load(tmp_path, monkeypatch):
     assert report["holders"][0]["holders"] == ["volunteer-0"]
     assert "a release every 1 rounds" in " ".join(result.stdout.split())
     assert report["skills"] == ["reverse", "vowels"]
+    # the references trained beside the federation, as many steps as each volunteer made
+    references = report["references"]
+    assert references["steps"] == 2 * 4 and "beside the federation" in references["trained"]
     assert (out / "report.png").stat().st_size > 10_000
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json",
                                                              "adapter_model.safetensors", "release.json"}

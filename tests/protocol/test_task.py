@@ -134,6 +134,8 @@ def _without(name: str) -> dict:
         (_task_dict(lora={**_task_dict()["lora"], "target_modules": "q_proj"}), Malformed),
         (_task_dict(lora={**_task_dict()["lora"], "alpha": "big"}), Malformed),
         (_task_dict(train=[]), Malformed),
+        (_task_dict(train={**_task_dict()["train"], "keep_optimizer": 1}), Malformed),
+        (_task_dict(train={**_task_dict()["train"], "keep_optimizer": "yes"}), Malformed),
     ],
     ids=[
         "unknown",
@@ -152,6 +154,8 @@ def _without(name: str) -> dict:
         "modules-string",
         "alpha-string",
         "train-list",
+        "keep-optimizer-int",
+        "keep-optimizer-string",
     ],
 )
 def test_bad_round_task_refused(obj, error):
