@@ -327,6 +327,20 @@ def _async_equal(r: dict) -> bool:
     return bool(before) and before[-1]["mean_heldout_loss"] <= final + 1e-9
 
 
+def _ranks_final(r: dict) -> dict[str, float]:
+    return {name: row["mean_heldout_loss"] for name, row in r["quality_ranks"]["final"].items()}
+
+
+def _ranks_within(r: dict, top: str) -> bool:
+    loss = _ranks_final(r)
+    return loss["mixed"] <= 1.1 * loss[f"all-{top}"]
+
+
+def _ranks_better(r: dict, top: str) -> bool:
+    loss = _ranks_final(r)
+    return loss["mixed"] < loss[f"two-{top}"]
+
+
 RULES = [
     (r"quality, (\d+) volunteers, `(\w+)` held-out loss <= ([\d.]+) x centralized at equal sequential steps",
      _equal_sequential),
@@ -343,6 +357,8 @@ RULES = [
     (r"round overhead, (.*LoRA Commons / plain Flower <= [\d.]+)$", _overhead),
     (r"async, one volunteer 5x slower: reaches the sync run's final held-out loss in <= 0.5 x", _async_slow),
     (r"async, equal speeds: held-out loss no worse than sync at the sync run's final time", _async_equal),
+    (r"quality, ranks \{[\d, ]+\}: held-out loss within 10% of all (\d+)", _ranks_within),
+    (r"quality, ranks \{[\d, ]+\}: better than the two rank-(\d+) volunteers alone", _ranks_better),
 ]
 
 
@@ -356,6 +372,7 @@ def _expected_rows(r: dict) -> int:
         count += len(c["models"]) + len(c.get("quality_at_equal_bytes", {}))
     count += 2 * len(a["variants"]) if a else 0
     count += len(r["async"]["verdicts"]) if r.get("async") else 0
+    count += 2 if r.get("quality_ranks") else 0
     return count + (1 if o else 0)
 
 
