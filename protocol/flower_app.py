@@ -145,11 +145,11 @@ def task_content(task_json: bytes, adapter: bytes, note: dict | None = None,  # 
 
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    config = {"task": task_json, "note": json.dumps(note or {}).encode()}
+    config = ConfigRecord({"task": task_json, "note": json.dumps(note or {}).encode()})
     if downlink is not None:
         config["downlink"] = downlink
     return RecordDict({
-        "lc": ConfigRecord(config),
+        "lc": config,
         "lc-adapter": ArrayRecord({"adapter": _bytes_array(adapter)}),
     })
 
