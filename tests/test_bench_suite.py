@@ -194,6 +194,7 @@ def test_run_all_lists_every_bench():
     assert done.returncode == 0, done.stderr
     for script in (
         "quality_bench.py",
+        "downlink_quality.py",
         "comm_bench.py",
         "aggregate_bench.py",
         "overhead_bench.py",
