@@ -78,6 +78,11 @@ class Volunteer:
         self._held: Held | None = None  # the last global adapter checked: what a delta applies to
 
     @property
+    def held(self) -> Held | None:
+        """The last global adapter this volunteer rebuilt and checked (what a delta applies to)."""
+        return self._held
+
+    @property
     def fingerprint(self) -> str:
         return self.key.public.fingerprint
 
