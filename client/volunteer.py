@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 MIN_EVAL_EXAMPLES = 4
 """Held-out examples below which a volunteer signs no evaluation (a loss over fewer says little)."""
 
+HELD_VERSIONS = 2
+_HELD: dict[str, Held] = {}
+"""Global adapters rebuilt and checked in this process, by digest (the most recent last): what a
+delta applies to. Per process, not per volunteer: virtual volunteers of a rehearsal share one."""
+
 #: Status callback: (state, details). States: training, sent, failed.
 OnStatus = Callable[[str, dict], None]
 
@@ -75,12 +80,11 @@ class Volunteer:
         self.on_status = on_status or (lambda state, details: None)
         self._tokenized: tuple[tuple, tuple[TokenizedData, TokenizedData | None]] | None = None
         self._initial: tuple[tuple, dict[str, np.ndarray]] | None = None  # version 0, from the seed
-        self._held: Held | None = None  # the last global adapter checked: what a delta applies to
 
     @property
     def held(self) -> Held | None:
-        """The last global adapter this volunteer rebuilt and checked (what a delta applies to)."""
-        return self._held
+        """The last global adapter rebuilt and checked in this process (what a delta applies to)."""
+        return next(reversed(_HELD.values()), None)
 
     @property
     def fingerprint(self) -> str:
@@ -138,13 +142,17 @@ class Volunteer:
                 downlink: Downlink | None = None) -> dict[str, np.ndarray]:
         """The task's global adapter rebuilt from its downlink (`protocol/downlink.py`) and checked
         against the task's digest; `VolunteerError` naming the reason code otherwise (nothing trains)."""
+        link = downlink or Downlink()
         try:
-            full = rebuild(downlink or Downlink(), data, mode=task.mode, digest=task.base_adapter_digest,
-                           max_bytes=task.max_payload_bytes * 2 + (1 << 20), held=self._held,
+            full = rebuild(link, data, mode=task.mode, digest=task.base_adapter_digest,
+                           max_bytes=task.max_payload_bytes * 2 + (1 << 20), held=_HELD.get(link.delta_from),
                            regenerate=lambda: self.initial_adapter(task))
         except ProtocolError as exc:  # the code leads the line: the coordinator records it (Reason)
             raise VolunteerError(f"{exc.reason}: {exc}") from None
-        self._held = Held(task.base_adapter_digest, full)
+        _HELD.pop(task.base_adapter_digest, None)
+        _HELD[task.base_adapter_digest] = Held(task.base_adapter_digest, full)
+        while len(_HELD) > HELD_VERSIONS:
+            del _HELD[next(iter(_HELD))]
         return full
 
     def initial_adapter(self, task: RoundTask) -> Mapping[str, np.ndarray]:

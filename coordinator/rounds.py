@@ -236,7 +236,7 @@ class Coordinator:
                 self._record(r, UpdateRecord.failed(exc.reason, str(exc)))
                 return
             record = rnd.offer(envelope)
-            if record.reason != Reason.WRONG_BASE:  # it rebuilt this global before training: a delta base
+            if record.accepted:  # it rebuilt this global and trained from it: a delta base next time
                 self.links.answered(node, rnd.expected.base_adapter_digest)
             self._record(r, record)
             self._notes[node] = record.note(r)

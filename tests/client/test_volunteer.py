@@ -366,6 +366,9 @@ def test_delta_needs_the_held_version_and_round_trips_exactly(model_dir, global_
     delta, data = build(v2, "ffa", "float32", regenerate=True, held=Held(d1, v1))
     assert delta.delta_from == d1
     task2 = make_task(model_dir, b"", round=4, base_adapter_digest=d2, adapter_seed=7)
+    from loracommons.client import volunteer as volunteer_module
+
+    volunteer_module._HELD.clear()  # a fresh node process: it holds no version
     volunteer = make_volunteer()
     with pytest.raises(VolunteerError, match="^base_unavailable: "):  # a fresh node holds nothing
         volunteer.run_round(task2, data, delta)
