@@ -104,9 +104,39 @@ def targets_section(q: dict | None, c: dict | None, a: dict | None, o: dict | No
             rows.append(
                 [
                     f"comm, {name} (Gaussian stand-in values): `ffa` bf16 upload as sent <= 0.25 x fp32 A+B",
-                    f"{res['ffa_bf16_up_wire_ratio']:.3f} (unpacked {res['ffa_bf16_up_ratio']:.3f}; round "
-                    f"trip {res['ffa_bf16_round_trip_ratio']:.3f})",
+                    f"{res['ffa_bf16_up_wire_ratio']:.3f} (unpacked {res['ffa_bf16_up_ratio']:.3f})",
                     yes(res["target_up_ratio_met"]),
+                ]
+            )
+            trips = res["ffa_round_trip"]
+            rows.append(
+                [
+                    f"comm, {name} (Gaussian stand-in values): `ffa` round trip as sent, bf16 up and bf16 "
+                    "down, <= 0.25 x fp32 A+B both ways",
+                    f"{res['ffa_bf16_round_trip_ratio']:.3f} (fp32 up and down "
+                    f"{trips['float32 up, float32 down']:.3f}; bf16 up, fp32 down "
+                    f"{trips['bfloat16 up, float32 down']:.3f})",
+                    yes(res["round_trip_target_met"]),
+                ]
+            )
+        down = c.get("measured_downlink")
+        if down:
+            n, bf16, ffa = down["volunteers"], down["runs"]["ffa-bf16-down"], down["runs"]["ffa"]
+            rows.append(
+                [
+                    f"comm, demo adapter, {n} volunteers, trained rounds: `ffa` round trip as sent, bf16 up "
+                    "and bf16 down, <= 0.25 x fp32 A+B both ways",
+                    f"{bf16['round_trip_ratio_to_fp32_ab']:.3f} (fp32 up and down "
+                    f"{ffa['round_trip_ratio_to_fp32_ab']:.3f})",
+                    yes(bf16["round_trip_target_met"]),
+                ]
+            )
+            rows.append(
+                [
+                    f"comm, {n} volunteers: `ffa` with a bf16 downlink no worse held-out loss than `ffa` "
+                    f"fp32 at equal rounds ({down['rounds']} rounds, 2% run-to-run noise allowed)",
+                    f"{bf16['final_heldout_loss']:.3f} vs {ffa['final_heldout_loss']:.3f}",
+                    yes(down["bf16_downlink_no_worse_than_ffa"]),
                 ]
             )
         for n, res in c.get("quality_at_equal_bytes", {}).items():
@@ -463,13 +493,15 @@ def exactness_section(q: dict) -> str:
 def comm_section(c: dict) -> str:
     out = [
         "## Communication (`comm_bench.py`)\n",
-        "Bytes per volunteer per round from real round tasks and signed envelopes. Down: task JSON + global "
-        "adapter (the coordinator always sends A and B in float32). Up: manifest + payload + signature; "
-        "*as sent*: with the payload packed for the wire (`protocol/wire.py`: the bytes of each number "
-        "regrouped by position, then zlib level 1; lossless, the signature covers the unpacked payload). "
-        "Baseline: `fedavg` float32 sent raw (A and B, the FlowerTune/OpenFedLLM layout). Flower's framing "
-        "is not counted. The synthetic adapters hold Gaussian stand-in values (std 0.01); the packed sizes "
-        "of the quality run's trained updates are in the first table.\n",
+        "Bytes per volunteer per round from real round tasks, downlinks and signed envelopes. Down *as "
+        "sent*: task JSON + the global adapter as the coordinator sends it (`protocol/downlink.py`): in "
+        "`ffa` B only (volunteers regenerate A from the project seed and check the full adapter's digest), "
+        "in the project's downlink dtype, packed; every task here is a node's first (no delta). Up: "
+        "manifest + payload + signature; *as sent*: with the payload packed for the wire "
+        "(`protocol/wire.py`: the bytes of each number regrouped by position, then zlib level 1; lossless, "
+        "the signature covers the unpacked payload). Baseline: `fedavg` float32 sent raw both ways (A and "
+        "B, the FlowerTune/OpenFedLLM layout). Flower's framing is not counted. The synthetic adapters hold "
+        "Gaussian stand-in values (std 0.01); the sizes of trained rounds are in the first tables.\n",
     ]
     measured = c.get("measured_in_quality_run", {})
     rows = [
@@ -484,25 +516,41 @@ def comm_section(c: dict) -> str:
         out.append(table(["volunteers", "run", "up bytes", "up bytes as sent", "up / baseline",
                           "as sent / baseline"], rows))
         out.append("")
+    down = c.get("measured_downlink")
+    if down:
+        out.append(f"### Trained rounds with the real downlink ({down['volunteers']} volunteers, "
+                   f"{down['rounds']} rounds, demo adapter, mean per round; `downlink_quality.py`)\n")
+        out.append("Deltas against the version each volunteer holds are sent where they pack smaller. "
+                   "Round trip / baseline: (down + up as sent) / fp32 A+B raw both ways.\n")
+        out.append(table(
+            ["run", "payload dtype", "downlink dtype", "down as sent (first round)", "down as sent (mean)",
+             "up as sent (mean)", "round trip / baseline", "held-out loss"],
+            [[f"`{name}`", r["payload_dtype"], r["downlink_dtype"], f"{r['down_wire_first_round']:,}",
+              f"{r['down_wire_mean']:,}", f"{r['up_wire_mean']:,}", f"{r['round_trip_ratio_to_fp32_ab']:.3f}",
+              f"{r['final_heldout_loss']:.3f}"] for name, r in down["runs"].items()],
+        ))
+        out.append("")
     for res in c["models"].values():
         rows = [
             [
                 f"`{r['mode']}`",
                 r["dtype"],
-                f"{r['down_bytes']:,}",
+                r["downlink_dtype"],
+                f"{r['down_whole_bytes']:,}",
+                f"{r['down_wire_bytes']:,}",
                 f"{r['up_bytes']:,}",
                 f"{r['up_wire_bytes']:,}",
-                f"{r['up_ratio_to_fp32_ab']:.3f}",
                 f"{r['up_wire_ratio_to_fp32_ab']:.3f}",
                 f"{r['round_trip_ratio_to_fp32_ab']:.3f}",
+                yes(r["round_trip_target_met"]) if "round_trip_target_met" in r else "",
             ]
             for r in res["rows"]
         ]
         out.append(f"### {res['description']} (B is {100 * res['b_share']:.0f}% of the adapter's numbers)\n")
         out.append(
             table(
-                ["mode", "payload dtype", "down bytes", "up bytes", "up as sent", "up / baseline",
-                 "as sent / baseline", "round trip / baseline"],
+                ["mode", "payload dtype", "downlink dtype", "down, whole fp32", "down as sent", "up bytes",
+                 "up as sent", "up as sent / baseline", "round trip as sent / baseline", "<= 0.25"],
                 rows,
             )
         )
@@ -744,7 +792,9 @@ bench/run_all                                   # everything, then this README (
 bench/run_all --only overhead,comm              # a subset; the README is rewritten from all results
 python bench/quality_bench.py --workers 2       # quality, exactness, bytes: quality.json, quality_curves.png
 python bench/quality_ranks.py --workers 3 --rounds 8 --heldout 16   # nested ranks: quality_ranks.json
-python bench/comm_bench.py --quality bench/results/quality.json   # comm.json, comm_bars.png
+python bench/downlink_quality.py                # downlink_quality.json: ffa with a bf16 downlink
+python bench/comm_bench.py --quality bench/results/quality.json \\
+    --downlink-quality bench/results/downlink_quality.json        # comm.json, comm_bars.png
 python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.json
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)
 python bench/time_to_quality.py                 # time_to_quality.json, .png (real processes, 15+ min)
@@ -758,7 +808,8 @@ python bench/make_readme.py                     # this file, from bench/results/
 | --- | --- |
 | `quality_bench.py` | quality per skill and round, aggregation exactness, bytes per round (in process) |
 | `quality_ranks.py` | held-out loss: mixed-rank ffa community, all at full rank, the full-rank ones alone |
-| `comm_bench.py` | bytes per volunteer per round for each mode and dtype; quality at equal bytes |
+| `comm_bench.py` | bytes per volunteer per round, down + up as sent, per mode and dtype |
+| `downlink_quality.py` | `ffa` with a bf16 downlink against float32: loss and bytes at equal rounds |
 | `aggregate_bench.py` | coordinator admission + aggregation throughput and peak memory for N updates |
 | `overhead_bench.py`, `plain_flower_app/` | round overhead on real processes against plain-Flower FedAvg |
 | `time_to_quality.py` | held-out loss and exact match of every release against wall-clock, per schedule |
@@ -909,8 +960,13 @@ def notes_section(q: dict | None, c: dict | None, a: dict | None, o: dict | None
                 "MLP gate/up B factors are intermediate x r), so half of A+B is more than a quarter. Packing "
                 "for the wire takes it under 0.25: the byte holding a bf16 value's sign and exponent varies "
                 "little across an adapter and compresses to a fraction, the mantissa byte does not. The "
-                "download is not reduced: the coordinator sends the whole adapter in float32, raw, every "
-                f"round, so a round trip costs {demo['ffa_bf16_round_trip_ratio']:.2f} of the baseline."
+                "download: in `ffa` the task carries B only (A is regenerated from the seed), packed, in "
+                "the project's downlink dtype; with bf16 both ways a round trip costs "
+                f"{demo['ffa_bf16_round_trip_ratio']:.3f} of the fp32 A+B baseline, with float32 both ways "
+                f"{demo['ffa_round_trip']['float32 up, float32 down']:.3f} (B alone is "
+                f"{100 * demo['b_share']:.0f}% of the numbers: under 0.25 needs 16-bit values both ways). A "
+                "bf16 downlink rounds the global to bf16 after each aggregation: what is stored, sent, "
+                "released and named by digest is the rounded adapter everyone trains from."
             )
         for n, res in c.get("quality_at_equal_bytes", {}).items():
             last, curves = res["final_loss_equal_rounds"], res["curves"]

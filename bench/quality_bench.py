@@ -67,6 +67,7 @@ class Method:
     mode: str
     lr: float
     dtype: str = "float32"
+    downlink: str = "float32"  # [round] downlink_dtype: the global is rounded to it after each round
 
 
 METHODS = (
@@ -123,6 +124,7 @@ def project_config(method: Method, steps: int, participants: int, s: Settings): 
                 "rounds": s.rounds,
                 "volunteers_per_round": participants,
                 "min_volunteers": participants,
+                "downlink_dtype": method.downlink,
             },
             "aggregation": {"mode": method.mode},
             "limits": {"payload_dtype": method.dtype},
@@ -238,11 +240,14 @@ def federate(
     log,
 ) -> dict:  # noqa: ANN001
     """R rounds of the real round protocol, in one process; the history of the global adapter."""
+    from loracommons.coordinator.downlinks import regenerates
     from loracommons.coordinator.initial import build_initial_adapter, decode_adapter
     from loracommons.coordinator.round import Round
     from loracommons.coordinator.store import new_nonce
     from loracommons.protocol import wire
-    from loracommons.protocol.codec import DTYPES, decode_tensors, encode_tensors
+    from loracommons.protocol.codec import DTYPES, decode_tensors, encode_tensors, round_tensors
+    from loracommons.protocol.downlink import Held
+    from loracommons.protocol.downlink import build as build_downlink
     from loracommons.protocol.envelope import sha256_hex
     from loracommons.protocol.task import RoundTask
 
@@ -251,16 +256,20 @@ def federate(
     volunteers = make_volunteers(
         participants, work, lambda state, d: sent.append(d) if state == "sent" else None
     )
-    data = encode_tensors(build_initial_adapter(cfg))
+    # what the coordinator holds: version 0 rounded to the downlink dtype (coordinator/rounds.py)
+    data = encode_tensors(round_tensors(build_initial_adapter(cfg), method.downlink), dtype="float32")
     tensors = decode_adapter(data)
-    history, started = [], time.monotonic()
+    history, started, held = [], time.monotonic(), None
     for r in range(1, s.rounds + 1):
         rnd = Round(cfg, r, new_nonce(), tensors, sha256_hex(data))
         task_json = rnd.task_bytes
+        # every volunteer answered the previous round, so it holds that version: a delta when smaller
+        link, down = build_downlink(tensors, cfg.aggregation.mode, method.downlink,
+                                    regenerate=regenerates(cfg.aggregation.mode), held=held)
         probe = ExactnessProbe(tensors, cfg.aggregation.mode, cfg.lora.alpha / cfg.lora.r)
         up, up_wire, sent[:] = [], [], []
         for volunteer in volunteers:
-            envelope = volunteer.run_round(RoundTask.from_bytes(task_json), data)
+            envelope = volunteer.run_round(RoundTask.from_bytes(task_json), down, link)
             record = rnd.offer(envelope)
             if not record.accepted:
                 raise BenchError(f"{label}: round {r} update refused: {record.reason}: {record.message}")
@@ -273,13 +282,16 @@ def federate(
             raise BenchError(f"{label}: round {r} not aggregated: {result.message}")
         row = {
             "round": r,
-            "bytes_down_per_volunteer": len(task_json) + len(data),
+            "bytes_down_per_volunteer": len(task_json) + len(data),  # the whole adapter, fp32, raw
+            "bytes_down_wire_per_volunteer": len(task_json) + len(link.to_bytes()) + len(down),
             "bytes_up_per_volunteer": int(np.mean(up)),
             "bytes_up_wire_per_volunteer": int(np.mean(up_wire)),
             "train_loss": round(float(np.mean([d["train_loss"] for d in sent])), 5),
             "volunteer_seconds": round(sum(d["seconds"] for d in sent), 2),
         }
-        data = encode_tensors(result.tensors)  # what the coordinator stores and sends next round
+        held = Held(sha256_hex(data), tensors)
+        # what the coordinator stores and sends next round (rounded to the downlink dtype)
+        data = encode_tensors(round_tensors(result.tensors, method.downlink), dtype="float32")
         tensors = decode_adapter(data)
         if method.kind == "federated":
             row["exactness"] = probe.compare(tensors, cfg.lora.r)
@@ -296,6 +308,7 @@ def federate(
         "mode": method.mode,
         "learning_rate": method.lr,
         "payload_dtype": method.dtype,
+        "downlink_dtype": method.downlink,
         "steps_per_round": steps,
         "participants": [p["name"] for p in participants],
         "seconds": round(time.monotonic() - started, 1),

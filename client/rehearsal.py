@@ -20,7 +20,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from loracommons.client import client_app, rehearsal_faults
-from loracommons.protocol.codec import DTYPES
+from loracommons.client.volunteer import Volunteer
+from loracommons.protocol.codec import DTYPES, encode_tensors
 from loracommons.protocol.envelope import Envelope
 from loracommons.protocol.flower_app import envelope_content, read_envelope, read_task
 from loracommons.protocol.identity import SigningKey
@@ -40,13 +41,17 @@ def node_config_of(folder: str | Path, partition: int) -> dict[str, str]:
     return dict(json.loads((volunteer_dir(folder, partition) / NODE_FILE).read_text()))
 
 
-def corrupt(reply: Message, msg: Message, fault: str, identity: str) -> Message:
+def corrupt(reply: Message, msg: Message, fault: str, identity: str, volunteer: Volunteer) -> Message:
     """`reply` with its envelope changed by `fault` and signed again by the volunteer's key."""
     if reply.has_error():
         return reply
-    task_json, adapter, _ = read_task(msg.content)
-    task = RoundTask.from_bytes(task_json)
+    task = RoundTask.from_bytes(read_task(msg.content)[0])
     envelope = Envelope(*read_envelope(reply.content, task.max_payload_bytes))
+    # the task carries a downlink (B only, a delta...): the global is the one the volunteer rebuilt
+    held = volunteer.held
+    if held is None or held.digest != task.base_adapter_digest:
+        raise RuntimeError("the volunteer holds no checked global adapter for this task")
+    adapter = encode_tensors(held.tensors, dtype="float32")
     changed = rehearsal_faults.get(fault)(envelope, task, adapter, SigningKey.load(identity))
     itemsize = DTYPES[task.payload_dtype][1]
     return Message(envelope_content(changed.manifest, changed.payload, changed.signature, itemsize),
@@ -64,6 +69,8 @@ def rehearsal_app(folder: str) -> ClientApp:
         node = Context(run_id=context.run_id, node_id=context.node_id, node_config=dict(config),
                        state=context.state, run_config=context.run_config)
         reply = client_app.train(msg, node)
-        return corrupt(reply, msg, fault, config["identity"]) if fault else reply
+        if not fault:
+            return reply
+        return corrupt(reply, msg, fault, config["identity"], client_app.volunteer_for(dict(config)))
 
     return app

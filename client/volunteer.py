@@ -12,19 +12,22 @@ keeps A frozen; otherwise the round starts a fresh optimizer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from loracommons.client.data import TokenizedData, load_records, split_heldout, tokenize
 from loracommons.protocol import modes
-from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.codec import encode_tensors, round_tensors
+from loracommons.protocol.downlink import Downlink, Held, rebuild
 from loracommons.protocol.envelope import Envelope, sign_update
+from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.task import RoundTask, TrainSettings
 
@@ -35,6 +38,11 @@ log = logging.getLogger(__name__)
 
 MIN_EVAL_EXAMPLES = 4
 """Held-out examples below which a volunteer signs no evaluation (a loss over fewer says little)."""
+
+HELD_VERSIONS = 2
+_HELD: dict[str, Held] = {}
+"""Global adapters rebuilt and checked in this process, by digest (the most recent last): what a
+delta applies to. Per process, not per volunteer: virtual volunteers of a rehearsal share one."""
 
 #: Status callback: (state, details). States: training, sent, failed.
 OnStatus = Callable[[str, dict], None]
@@ -92,20 +100,24 @@ class Volunteer:
         community adapter's)."""
         self._carry: tuple[tuple, Carry | None] | None = None
         """(what the next round must match, the trainer's `Carry`) of the last round."""
+        self._initial: tuple[tuple, dict[str, np.ndarray]] | None = None  # version 0, from the seed
+
+    @property
+    def held(self) -> Held | None:
+        """The last global adapter rebuilt and checked in this process (what a delta applies to)."""
+        return next(reversed(_HELD.values()), None)
 
     @property
     def fingerprint(self) -> str:
         return self.key.public.fingerprint
 
-    def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:
+    def run_round(self, task: RoundTask, adapter_bytes: bytes, downlink: Downlink | None = None) -> Envelope:
         """Train on local data from the global adapter and sign the update."""
         from loracommons.client.evaluate import scored_loss
         from loracommons.client.model import apply_adapter_at_rank, load_base
         from loracommons.client.trainer import train
 
-        if hashlib.sha256(adapter_bytes).hexdigest() != task.base_adapter_digest:
-            raise VolunteerError("global adapter bytes do not match the digest in the round task")
-        global_adapter = decode_tensors(adapter_bytes, max_bytes=task.max_payload_bytes * 2 + (1 << 20))
+        global_adapter = self.receive(task, adapter_bytes, downlink)
         # the revision the update signs (load_base ignores it for a local folder)
         base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
                                     device=self.settings.device)
@@ -188,6 +200,35 @@ class Volunteer:
             return None
         key = _carry_key(task)
         return kept[1] if kept[0][:-1] == key[:-1] and kept[0][-1] == task.round - 1 else None
+    def receive(self, task: RoundTask, data: bytes,
+                downlink: Downlink | None = None) -> dict[str, np.ndarray]:
+        """The task's global adapter rebuilt from its downlink (`protocol/downlink.py`) and checked
+        against the task's digest; `VolunteerError` naming the reason code otherwise (nothing trains)."""
+        link = downlink or Downlink()
+        try:
+            full = rebuild(link, data, mode=task.mode, digest=task.base_adapter_digest,
+                           max_bytes=task.max_payload_bytes * 2 + (1 << 20), held=_HELD.get(link.delta_from),
+                           regenerate=lambda: self.initial_adapter(task))
+        except ProtocolError as exc:  # the code leads the line: the coordinator records it (Reason)
+            raise VolunteerError(f"{exc.reason}: {exc}") from None
+        _HELD.pop(task.base_adapter_digest, None)
+        _HELD[task.base_adapter_digest] = Held(task.base_adapter_digest, full)
+        while len(_HELD) > HELD_VERSIONS:
+            del _HELD[next(iter(_HELD))]
+        return full
+
+    def initial_adapter(self, task: RoundTask) -> Mapping[str, np.ndarray]:
+        """Version 0 from the task's seed, as the coordinator made it, rounded to the downlink dtype;
+        kept for the life of the node (one float32 load of the base on the CPU, once per project)."""
+        from loracommons.protocol.lora import initial_adapter_for
+
+        key = (task.base_model_id, task.base_model_revision, task.adapter_seed, task.lora,
+               task.downlink_dtype)
+        if self._initial is None or self._initial[0] != key:
+            made = initial_adapter_for(task.base_model_id, task.base_model_revision or None, task.lora,
+                                       task.adapter_seed)
+            self._initial = key, round_tensors(made, task.downlink_dtype)
+        return self._initial[1]
 
     def _tokenize(self, tokenizer: object, task: RoundTask) -> tuple[TokenizedData, TokenizedData | None]:
         """Training and held-out tokens; the same every round of a project, so made once."""

@@ -189,7 +189,7 @@ class AsyncCoordinator(Coordinator):
         current = self.global_adapter
         assert current is not None
         rows = [self.store.record_task(new_nonce(), v, node, current.digest) for node in free]
-        messages = [self._task_message(row, current.data, node) for row, node in zip(rows, free, strict=True)]
+        messages = [self._task_message(row, current, node) for row, node in zip(rows, free, strict=True)]
         now = time.monotonic()
         for mid, row, node in zip(grid.push_messages(messages), rows, free, strict=True):
             if not mid:
@@ -199,12 +199,14 @@ class AsyncCoordinator(Coordinator):
             self.on_event(TaskSent(row.serial, v, node))
         return len(free)
 
-    def _task_message(self, row: TaskRow, adapter: bytes, node: int):  # noqa: ANN202 (flwr Message)
-        """The Flower message of one task (its serial as the task's round, its own nonce)."""
+    def _task_message(self, row: TaskRow, current: GlobalAdapter, node: int):  # noqa: ANN202 (flwr Message)
+        """The Flower message of one task (its serial as the task's round, its own nonce), the global
+        as that node can take it (`coordinator/downlinks.py`, as in sync)."""
         from flwr.app import Message
 
         task = self.cfg.task(row.serial, row.nonce, row.base_adapter_digest)
-        return Message(task_content(task.to_bytes(), adapter, self._notes.pop(node, None)),
+        link, data = self.links.for_node(node, current.digest, current.tensors)
+        return Message(task_content(task.to_bytes(), data, self._notes.pop(node, None), link.to_bytes()),
                        dst_node_id=node, message_type="train", group_id=str(row.serial))
 
     def _expire(self, v: int) -> None:
@@ -218,6 +220,7 @@ class AsyncCoordinator(Coordinator):
         flights = {mid: self._flights.pop(mid) for mid in gone}
         self.store.expire_tasks([f.task.nonce for f in flights.values()])
         for flight in flights.values():
+            self.links.failed(flight.node, None)
             self._notes[flight.node] = {"round": flight.task.serial, "outcome": "missed",
                                         "reason": "no reply before the task expired"}
         # a reply that still comes (until 2 x timeout_s after the task was sent) is refused with its
@@ -232,7 +235,10 @@ class AsyncCoordinator(Coordinator):
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 self.store.expire_tasks([flight.task.nonce])
-                self._record_update(v, UpdateRecord.failed(Reason.VOLUNTEER_ERROR, reason[:500]), None, None)
+                refusal = refusal_reason(reason)  # a downlink it could not rebuild: sent whole next time
+                self.links.failed(flight.node, refusal)
+                self._record_update(v, UpdateRecord.failed(refusal or Reason.VOLUNTEER_ERROR, reason[:500]),
+                                    None, None)
                 self._notes[flight.node] = {"round": flight.task.serial, "outcome": "failed",
                                             "reason": reason[:200]}
                 return
@@ -243,6 +249,8 @@ class AsyncCoordinator(Coordinator):
                 return
             record = buffer.offer(envelope)
             task = buffer.last_task if record.accepted else None
+            if task is not None:  # it rebuilt that version and trained from it: a delta base next time
+                self.links.answered(flight.node, task.base_adapter_digest)
             blob = self.store.blobs.put(pack_envelope(envelope)) if task is not None else None
             self._record_update(v, record, blob, task)
             self._notes[flight.node] = record.note(flight.task.serial)

@@ -29,7 +29,9 @@ from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.lora import DEMO_MODEL_ID
 from loracommons.protocol.task import (
+    DOWNLINK_DTYPES,
     LORA_BOUNDS,
+    MAX_SEED,
     PAYLOAD_BOUNDS,
     PROJECT_ID_RE,
     TRAIN_BOUNDS,
@@ -81,7 +83,10 @@ class ProjectSection:
     base_model_revision: str = _key(
         "main", "revision (branch, tag or commit) of the base model", nonempty=True
     )
-    seed: int = _key(0, "seed of the initial global adapter (A factors are identical everywhere)", ge=0)
+    seed: int = _key(
+        0, "seed of the initial global adapter (A factors are identical everywhere; in ffa volunteers "
+        "regenerate A from it instead of downloading it)", ge=0, le=MAX_SEED,
+    )
     membership: str = _key(
         "open", "open: any key may contribute; allowlist: only registered keys", choices=MEMBERSHIPS
     )
@@ -111,6 +116,13 @@ class RoundSection:
         "(demo, 300 steps per volunteer: 30 x 10 reaches 73% exact match, 10 x 30 47%; bench/README.md)",
         "rounds",
         ge=0,
+    )
+    downlink_dtype: str = _key(
+        "float32",
+        "dtype the global adapter travels to volunteers in (packed, lossless). bfloat16 halves the download: "
+        "the coordinator then rounds every new global to bfloat16 after aggregation, so what it stores, "
+        "sends, releases and names by digest is the rounded adapter everyone trains from",
+        choices=DOWNLINK_DTYPES,
     )
     publish_every: int = _key(
         1,
@@ -387,6 +399,8 @@ class ProjectConfig:
             train=self.train,
             payload_dtype=self.limits.payload_dtype,
             max_payload_bytes=self.limits.max_payload_bytes,
+            adapter_seed=self.project.seed,
+            downlink_dtype=self.round.downlink_dtype,
         )
 
 

@@ -17,7 +17,7 @@ from loracommons.coordinator.config import ProjectConfig
 from loracommons.coordinator.store import Store
 from loracommons.protocol.codec import decode_tensors, encode_tensors
 from loracommons.protocol.durable import atomic_write
-from loracommons.protocol.lora import hub_revision, init_adapter, resolve_base_model
+from loracommons.protocol.lora import initial_adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,8 @@ POINTER = "initial_adapter.json"
 
 def build_initial_adapter(cfg: ProjectConfig) -> dict[str, np.ndarray]:
     """`protocol.lora.init_adapter` on the project's base model, loaded in float32."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_base_model(cfg.project.base_model)
-    revision = hub_revision(path, cfg.project.base_model_revision)
-    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
-    return init_adapter(base, cfg.lora, cfg.project.seed)
+    return initial_adapter_for(cfg.project.base_model, cfg.project.base_model_revision, cfg.lora,
+                               cfg.project.seed)
 
 
 def initial_adapter(project_dir: Path, cfg: ProjectConfig, store: Store) -> bytes:

@@ -26,6 +26,7 @@ import numpy as np
 
 from loracommons.coordinator import publishing
 from loracommons.coordinator.config import RELEASE_KEY, ProjectConfig, load_config
+from loracommons.coordinator.downlinks import Downlinks, refusal_reason
 from loracommons.coordinator.events import (
     Finished,
     OnEvent,
@@ -42,7 +43,7 @@ from loracommons.coordinator.releases import reconcile
 from loracommons.coordinator.round import Round, UpdateRecord
 from loracommons.coordinator.rows import RoundRow
 from loracommons.coordinator.store import Store, new_nonce
-from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.codec import encode_tensors, round_tensors
 from loracommons.protocol.envelope import Envelope, sha256_hex
 from loracommons.protocol.errors import ProtocolError, Reason
 from loracommons.protocol.flower_app import read_envelope, task_content
@@ -85,6 +86,7 @@ class Coordinator:
     _notes: dict[int, dict] = field(default_factory=dict)  # node id -> outcome of its last update
     _late: dict[str, tuple[int, int]] = field(default_factory=dict)  # message id -> (round, node)
     RESUME_NOTE = "interrupted round will run again"
+    downlinks: Downlinks | None = None  # what each node holds and is sent (made on first use)
 
     @classmethod
     def open(cls, project_dir: str | Path, **kwargs) -> Coordinator:  # noqa: ANN003
@@ -111,7 +113,7 @@ class Coordinator:
             data = self.store.blobs.get(last.adapter_digest)
         else:
             data = initial_adapter(self.project_dir, self.cfg, self.store)
-        self.global_adapter = GlobalAdapter.from_bytes(data)
+        self._set_global(data)
         if self._publish_due(final=False):
             self.publish()
         open_round = self.store.current_round()
@@ -119,6 +121,30 @@ class Coordinator:
         if open_round:
             self.on_event(Resumed(next_round, self.RESUME_NOTE))
         return next_round
+
+    def _set_global(self, data: bytes) -> None:
+        """The global tasks name from now on, its values rounded to the downlink dtype (stored as a
+        blob too), so that what is sent, checked by digest and trained from is one adapter."""
+        adapter = GlobalAdapter.from_bytes(data)
+        if self.cfg.round.downlink_dtype != "float32":
+            rounded = encode_tensors(round_tensors(adapter.tensors, self.cfg.round.downlink_dtype), "float32")
+            if rounded != data:
+                self.store.blobs.put(rounded)
+                adapter = GlobalAdapter.from_bytes(rounded)
+        self.global_adapter = adapter
+
+    @property
+    def links(self) -> Downlinks:
+        if self.downlinks is None:
+            cfg = self.cfg
+            self.downlinks = Downlinks(cfg.aggregation.mode, cfg.round.downlink_dtype, self.store.blobs)
+        return self.downlinks
+
+    def _task_for(self, node: int, rnd: Round, current: GlobalAdapter):  # noqa: ANN202 (flwr RecordDict)
+        """One node's task content: the round task, its note, and the global as that node can take
+        it (`coordinator/downlinks.py`: packed; B only in ffa; a delta against what it holds)."""
+        link, data = self.links.for_node(node, current.digest, current.tensors)
+        return task_content(rnd.task_bytes, data, self._notes.pop(node, None), link.to_bytes())
 
     # -- the loop --------------------------------------------------------------
 
@@ -170,8 +196,8 @@ class Coordinator:
             banned=self.store.banned_fingerprints(), spill_dir=self.spill_dir,
         )
         messages = [
-            Message(task_content(rnd.task_bytes, current.data, self._notes.pop(node, None)),
-                    dst_node_id=node, message_type="train", group_id=str(r))
+            Message(self._task_for(node, rnd, current), dst_node_id=node, message_type="train",
+                    group_id=str(r))
             for node in sampled
         ]
         waiting = {mid: node for mid, node in zip(grid.push_messages(messages), sampled, strict=True) if mid}
@@ -191,6 +217,7 @@ class Coordinator:
         for mid, node in waiting.items():  # stragglers: their replies are refused if they come
             self._late[mid] = (r, node)
             self._notes[node] = {"round": r, "outcome": "missed", "reason": "no reply before the timeout"}
+            self.links.failed(node, None)
         self._late = {mid: late for mid, late in self._late.items() if late[0] > r - LATE_ROUNDS}
         return self._close(r, rnd)
 
@@ -199,7 +226,9 @@ class Coordinator:
         try:
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
-                self._record(r, UpdateRecord.failed(Reason.VOLUNTEER_ERROR, reason[:500]))
+                refusal = refusal_reason(reason)  # a downlink it could not rebuild: sent whole next time
+                self.links.failed(node, refusal)
+                self._record(r, UpdateRecord.failed(refusal or Reason.VOLUNTEER_ERROR, reason[:500]))
                 self._notes[node] = {"round": r, "outcome": "failed", "reason": reason[:200]}
                 return
             try:
@@ -208,6 +237,8 @@ class Coordinator:
                 self._record(r, UpdateRecord.failed(exc.reason, str(exc)))
                 return
             record = rnd.offer(envelope)
+            if record.accepted:  # it rebuilt this global and trained from it: a delta base next time
+                self.links.answered(node, rnd.expected.base_adapter_digest)
             self._record(r, record)
             self._notes[node] = record.note(r)
         except Exception as exc:  # a bug must not end the round for everyone else
@@ -249,7 +280,7 @@ class Coordinator:
                                          eval_loss=outcome.eval_loss)
             self.on_event(RoundClosed(r, "skipped", note=outcome.message))
             return row
-        data = encode_tensors(outcome.tensors)
+        data = encode_tensors(round_tensors(outcome.tensors, self.cfg.round.downlink_dtype), "float32")
         digest = self.store.blobs.put(data)
         # Claimed losses count through their median (Round.close): no one volunteer sets the figures.
         row = self.store.close_round(r, "aggregated", adapter_digest=digest, note=outcome.note,

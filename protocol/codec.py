@@ -9,6 +9,7 @@ to float32, as numpy has no bfloat16).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Mapping
@@ -61,6 +62,25 @@ def _from_bf16_bits(raw: np.ndarray) -> np.ndarray:
     out = wide.view(np.float32)
     out.flags.writeable = False  # read-only like the zero-copy float32/float16 views
     return out
+
+
+def round_tensors(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """float32 arrays holding exactly the values `dtype` can represent (round to nearest even):
+    what a payload in `dtype` decodes to, so encoding the result in `dtype` loses nothing."""
+    if dtype == "float32":
+        return {name: np.array(value, dtype=np.float32) for name, value in tensors.items()}
+    if dtype == "bfloat16":
+        return {name: np.array(_from_bf16_bits(_to_bf16_bits(value))) for name, value in tensors.items()}
+    if dtype == "float16":
+        return {name: np.asarray(value).astype(np.float16).astype(np.float32)
+                for name, value in tensors.items()}
+    raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+
+
+def canonical_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 of the float32 encoding of an adapter: the digest a round task names, which a
+    volunteer that rebuilt the adapter from a downlink computes the same way."""
+    return hashlib.sha256(encode_tensors(tensors, dtype="float32")).hexdigest()
 
 
 def encode_tensors(

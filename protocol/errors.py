@@ -87,6 +87,20 @@ class Rollback(ChainError):
     reason = "rollback"
 
 
+class DownlinkMismatch(ProtocolError):
+    """The global adapter a volunteer rebuilt from a task (received factors + factors regenerated
+    from the project seed) does not match the task's digest: it trains nothing."""
+
+    reason = "downlink_mismatch"
+
+
+class BaseUnavailable(ProtocolError):
+    """A delta downlink applies to a version the volunteer does not hold: it trains nothing and
+    gets the whole adapter next time."""
+
+    reason = "base_unavailable"
+
+
 class UntrustedKey(ProtocolError):
     """Signed by a key other than the pinned one."""
 
@@ -139,6 +153,8 @@ class Reason(str, Enum):
     REPLAYED = "replayed"
     FUTURE_BASE = "future_base"
     VOLUNTEER_ERROR = "volunteer_error"
+    DOWNLINK_MISMATCH = "downlink_mismatch"
+    BASE_UNAVAILABLE = "base_unavailable"
     INTERNAL_ERROR = "internal_error"
 
     def __str__(self) -> str:
@@ -188,5 +204,9 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.REPLAYED: "async: names a task whose update was already admitted (a replay)",
     Reason.FUTURE_BASE: "async: names a task or version the coordinator has not issued yet",
     Reason.VOLUNTEER_ERROR: "the volunteer's node reported an error instead of an update",
+    Reason.DOWNLINK_MISMATCH: "the volunteer refused the round: the adapter it rebuilt from the task "
+                              "does not match the task's digest (tampered factors or a wrong seed)",
+    Reason.BASE_UNAVAILABLE: "the volunteer refused the round: it no longer holds the version a delta "
+                             "downlink applies to (it gets the whole adapter next round)",
     Reason.INTERNAL_ERROR: "the coordinator failed handling it (a bug): logged with its traceback",
 }

@@ -104,7 +104,9 @@ def check_fab(content: bytes, claimed_sha256: str, fab_id: str, fab_version: str
 
 
 # --- The two Flower messages of a round (flwr is imported only when they are built or read) ---
-# Task:  ConfigRecord "lc" {task: RoundTask JSON, note: JSON}; ArrayRecord "lc-adapter" {adapter: raw bytes}
+# Task:  ConfigRecord "lc" {task: RoundTask JSON, note: JSON, downlink: header JSON}; ArrayRecord "lc-adapter"
+#        {adapter: raw bytes} (downlink: how the adapter bytes are read, see protocol/downlink.py; absent
+#        means the whole adapter, float32, raw)
 # Reply: ConfigRecord "lc" {manifest, signature, encoding};  ArrayRecord "lc-payload" {payload: packed}
 # (encoding: how the payload is packed for the wire, see protocol/wire.py; absent means raw)
 # Large byte strings travel as raw uint8 Arrays, which Flower sends in chunks.
@@ -136,13 +138,18 @@ def _config_bytes(content, name: str) -> bytes:  # noqa: ANN001
     return value
 
 
-def task_content(task_json: bytes, adapter: bytes, note: dict | None = None):  # noqa: ANN201
+def task_content(task_json: bytes, adapter: bytes, note: dict | None = None,  # noqa: ANN201
+                 downlink: bytes | None = None):
+    """A task's content; `downlink` is the `protocol.downlink.Downlink` header of the adapter bytes."""
     import json
 
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+    config = ConfigRecord({"task": task_json, "note": json.dumps(note or {}).encode()})
+    if downlink is not None:
+        config["downlink"] = downlink
     return RecordDict({
-        "lc": ConfigRecord({"task": task_json, "note": json.dumps(note or {}).encode()}),
+        "lc": config,
         "lc-adapter": ArrayRecord({"adapter": _bytes_array(adapter)}),
     })
 
@@ -166,6 +173,16 @@ def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
     except ProtocolError:
         note = {}
     return task, adapter, note if isinstance(note, dict) else {}
+
+
+def read_downlink(content) -> bytes | None:  # noqa: ANN001
+    """The downlink header of a task message's content, or None when it has none (whole adapter)."""
+    try:
+        if "downlink" not in content["lc"]:
+            return None
+    except Exception as exc:  # the coordinator's records can be shaped any way at all
+        raise ProtocolError(f"message is not a round task: {exc}") from None
+    return _config_bytes(content, "downlink")
 
 
 def envelope_content(manifest: bytes, payload: bytes, signature: bytes, itemsize: int = 0):  # noqa: ANN201

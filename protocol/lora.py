@@ -111,6 +111,19 @@ def take_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndar
     return out
 
 
+def initial_adapter_for(model_id: str, revision: str | None, settings: LoraSettings,
+                        seed: int) -> dict[str, np.ndarray]:
+    """`init_adapter` on `model_id` loaded in float32 on the CPU: version 0 as the coordinator
+    makes it, and as an `ffa` volunteer regenerates its frozen A (the same call on both sides)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base_model(model_id)
+    revision = hub_revision(path, revision)
+    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+    return init_adapter(base, settings, seed)
+
+
 def peft_adapter_config(lora: LoraSettings, base_model: str, revision: str | None = None) -> dict:
     """`adapter_config.json` content for `lora`, as `PeftModel.save_pretrained` writes it."""
     out = lora_config(lora).to_dict()

@@ -46,6 +46,9 @@ TRAIN_BOUNDS: dict[str, dict] = {
 }
 MAX_ROUND = 2**31 - 1
 """Far beyond any project's life; keeps the per-round seeds a volunteer derives within range."""
+MAX_SEED = 2**63 - 1
+DOWNLINK_DTYPES = ("float32", "bfloat16")
+"""The dtypes a global adapter may travel in (`[round] downlink_dtype`)."""
 PAYLOAD_BOUNDS: dict[str, int] = {"ge": 1024, "le": 1 << 40}
 """`max_payload_bytes` of a task ([limits] in the project file)."""
 
@@ -187,6 +190,11 @@ class RoundTask:
     payload_dtype: str = "float32"
     max_payload_bytes: int = 64 << 20
     extra: dict = field(default_factory=dict)
+    adapter_seed: int = 0
+    """The project seed version 0's A factors come from: in `ffa` the task carries only the
+    factors that train, and the volunteer regenerates the others from this seed."""
+    downlink_dtype: str = "float32"
+    """The dtype the global adapter's values are representable in (and travel in)."""
 
     def to_bytes(self) -> bytes:
         obj = asdict(self)
@@ -206,6 +214,12 @@ class RoundTask:
             raise Malformed(f"round task mode {task.mode!r} not one of {modes.names()}") from None
         if not isinstance(task.payload_dtype, str) or task.payload_dtype not in DTYPES:
             raise Malformed(f"round task payload_dtype {task.payload_dtype!r} not one of {sorted(DTYPES)}")
+        if not isinstance(task.downlink_dtype, str) or task.downlink_dtype not in DOWNLINK_DTYPES:
+            raise Malformed(f"round task downlink_dtype {_shown(task.downlink_dtype)} not one of "
+                            f"{list(DOWNLINK_DTYPES)}")
+        seed = task.adapter_seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise Malformed(f"round task adapter_seed {_shown(seed)} must be an integer from 0 to {MAX_SEED}")
         rnd = task.round
         if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= MAX_ROUND:
             raise Malformed(f"round task round {_shown(rnd)} must be an integer from 0 to {MAX_ROUND}")

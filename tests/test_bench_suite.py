@@ -106,14 +106,22 @@ def test_comm_bench_with_quality(quality, tmp_path):
     assert (tmp_path / "comm_bars.png").stat().st_size > 1000
     assert set(report["models"]) == {"demo", "llama-3.2-1b-qv"}
     for res in report["models"].values():
-        rows = {(r["mode"], r["dtype"]): r for r in res["rows"]}
-        assert len(rows) == 9
-        assert rows[("fedavg", "float32")]["up_ratio_to_fp32_ab"] == 1.0
-        assert rows[("ffa", "bfloat16")]["up_bytes"] < rows[("ffa", "float32")]["up_bytes"]
-        assert res["ffa_bf16_up_ratio"] == rows[("ffa", "bfloat16")]["up_ratio_to_fp32_ab"]
+        rows = {(r["mode"], r["dtype"], r["downlink_dtype"]): r for r in res["rows"]}
+        assert len(rows) == 18
+        assert rows[("fedavg", "float32", "float32")]["up_ratio_to_fp32_ab"] == 1.0
+        ffa32 = rows[("ffa", "float32", "float32")]
+        assert rows[("ffa", "bfloat16", "float32")]["up_bytes"] < ffa32["up_bytes"]
+        assert res["ffa_bf16_up_ratio"] == rows[("ffa", "bfloat16", "bfloat16")]["up_ratio_to_fp32_ab"]
         assert isinstance(res["target_up_ratio_met"], bool)
+        # the downlink diet: ffa sends B only, packed; a bf16 downlink halves it again
+        ffa, fedavg = rows[("ffa", "float32", "float32")], rows[("fedavg", "float32", "float32")]
+        assert ffa["downlink"]["tensors"] == "sent" and fedavg["downlink"]["tensors"] == "all"
+        assert ffa["down_wire_bytes"] < 0.6 * ffa["down_whole_bytes"]
+        assert rows[("ffa", "float32", "bfloat16")]["down_wire_bytes"] < 0.6 * ffa["down_wire_bytes"]
+        assert res["round_trip_target_met"] == (res["ffa_bf16_round_trip_ratio"] <= 0.25)
     measured = report["measured_in_quality_run"]["2"]
-    table = {(r["mode"], r["dtype"]): r for r in report["models"]["demo"]["rows"]}
+    table = {(r["mode"], r["dtype"]): r for r in report["models"]["demo"]["rows"]
+             if r["downlink_dtype"] == "float32"}
     # the table's sizes are those of the quality run's real envelopes, within a few manifest bytes
     assert abs(measured["ffa"]["up_bytes"] - table[("ffa", "float32")]["up_bytes"]) < 64
     assert abs(measured["ffa-bf16"]["up_bytes"] - table[("ffa", "bfloat16")]["up_bytes"]) < 64
@@ -186,6 +194,7 @@ def test_run_all_lists_every_bench():
     assert done.returncode == 0, done.stderr
     for script in (
         "quality_bench.py",
+        "downlink_quality.py",
         "comm_bench.py",
         "aggregate_bench.py",
         "overhead_bench.py",
@@ -285,6 +294,24 @@ def _comm_model(r: dict, model: str) -> bool:
     return rows[("ffa", "bfloat16")]["up_wire_ratio_to_fp32_ab"] <= 0.25
 
 
+def _comm_trip_model(r: dict, model: str) -> bool:
+    rows = {(row["mode"], row["dtype"], row["downlink_dtype"]): row
+            for row in r["comm"]["models"][model]["rows"]}
+    return rows[("ffa", "bfloat16", "bfloat16")]["round_trip_ratio_to_fp32_ab"] <= 0.25
+
+
+def _comm_trip_measured(r: dict, n: str) -> bool:
+    down = r["comm"]["measured_downlink"]
+    assert str(down["volunteers"]) == n
+    return down["runs"]["ffa-bf16-down"]["round_trip_ratio_to_fp32_ab"] <= 0.25
+
+
+def _downlink_quality(r: dict, n: str) -> bool:
+    final = r["downlink_quality"]["final_heldout_loss"]
+    assert str(r["downlink_quality"]["config"]["volunteers"]) == n
+    return final["ffa-bf16-down"] <= final["ffa"] * (1 + r["downlink_quality"]["config"]["tolerance"])
+
+
 def _comm_equal_rounds(r: dict, n: str) -> bool:
     last = r["comm"]["quality_at_equal_bytes"][n]["final_loss_equal_rounds"]
     return last["ffa-bf16"] <= last["fedavg"]
@@ -352,6 +379,12 @@ RULES = [
      _comm_measured),
     (r"comm, ([\w.-]+) \(Gaussian stand-in values\): `ffa` bf16 upload as sent <= 0.25", _comm_model),
     (r"comm, (\d+) volunteers: `ffa` bf16 no worse held-out loss than `fedavg` fp32", _comm_equal_rounds),
+    (r"comm, ([\w.-]+) \(Gaussian stand-in values\): `ffa` round trip as sent, bf16 up and bf16 down, "
+     r"<= 0.25", _comm_trip_model),
+    (r"comm, demo adapter, (\d+) volunteers, trained rounds: `ffa` round trip as sent, bf16 up and bf16 "
+     r"down, <= 0.25", _comm_trip_measured),
+    (r"comm, (\d+) volunteers: `ffa` with a bf16 downlink no worse held-out loss than `ffa` fp32",
+     _downlink_quality),
     (r"coordinator `(\w+)`: admission\+aggregation >= 0.5 x sha256 throughput", _throughput),
     (r"coordinator `(\w+)`: peak memory N=\d+ within 1.2x of N=\d+", _memory),
     (r"round overhead, (.*LoRA Commons / plain Flower <= [\d.]+)$", _overhead),
@@ -369,7 +402,8 @@ def _expected_rows(r: dict) -> int:
     if c:
         measured = c.get("measured_in_quality_run", {}).values()
         count += sum("up_wire_ratio_to_fp32_ab" in m.get("ffa-bf16", {}) for m in measured)
-        count += len(c["models"]) + len(c.get("quality_at_equal_bytes", {}))
+        count += 2 * len(c["models"]) + len(c.get("quality_at_equal_bytes", {}))
+        count += 2 if c.get("measured_downlink") else 0
     count += 2 * len(a["variants"]) if a else 0
     count += len(r["async"]["verdicts"]) if r.get("async") else 0
     count += 2 if r.get("quality_ranks") else 0

@@ -346,3 +346,92 @@ def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, glo
     for rnd, train_settings in ((3, FAST), (4, other_lr)):
         exact.run_round(make_task(model_dir, adapter_bytes, round=rnd, train=train_settings), adapter_bytes)
     assert given == [None, None, None, None]
+
+
+# --- the downlink diet (issue 14): ffa tasks carry B only, packed; deltas; refusals before training ---
+
+
+def _b_trained(adapter: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: (t + rng.normal(scale=0.01, size=t.shape) if "lora_B" in n else t).astype(np.float32)
+            for n, t in adapter.items()}
+
+
+@pytest.fixture
+def counted_initial(monkeypatch):
+    """Counts how often a volunteer regenerates version 0 from the seed."""
+    from loracommons.protocol import lora
+
+    calls = []
+    real = lora.initial_adapter_for
+
+    def initial_adapter_for(*args):  # noqa: ANN002, ANN202
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(lora, "initial_adapter_for", initial_adapter_for)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ffa_b_only_downlink_trains_from_a_regenerated_from_the_seed(model_dir, global_adapter,
+                                                                     make_volunteer, spy, counted_initial,
+                                                                     dtype):
+    from loracommons.protocol.codec import canonical_digest, round_tensors
+    from loracommons.protocol.downlink import SENT, build
+
+    volunteer = make_volunteer()
+    for rnd, seed in ((3, 1), (4, 2)):
+        adapter = round_tensors(_b_trained(global_adapter, seed), dtype)
+        link, data = build(adapter, "ffa", dtype, regenerate=True)
+        assert link.tensors == SENT
+        task = make_task(model_dir, b"", round=rnd, base_adapter_digest=canonical_digest(adapter),
+                         adapter_seed=7, downlink_dtype=dtype)
+        envelope = volunteer.run_round(task, data, link)
+        verify_update(envelope, expected_for(task, adapter))
+        assert all(np.array_equal(spy[-1]["state"][n], adapter[n]) for n in adapter if "lora_A" in n)
+    assert len(counted_initial) == 1  # regenerated once, kept for the life of the node
+
+
+@pytest.mark.parametrize("tamper", ["b", "seed", "dtype"])
+def test_tampered_b_or_wrong_seed_is_refused_before_training(model_dir, global_adapter, make_volunteer, spy,
+                                                             tamper):
+    from loracommons.protocol.codec import canonical_digest
+    from loracommons.protocol.downlink import build
+
+    adapter = _b_trained(global_adapter, 1)
+    sent = dict(adapter)
+    if tamper == "b":
+        name = next(n for n in sent if "lora_B" in n)
+        sent[name] = sent[name] * 1.5
+    link, data = build(sent, "ffa", "float32", regenerate=True)
+    task = make_task(model_dir, b"", base_adapter_digest=canonical_digest(adapter),
+                     adapter_seed=8 if tamper == "seed" else 7,
+                     downlink_dtype="bfloat16" if tamper == "dtype" else "float32")
+    with pytest.raises(VolunteerError, match=r"^downlink_mismatch: .*digest"):
+        make_volunteer().run_round(task, data, link)
+    assert spy == []  # refused before training
+
+
+def test_delta_needs_the_held_version_and_round_trips_exactly(model_dir, global_adapter, make_volunteer, spy):
+    from loracommons.protocol.codec import canonical_digest
+    from loracommons.protocol.downlink import Held, build
+
+    v1, v2 = _b_trained(global_adapter, 1), _b_trained(global_adapter, 2)
+    d1, d2 = canonical_digest(v1), canonical_digest(v2)
+    delta, data = build(v2, "ffa", "float32", regenerate=True, held=Held(d1, v1))
+    assert delta.delta_from == d1
+    task2 = make_task(model_dir, b"", round=4, base_adapter_digest=d2, adapter_seed=7)
+    from loracommons.client import volunteer as volunteer_module
+
+    volunteer_module._HELD.clear()  # a fresh node process: it holds no version
+    volunteer = make_volunteer()
+    with pytest.raises(VolunteerError, match="^base_unavailable: "):  # a fresh node holds nothing
+        volunteer.run_round(task2, data, delta)
+    assert spy == []
+    link, whole = build(v1, "ffa", "float32", regenerate=True)  # the coordinator then sends it whole
+    volunteer.run_round(make_task(model_dir, b"", base_adapter_digest=d1, adapter_seed=7), whole, link)
+    envelope = volunteer.run_round(task2, data, delta)
+    verify_update(envelope, expected_for(task2, v2))
+    assert all(np.array_equal(spy[-1]["state"][n], v2[n]) for n in v2 if "lora_A" in n)
+    assert len(spy) == 2

@@ -22,10 +22,11 @@ from loracommons.coordinator.initial import POINTER
 from loracommons.coordinator.releases import load_chain
 from loracommons.coordinator.store import Store
 from loracommons.protocol import PublicKey, verify_chain
-from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.codec import encode_tensors
+from loracommons.protocol.downlink import Downlink, Held, rebuild
 from loracommons.protocol.envelope import Envelope
 from loracommons.protocol.errors import Reason
-from loracommons.protocol.flower_app import envelope_content, read_task
+from loracommons.protocol.flower_app import envelope_content, read_downlink, read_task
 from loracommons.protocol.identity import SigningKey
 
 from .conftest import Signer, make_global, make_update
@@ -45,8 +46,11 @@ class Node:
 
 
 class Grid:
-    def __init__(self, cfg: ProjectConfig, nodes: dict[int, Node], crash_when=None):  # noqa: ANN001
+    def __init__(self, cfg: ProjectConfig, nodes: dict[int, Node], crash_when=None,  # noqa: ANN001
+                 initial: dict | None = None):
         self.cfg, self.nodes, self.crash_when = cfg, nodes, crash_when
+        self.initial = initial or {}  # version 0: what a node regenerates A from (ffa sends B only)
+        self.held: dict[str, Held] = {}  # what each digest rebuilt to (the nodes' delta bases)
         self.pending: dict[str, tuple[int, Envelope]] = {}  # mid -> (poll it is ready, envelope)
         self.pushed: list[tuple[int, dict]] = []  # (node, task)
         self.poll, self._next = 0, 0
@@ -64,13 +68,22 @@ class Grid:
             task = json.loads(task_json)
             self.pushed.append((message.metadata.dst_node_id, task))
             if node.answers:
-                base = decode_tensors(adapter, max_bytes=len(adapter))
+                base = self.rebuild(task, adapter, read_downlink(message.content))
                 signer = Signer(self.cfg, base, round=task["round"], nonce=task["nonce"])
                 env = signer.envelope(make_update(base, "ffa", self.rng), key=node.key, examples=10,
                                       base_adapter_digest=task["base_adapter_digest"])
                 self.pending[mid] = (self.poll + node.polls, env)
             ids.append(mid)
         return ids
+
+    def rebuild(self, task: dict, data: bytes, header: bytes | None) -> dict:
+        """The global as a volunteer rebuilds it from the task's downlink (checked by digest)."""
+        link = Downlink.from_bytes(header) if header is not None else Downlink()
+        digest = task["base_adapter_digest"]
+        base = rebuild(link, data, mode=task["mode"], digest=digest, max_bytes=64 << 20,
+                       held=self.held.get(link.delta_from), regenerate=lambda: self.initial)
+        self.held[digest] = Held(digest, base)
+        return base
 
     def pull_messages(self, ids) -> list:  # noqa: ANN001
         self.poll += 1
@@ -121,10 +134,10 @@ def quick_polls(monkeypatch):
 
 
 def test_versions_come_from_whoever_answers_and_a_slow_node_is_not_waited_for(tmp_path, rng):
-    cfg, _ = project(tmp_path, rng)
+    cfg, g = project(tmp_path, rng)
     events: list[Event] = []
     coord = coordinator(tmp_path, cfg, events)
-    grid = Grid(cfg, {1: Node(1), 2: Node(1), 3: Node(3)})
+    grid = Grid(cfg, {1: Node(1), 2: Node(1), 3: Node(3)}, initial=g)
     coord.run(grid)
     store = coord.store
     rows = store.rounds()
@@ -144,10 +157,10 @@ def test_versions_come_from_whoever_answers_and_a_slow_node_is_not_waited_for(tm
 def test_a_node_that_leaves_and_one_that_joins_late(tmp_path, rng, monkeypatch):
     from loracommons.coordinator import async_rounds
 
-    cfg, _ = project(tmp_path, rng, rounds=3, timeout_s=0.3)
+    cfg, g = project(tmp_path, rng, rounds=3, timeout_s=0.3)
     coord = coordinator(tmp_path, cfg)
     nodes = {1: Node(1), 2: Node(1, answers=False), 3: Node(1, joins_at=3)}
-    grid = Grid(cfg, nodes)
+    grid = Grid(cfg, nodes, initial=g)
     # the loop's clock advances 0.15 s per poll, whatever the machine's speed: the silent node's
     # task expires after two polls (timeout_s 0.3), long before the 3 versions are done
     monkeypatch.setattr(async_rounds, "time", SimpleNamespace(monotonic=lambda: grid.poll * 0.15,
@@ -169,7 +182,7 @@ def test_a_node_that_leaves_and_one_that_joins_late(tmp_path, rng, monkeypatch):
 
 
 def test_kill_mid_buffer_then_resume_loses_and_duplicates_nothing(tmp_path, rng):
-    cfg, _ = project(tmp_path, rng, buffer_size=3, rounds=4)
+    cfg, g = project(tmp_path, rng, buffer_size=3, rounds=4)
     first = coordinator(tmp_path, cfg)
     store = first.store
 
@@ -179,14 +192,14 @@ def test_kill_mid_buffer_then_resume_loses_and_duplicates_nothing(tmp_path, rng)
             u.outcome == "admitted" for u in store.round_updates(2))
 
     with pytest.raises(Crash):
-        first.run(Grid(cfg, {1: Node(1), 2: Node(2), 3: Node(3)}, crash_when=mid_buffer))
+        first.run(Grid(cfg, {1: Node(1), 2: Node(2), 3: Node(3)}, initial=g, crash_when=mid_buffer))
     kept = [u.update_digest for u in store.round_updates(2) if u.outcome == "admitted"]
     assert kept and store.round(2).status == "open"
     store.close()
 
     events: list[Event] = []
     second = coordinator(tmp_path, cfg, events)
-    second.run(Grid(cfg, {1: Node(1), 2: Node(2), 3: Node(3)}))
+    second.run(Grid(cfg, {1: Node(1), 2: Node(2), 3: Node(3)}, initial=g))
     rows = second.store.rounds()
     assert [r.round for r in rows] == [1, 2, 3, 4] and all(r.status == "aggregated" for r in rows)
     assert all(r.admitted == 3 for r in rows)
@@ -211,9 +224,9 @@ def test_reasons_are_documented():
 
 
 def test_a_reply_after_its_task_expired_is_refused_with_its_reason(tmp_path, rng):
-    cfg, _ = project(tmp_path, rng, rounds=8, max_staleness=1)
+    cfg, g = project(tmp_path, rng, rounds=8, max_staleness=1)
     coord = coordinator(tmp_path, cfg)
-    grid = Grid(cfg, {1: Node(1), 2: Node(1), 3: Node(4)})
+    grid = Grid(cfg, {1: Node(1), 2: Node(1), 3: Node(4)}, initial=g)
     coord.run(grid)
     slow = grid.nodes[3].key.public.fingerprint
     store = coord.store

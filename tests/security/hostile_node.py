@@ -49,6 +49,7 @@ from loracommons.client import volunteer as volunteer_module
 from loracommons.protocol import modes
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.downlink import Downlink
 from loracommons.protocol.envelope import Envelope, sign_update
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.task import RoundTask
@@ -75,9 +76,11 @@ def tensors_of(envelope: Envelope) -> dict[str, np.ndarray]:
     return {name: np.array(value, dtype=np.float32) for name, value in raw.items()}
 
 
-def global_sent(task: RoundTask, adapter_bytes: bytes) -> dict[str, np.ndarray]:
-    """The global adapter's tensors that an update carries in this round's mode."""
-    adapter = decode_tensors(adapter_bytes, max_bytes=1 << 30)
+def global_sent(volunteer, task: RoundTask, adapter_bytes: bytes,  # noqa: ANN001
+                downlink: Downlink | None) -> dict[str, np.ndarray]:
+    """The global adapter's tensors that an update carries in this round's mode (rebuilt from the
+    task's downlink as an honest volunteer rebuilds it)."""
+    adapter = volunteer.receive(task, adapter_bytes, downlink)
     return {n: np.array(adapter[n], dtype=np.float32) for n in modes.get(task.mode).sent_names(adapter)}
 
 
@@ -98,17 +101,18 @@ class _Pwn:
         return (os.system, (f"touch {self.marker}",))
 
 
-def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa: ANN001
+def run_round(self, task: RoundTask, adapter_bytes: bytes,  # noqa: ANN001
+              downlink: Downlink | None = None) -> Envelope:
     mode = _state["mode"]
     _state["rounds"] += 1
     odd = _state["rounds"] % 2 == 1
     if mode == "free_rider":
         rng = np.random.default_rng(_state["rounds"])
-        sent = global_sent(task, adapter_bytes)
+        sent = global_sent(self, task, adapter_bytes, downlink)
         return untrained(self, task, {n: v + rng.normal(0, 1e-6, v.shape).astype(np.float32)
                                       for n, v in sent.items()})
     if mode == "sybil":
-        sent = global_sent(task, adapter_bytes)
+        sent = global_sent(self, task, adapter_bytes, downlink)
         rng = np.random.default_rng(1234)  # the same direction on every sybil
         direction = {n: rng.standard_normal(v.shape) for n, v in sorted(sent.items())}
         norm = np.sqrt(sum(float(np.sum(d * d)) for d in direction.values()))
@@ -120,7 +124,7 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
         print(f"hostile: round {task.round}: holding the task, sleeping {os.environ['LC_HOSTILE_SLEEP']} s",
               flush=True)  # a test can aim a kill at this point
         time.sleep(float(os.environ["LC_HOSTILE_SLEEP"]))
-    envelope = _real_run_round(self, task, adapter_bytes)
+    envelope = _real_run_round(self, task, adapter_bytes, downlink)
     previous_nonce = _state.get("nonce")
     _state["nonce"] = task.nonce
     if mode in ("slow", "honest"):
@@ -162,7 +166,7 @@ def run_round(self, task: RoundTask, adapter_bytes: bytes) -> Envelope:  # noqa:
     elif mode == "oversize":
         tensors["padding"] = np.zeros(1 << 20, dtype=np.float32)
     elif mode == "scaled":
-        sent = global_sent(task, adapter_bytes)
+        sent = global_sent(self, task, adapter_bytes, downlink)
         tensors = {n: sent[n] + 100.0 * (v - sent[n]) for n, v in tensors.items()}
     elif mode == "pickle":
         payload = pickle.dumps({"weights": _Pwn(os.environ["LC_HOSTILE_MARKER"])})

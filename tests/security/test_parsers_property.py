@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from loracommons.protocol import wire
 from loracommons.protocol.canonical import canonical_json, parse_json
 from loracommons.protocol.codec import decode_tensors, encode_tensors
+from loracommons.protocol.downlink import Downlink
 from loracommons.protocol.envelope import Envelope, open_envelope, sign_update
 from loracommons.protocol.errors import ProtocolError
 from loracommons.protocol.identity import PublicKey, SigningKey
@@ -114,8 +115,11 @@ PARSERS = {
     "release_manifest": read_release_manifest,
     "public_key": PublicKey.from_openssh,
     "safetensors": lambda data: decode_tensors(data, max_bytes=1 << 20),
+    "downlink_header": Downlink.from_bytes,
 }
-DOCUMENTS = {"update_manifest": MANIFEST, "round_task": TASK_OBJ, "release_manifest": RELEASE_OBJ}
+DOWNLINK_OBJ = json.loads(Downlink("sent", "bfloat16", "shuffle2-zlib", "ab" * 32).to_bytes())
+DOCUMENTS = {"update_manifest": MANIFEST, "round_task": TASK_OBJ, "release_manifest": RELEASE_OBJ,
+             "downlink_header": DOWNLINK_OBJ}
 
 
 @pytest.mark.parametrize("parser", list(PARSERS))
@@ -125,7 +129,8 @@ def test_arbitrary_bytes_raise_only_protocol_errors(parser, data):
     only_protocol_errors(PARSERS[parser], data)
 
 
-@pytest.mark.parametrize("parser", ["canonical_json", "update_manifest", "round_task", "release_manifest"])
+@pytest.mark.parametrize("parser", ["canonical_json", "update_manifest", "round_task", "release_manifest",
+                                    "downlink_header"])
 @FAST
 @given(value=json_values)
 def test_arbitrary_json_raises_only_protocol_errors(parser, value):
