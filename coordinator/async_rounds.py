@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loracommons.coordinator.buffer import Buffer
+from loracommons.coordinator.downlinks import refusal_reason
 from loracommons.coordinator.events import Finished, RoundOpened, TaskSent, UpdateHandled, Waiting
 from loracommons.coordinator.initial import decode_adapter
 from loracommons.coordinator.round import UpdateRecord
-from loracommons.coordinator.rounds import POLL_FLOOR, POLL_SECONDS, Coordinator
+from loracommons.coordinator.rounds import POLL_FLOOR, POLL_SECONDS, Coordinator, GlobalAdapter
 from loracommons.coordinator.rows import TaskRow
 from loracommons.coordinator.store import new_nonce
 from loracommons.protocol.envelope import Envelope
