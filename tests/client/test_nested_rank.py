@@ -107,7 +107,8 @@ def test_a_capped_volunteer_sends_its_columns_and_declares_its_rank(model_dir, g
                                                            expected.spec.dtypes))
     manifest, tensors = verify_update(envelope, narrow)
     (tmp_path / "full").mkdir()
-    full, _ = verify_update(_volunteer(tmp_path / "full", records=48).run_round(task, adapter_bytes), expected)
+    full_rank = _volunteer(tmp_path / "full", records=48)
+    full, _ = verify_update(full_rank.run_round(task, adapter_bytes), expected)
     # its forward pass is the whole community adapter: the same score as a rank-4 volunteer's
     assert manifest.rank == 2 and manifest.eval_loss == pytest.approx(full.eval_loss, rel=1e-5)
     for name, value in tensors.items():
