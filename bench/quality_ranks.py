@@ -103,6 +103,7 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             done = list(pool.map(run_community, jobs))
     runs.update({res["name"]: res for res in done})
+    runs = {name: runs[name] for name in communities(plan, ranks)}  # the table's order, reused or not
     top = max(ranks)
     final = {name: res["rounds"][-1]["mean_heldout_loss"] for name, res in runs.items()}
     mixed, full, two = final["mixed"], final[f"all-{top}"], final[f"two-{top}"]
