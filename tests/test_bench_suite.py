@@ -308,6 +308,16 @@ def _overhead(r: dict, limits: str) -> bool:
     return ok and f"<= {o['target']['ratio_at_most']}" in limits
 
 
+def _ranks_within(r: dict, top: str) -> bool:
+    ch = r["quality_ranks"]["checks"]
+    return ch["mixed_heldout_loss"] <= 1.1 * ch[f"all_{top}_heldout_loss"]
+
+
+def _ranks_better(r: dict, top: str) -> bool:
+    ch = r["quality_ranks"]["checks"]
+    return ch["mixed_heldout_loss"] < ch[f"two_{top}_heldout_loss"]
+
+
 RULES = [
     (r"quality, (\d+) volunteers, `(\w+)` held-out loss <= ([\d.]+) x centralized at equal sequential steps",
      _equal_sequential),
@@ -322,6 +332,8 @@ RULES = [
     (r"coordinator `(\w+)`: admission\+aggregation >= 0.5 x sha256 throughput", _throughput),
     (r"coordinator `(\w+)`: peak memory N=\d+ within 1.2x of N=\d+", _memory),
     (r"round overhead, (.*LoRA Commons / plain Flower <= [\d.]+)$", _overhead),
+    (r"quality, ranks \{[\d, ]+\}: held-out loss within 10% of all (\d+)$", _ranks_within),
+    (r"quality, ranks \{[\d, ]+\}: better than the two rank-(\d+) volunteers alone$", _ranks_better),
 ]
 
 
@@ -334,6 +346,7 @@ def _expected_rows(r: dict) -> int:
         count += sum("up_wire_ratio_to_fp32_ab" in m.get("ffa-bf16", {}) for m in measured)
         count += len(c["models"]) + len(c.get("quality_at_equal_bytes", {}))
     count += 2 * len(a["variants"]) if a else 0
+    count += 2 if r.get("quality_ranks") else 0
     return count + (1 if o else 0)
 
 
@@ -365,3 +378,17 @@ def test_quality_ranks_tiny(tmp_path):
     checks = report["checks"]
     assert checks["met"] == (checks["within_10pct_of_all_16"] and checks["better_than_two_16"])
     assert all(len(curve) == report["config"]["rounds"] for curve in report["curves"].values())
+
+
+def test_quality_ranks_reruns_one_community_against_an_earlier_result(tmp_path):
+    """`--only mixed --reuse`: the mixed community run again (the same numbers: the run is deterministic),
+    the others taken from the earlier result and said so."""
+    first, again = tmp_path / "first.json", tmp_path / "again.json"
+    run("quality_ranks.py", "--tiny", "--out", str(first), timeout=600)
+    run("quality_ranks.py", "--tiny", "--only", "mixed", "--reuse", str(first), "--out", str(again),
+        timeout=600)
+    before, after = json.loads(first.read_text()), json.loads(again.read_text())
+    assert list(after["final"]) == ["mixed", "all-16", "two-16"]
+    assert after["curves"] == before["curves"]
+    assert after["config"]["reused"] == {"file": str(first), "date": before["date"],
+                                         "communities": ["all-16", "two-16"]}
