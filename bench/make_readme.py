@@ -191,6 +191,7 @@ def ranks_section(r: dict) -> str:
         "\nHeld-out loss per round:\n",
         table(["round", *r["curves"]], [[i + 1, *(f"{c[i]:.3f}" for c in r["curves"].values())]
                                         for i in range(len(next(iter(r["curves"].values()))))]),
+        longer_run(r.get("longer_run")),
         "" if r["checks"]["met"] else (
             f"\n**MISSED.** The mixed community "
             f"{'beats' if r['checks'][f'better_than_two_{top}'] else 'trails'} "
@@ -201,9 +202,26 @@ def ranks_section(r: dict) -> str:
             "skill per volunteer, a skill held by a rank-4 volunteer alone is learned in 4 of the 16 "
             "columns, each at 1/6 weight, where all-16 gives it all 16; the columns above r_i are fitted by "
             "the larger volunteers' skills only. Likely (not yet tested) the capacity a smaller rank gives "
-            "up rather than a fault of the fold; to try: more rounds, and a split where no skill is held by "
-            "small ranks alone."
+            "up rather than a fault of the fold. More rounds do not close it (the longer run above); to try: "
+            "a split where no skill is held by small ranks alone."
         ),
+    ])
+
+
+def longer_run(longer: dict | None) -> str:
+    """A longer run of the same communities, stopped before its end (its per-round log lines)."""
+    if not longer:
+        return ""
+    curves = longer["curves"]
+    last = min(len(c) for c in curves.values())
+    rows = [[i, *(f"{c[i - 1]:.3f}" for c in curves.values())] for i in (*range(10, last, 5), last)
+            if i <= last]
+    full = next(n for n in curves if n.startswith("all-"))
+    gap = curves["mixed"][last - 1] / curves[full][last - 1] - 1
+    return "\n".join([
+        f"\nA longer run ({longer['planned_rounds']} rounds planned, {longer['note']}), held-out loss at "
+        f"rounds every community reached (mixed {100 * gap:+.0f}% against {full} at round {last}):\n",
+        table(["round", *curves], rows),
     ])
 
 
