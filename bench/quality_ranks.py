@@ -14,11 +14,17 @@ Targets (issue 14): the mixed community's held-out loss within 10% of all-16's, 
     python bench/quality_ranks.py --workers 3                          # 40 rounds x 10 steps
     python bench/quality_ranks.py --workers 3 --rounds 8 --heldout 16  # the recorded run (bench/README.md)
     python bench/quality_ranks.py --tiny --out /tmp/ranks.json         # smoke test
+    python bench/quality_ranks.py --rounds 8 --heldout 16 --only mixed --reuse earlier.json
+
+`--only NAME --reuse FILE` runs only that community and takes the others from an earlier result of the
+same settings (recorded under config.reused): for a change that only a smaller rank's code path sees,
+the full-rank communities compute the same thing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -66,20 +72,38 @@ def run_community(job: dict) -> dict:
     return {"name": job["name"], **result}
 
 
-def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path) -> dict:
+def reused_runs(path: Path, s: qb.Settings, ranks: tuple[int, ...], names: set[str]) -> tuple[dict, dict]:
+    """The runs `names` from an earlier result of the same settings, and where they came from."""
+    earlier = json.loads(path.read_text())
+    config = earlier["config"]
+    if {k: config[k] for k in asdict(s)} != asdict(s) or tuple(config["ranks"]) != ranks:
+        raise SystemExit(f"{path} was run with other settings; rerun every community")
+    return {n: earlier["runs"][n] for n in names}, {"file": str(path), "date": earlier["date"],
+                                                    "communities": sorted(names)}
+
+
+def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
+        only: set[str] | None = None, reuse: Path | None = None) -> dict:
     started = time.monotonic()
     plan = benchlib.skill_data(work / "data", len(ranks), s.n_train, s.n_heldout, s.seed)
     jobs = [
         {"name": name, "participants": members, "settings": asdict(s), "heldout": plan["heldout"],
          "work": str(work / name)}
         for name, members in communities(plan, ranks).items()
+        if only is None or name in only
     ]
+    runs, reused = {}, None
+    if only is not None:
+        if reuse is None:
+            raise SystemExit("--only needs --reuse: the other communities' results to compare with")
+        runs, reused = reused_runs(reuse, s, ranks, set(communities(plan, ranks)) - only)
     if workers <= 1:
         done = [run_community(job) for job in jobs]
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             done = list(pool.map(run_community, jobs))
-    runs = {res["name"]: res for res in done}
+    runs.update({res["name"]: res for res in done})
+    runs = {name: runs[name] for name in communities(plan, ranks)}  # the table's order, reused or not
     top = max(ranks)
     final = {name: res["rounds"][-1]["mean_heldout_loss"] for name, res in runs.items()}
     mixed, full, two = final["mixed"], final[f"all-{top}"], final[f"two-{top}"]
@@ -102,7 +126,7 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path) -> dic
         "column-wise ffa mean); Flower transport and the state store are not involved",
         "config": {**asdict(s), "ranks": list(ranks), "project_rank": qb.DEMO.lora_r,
                    "lora_alpha": 2.0 * qb.DEMO.lora_r, "learning_rate": qb.FFA_LR, "workers": workers,
-                   "skills": plan["skills"],
+                   "skills": plan["skills"], **({"reused": reused} if reused else {}),
                    "volunteers": [{k: v[k] for k in ("name", "skills", "examples")}
                                   for v in plan["volunteers"]]},
         "final": {name: {"mean_heldout_loss": res["rounds"][-1]["mean_heldout_loss"],
@@ -127,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="2 rounds of 2 steps: a smoke test")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--only", help="run only these communities (comma-separated); needs --reuse")
+    parser.add_argument("--reuse", type=Path, help="an earlier result to take the other communities from")
     args = parser.parse_args(argv)
     ranks = tuple(int(r) for r in args.ranks.split(","))
     if args.tiny:
@@ -135,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         s = qb.Settings(rounds=args.rounds, steps=args.steps, n_train=args.train, n_heldout=args.heldout,
                         seed=args.seed, em_every=0)
     with tempfile.TemporaryDirectory(prefix="quality-ranks-") as work:
-        report = run(s, ranks, args.workers, Path(work))
+        only = set(args.only.split(",")) if args.only else None
+        report = run(s, ranks, args.workers, Path(work), only, args.reuse)
     benchlib.write_json(args.out, report)
     c = report["checks"]
     print(f"mixed {c['mixed_heldout_loss']:.4f}; " + "; ".join(

@@ -37,6 +37,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PAYLOAD_DTYPES = ("float32", "float16", "bfloat16")
 _WRAPPER_ATTR = "_loracommons_peft"  # (PeftModel, LoraSettings) kept on the base module
 _SLOTS_ATTR = "_loracommons_slots"  # PEFT saved name -> its parameter, kept on the wrapper
+_REST_ATTR = "_loracommons_rest"  # a smaller rank's frozen-rest hooks (`_hold_rest`), kept on the wrapper
 
 
 class ModelError(RuntimeError):
@@ -278,10 +279,15 @@ def apply_adapter_at_rank(
 ) -> PeftModel:
     """`apply_adapter` for a volunteer of rank `rank` <= r (nested ranks, `Mode.nested_ranks`).
 
-    The PEFT layers are built at rank `rank` with alpha * rank / r (`protocol.lora.nested_settings`:
-    the same alpha / r scale as the project's) and hold A[:rank, :] and B[:, :rank], so the model
-    computes exactly the first `rank` components of the global adapter's ΔW. `extract_update` then
-    returns B[:, :rank], the columns the update carries.
+    The trainable PEFT layers are built at rank `rank` with alpha * rank / r
+    (`protocol.lora.nested_settings`: the same alpha / r scale as the project's) and hold A[:rank, :]
+    and B[:, :rank]; the other components, A[rank:, :] and B[:, rank:], are a frozen term added to
+    each adapted layer's output (`_hold_rest`). The forward pass is thus the whole global adapter:
+    the volunteer trains its columns in the model the community has (not in a truncated one, which
+    would pull the shared columns away from what the full ranks learn with every component present),
+    and can score that model. `extract_update` returns B[:, :rank], the columns the update carries.
+    Memory: the frozen factors only (no gradients, no optimizer state, no saved activations: the
+    backward pass through a frozen linear needs its weight only), so training costs rank `rank`.
     """
     if rank == settings.r:
         return apply_adapter(base, settings, tensors, mode)
@@ -292,7 +298,44 @@ def apply_adapter_at_rank(
     except ValueError as exc:
         raise ModelError(str(exc)) from None
     cut = {name: np.ascontiguousarray(value) for name, value in take_rank(tensors, rank).items()}
-    return apply_adapter(base, narrow, cut, mode)
+    model = apply_adapter(base, narrow, cut, mode)
+    _hold_rest(model, tensors, rank, settings.alpha / settings.r)
+    return model
+
+
+def _hold_rest(model: PeftModel, tensors: dict[str, np.ndarray], rank: int, scale: float) -> None:
+    """Add scale * B[:, rank:] A[rank:, :] x, frozen, to each adapted layer's output (a forward hook).
+
+    Each round replaces the previous round's hooks (the warm wrapper is reused, `_wrapper`); a wrapper
+    rebuilt for other settings drops them with its layers. The factors are plain tensors held by the
+    hook, not parameters or buffers: the state dict, `copy_factors` and the optimizer never see them.
+    """
+    for handle in getattr(model, _REST_ATTR, ()):
+        handle.remove()
+    modules = dict(model.named_modules())
+    handles = []
+    for name, a in tensors.items():
+        if not name.endswith(".lora_A.weight") or a.shape[0] <= rank:
+            continue
+        prefix = name[: -len(".lora_A.weight")]
+        layer = modules.get(prefix) or modules.get(prefix.removeprefix("base_model.model."))
+        b = tensors.get(f"{prefix}.lora_B.weight")
+        if layer is None or b is None:
+            raise ModelError(f"no adapted layer for global adapter tensor {name!r}")
+        like = next(p for n, p in layer.named_parameters() if ".lora_A." in f".{n}")
+        a_rest = torch.from_numpy(np.array(a[rank:], dtype=np.float32)).to(like.device, like.dtype)
+        b_rest = torch.from_numpy(np.array(b[:, rank:], dtype=np.float32)).to(like.device, like.dtype)
+        handles.append(layer.register_forward_hook(_rest_hook(a_rest, b_rest, scale)))
+    object.__setattr__(model, _REST_ATTR, handles)  # not a registered submodule
+
+
+def _rest_hook(a_rest: torch.Tensor, b_rest: torch.Tensor, scale: float) -> Any:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0].to(a_rest.dtype)
+        rest = torch.nn.functional.linear(torch.nn.functional.linear(x, a_rest), b_rest) * scale
+        return output + rest.to(output.dtype)
+
+    return hook
 
 
 def rank_bytes(base: Any, settings: LoraSettings, batch_tokens: int) -> int:

@@ -137,8 +137,8 @@ class Volunteer:
         # Federated evaluation: the adapter as received, scored on this volunteer's held-out split and
         # signed with the update; the coordinator takes the median as the round's eval loss.
         evaluated: dict[str, float | int] = {}
-        # At a smaller rank the model holds a truncated adapter, not the version to score: no claim.
-        if heldout is not None and heldout.examples >= MIN_EVAL_EXAMPLES and rank == task.lora.r:
+        # At a smaller rank too: the model computes the whole adapter (`apply_adapter_at_rank`).
+        if heldout is not None and heldout.examples >= MIN_EVAL_EXAMPLES:
             loss, tokens = scored_loss(model, heldout, settings.batch_size)
             if tokens > 0 and math.isfinite(loss):
                 evaluated = {"eval_loss": loss, "eval_tokens": tokens}

@@ -438,3 +438,17 @@ def test_quality_ranks_tiny(tmp_path):
     checks = report["checks"]
     assert checks["met"] == (checks["within_10pct_of_all_16"] and checks["better_than_two_16"])
     assert all(len(curve) == report["config"]["rounds"] for curve in report["curves"].values())
+
+
+def test_quality_ranks_reruns_one_community_against_an_earlier_result(tmp_path):
+    """`--only mixed --reuse`: the mixed community run again (the same numbers: the run is deterministic),
+    the others taken from the earlier result and said so."""
+    first, again = tmp_path / "first.json", tmp_path / "again.json"
+    run("quality_ranks.py", "--tiny", "--out", str(first), timeout=600)
+    run("quality_ranks.py", "--tiny", "--only", "mixed", "--reuse", str(first), "--out", str(again),
+        timeout=600)
+    before, after = json.loads(first.read_text()), json.loads(again.read_text())
+    assert list(after["final"]) == ["mixed", "all-16", "two-16"]
+    assert after["curves"] == before["curves"]
+    assert after["config"]["reused"] == {"file": str(first), "date": before["date"],
+                                         "communities": ["all-16", "two-16"]}

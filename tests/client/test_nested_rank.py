@@ -47,18 +47,32 @@ def _logits(model) -> torch.Tensor:  # noqa: ANN001
         return model(input_ids=torch.arange(1, 17).unsqueeze(0)).logits
 
 
-def test_rank_2_model_computes_exactly_the_first_two_components(model_dir, global_adapter):
-    """B_i A_i x alpha_i / r_i = the full product with B's last columns zeroed (alpha_i = alpha r_i / r)."""
+def test_rank_2_model_computes_the_whole_adapter_and_trains_its_two_components(model_dir, global_adapter):
+    """Trainable B_i A_i x alpha_i / r_i (alpha_i = alpha r_i / r) plus the frozen rest = the full model."""
     base, _ = M.load_base(str(model_dir), device="cpu")
     truncated = {n: v.copy() for n, v in global_adapter.items()}
     for name in (n for n in truncated if ".lora_B." in n):
         truncated[name][:, 2:] = 0.0
-    want = _logits(M.apply_adapter(base, LORA, truncated, "ffa"))
+    cut = _logits(M.apply_adapter(base, LORA, truncated, "ffa"))
     whole = _logits(M.apply_adapter(base, LORA, global_adapter, "ffa"))
     narrow = M.apply_adapter_at_rank(base, LORA, global_adapter, "ffa", 2)
     got = _logits(narrow)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, whole, atol=1e-3)  # the dropped components mattered
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, cut, atol=1e-3)  # the frozen rest mattered
+    trainable = {n: p for n, p in narrow.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_B." in n and p.shape[-1] == 2 for n, p in trainable.items())
+    narrow(input_ids=torch.arange(1, 17).unsqueeze(0)).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert sum(1 for p in narrow.parameters() if p.grad is not None) == len(trainable)  # nothing else
+    for p in trainable.values():
+        p.grad = None
+    # the warm re-apply of another version replaces the frozen rest (hooks do not pile up)
+    newer = {n: (v * 0.5 if ".lora_B." in n else v) for n, v in global_adapter.items()}
+    again = M.apply_adapter_at_rank(base, LORA, newer, "ffa", 2)
+    assert again is narrow
+    torch.testing.assert_close(_logits(again), _logits(M.apply_adapter(base, LORA, newer, "ffa")),
+                               rtol=1e-5, atol=1e-5)
+    narrow = M.apply_adapter_at_rank(base, LORA, global_adapter, "ffa", 2)
     settings = nested_settings(LORA, 2)
     assert (settings.r, settings.alpha / settings.r) == (2, LORA.alpha / LORA.r)
     shapes = M.adapter_shapes(narrow)
@@ -72,8 +86,8 @@ def test_rank_2_model_computes_exactly_the_first_two_components(model_dir, globa
         M.apply_adapter_at_rank(base, LORA, global_adapter, "ffa", 5)
 
 
-def _volunteer(tmp_path, **settings) -> Volunteer:
-    data = write_jsonl(tmp_path / "data.jsonl", skill_records(24, seed=1))
+def _volunteer(tmp_path, records: int = 24, **settings) -> Volunteer:
+    data = write_jsonl(tmp_path / "data.jsonl", skill_records(records, seed=1))
     identity = tmp_path / "id"
     SigningKey.generate("volunteer").save(identity)
     return Volunteer(NodeSettings(data_path=str(data), identity_path=str(identity), device="cpu", threads=1,
@@ -83,7 +97,7 @@ def _volunteer(tmp_path, **settings) -> Volunteer:
 def test_a_capped_volunteer_sends_its_columns_and_declares_its_rank(model_dir, global_adapter, tmp_path):
     adapter_bytes = encode_tensors(global_adapter)
     task = make_task(model_dir, adapter_bytes, "ffa")
-    volunteer = _volunteer(tmp_path, max_rank=2)
+    volunteer = _volunteer(tmp_path, records=48, max_rank=2)  # 5 held out: it scores the received adapter
     statuses = []
     volunteer.on_status = lambda state, details: statuses.append((state, details))
     envelope = volunteer.run_round(task, adapter_bytes)
@@ -92,7 +106,11 @@ def test_a_capped_volunteer_sends_its_columns_and_declares_its_rank(model_dir, g
     narrow = dataclasses.replace(expected, spec=TensorSpec({n: cut[n].shape for n in expected.spec.shapes},
                                                            expected.spec.dtypes))
     manifest, tensors = verify_update(envelope, narrow)
-    assert manifest.rank == 2 and manifest.eval_loss is None  # no score of a truncated adapter
+    (tmp_path / "full").mkdir()
+    full_rank = _volunteer(tmp_path / "full", records=48)
+    full, _ = verify_update(full_rank.run_round(task, adapter_bytes), expected)
+    # its forward pass is the whole community adapter: the same score as a rank-4 volunteer's
+    assert manifest.rank == 2 and manifest.eval_loss == pytest.approx(full.eval_loss, rel=1e-5)
     for name, value in tensors.items():
         assert value.shape == cut[name].shape and not np.array_equal(value, cut[name])  # it trained
     assert ("rank", {"round": task.round, "rank": 2, "project_rank": 4, "why": "--max-rank 2"}) in statuses
