@@ -131,6 +131,8 @@ def quick_polls(monkeypatch):
 
     monkeypatch.setattr(async_rounds, "POLL_FLOOR", 0.001)
     monkeypatch.setattr(async_rounds, "POLL_SECONDS", 0.002)
+    # the stand-in grid pulls no Flower objects; the real patch of Flower's puller would outlive the test
+    monkeypatch.setattr(async_rounds, "quick_object_pulls", lambda *a: None)
 
 
 def test_versions_come_from_whoever_answers_and_a_slow_node_is_not_waited_for(tmp_path, rng):
