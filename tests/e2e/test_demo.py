@@ -119,7 +119,8 @@ def test_demo_async_schedule_reports_each_volunteers_contribution(tmp_path):
         admitted = [u for r in versions for u in store.round_updates(r.round) if u.outcome == "admitted"]
     finally:
         store.close()
-    assert [r.status for r in versions] == ["aggregated"] * 3 and all(r.admitted == 2 for r in versions)
+    assert [r.status for r in versions] == ["aggregated"] * 3 and all(r.admitted == 2 for r in versions), [
+        (r.round, r.status, r.admitted, r.rejected, r.note) for r in versions]
     assert sum(row["admitted"] for row in rows.values()) == len(admitted) == 6
     assert all(u.staleness is not None for u in admitted)
     assert (out / "adapter" / "release.json").exists()
