@@ -86,6 +86,11 @@ class Buffer(Round):
         record = super().offer(envelope)
         if record.accepted and self.last_task is not None:
             self._used.add(self.last_task.nonce)
+        if record.accepted and self._tau and record.update_digest in self._claims:
+            # its eval scored an older version, not this version's base: the version's federated
+            # eval (issue 16) takes only the claims of updates trained from that base
+            train, _ = self._claims[record.update_digest]
+            self._claims[record.update_digest] = (train, None)
         return replace(record, staleness=self._tau)
 
     def _resolve(self, manifest: UpdateManifest) -> AdmissionContext:

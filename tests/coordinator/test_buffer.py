@@ -106,6 +106,17 @@ def test_a_stale_update_folds_its_own_delta_weighted_by_staleness(world):
             np.testing.assert_array_equal(result.tensors[name], now[name])
 
 
+def test_a_versions_federated_eval_counts_only_updates_trained_from_its_base(world):
+    """Issue 16 in async: a stale update evaluated an older version; its claim is not this one's."""
+    old = world.task()
+    stale = world.update(old, train_loss=1.0, eval_loss=9.0, eval_tokens=100)
+    world.open_next()
+    fresh = [world.update(world.task(), train_loss=1.0, eval_loss=x, eval_tokens=100) for x in (2.0, 3.0)]
+    buf = world.buffer()
+    assert all(buf.offer(e).accepted for e in [stale, *fresh])
+    assert buf.close().eval_loss == pytest.approx(2.5)  # the median of 2 and 3; 9 scored version 0
+
+
 def test_beyond_max_staleness_is_refused_as_stale(world):
     old = world.task()
     envelope = world.update(old)
