@@ -34,7 +34,7 @@ def lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     Batches are right-padded, so under causal attention no real token ever sees a
     pad: the attention mask can be left out, which keeps SDPA on its causal fast path.
     """
-    logits = model(input_ids=batch["input_ids"]).logits
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # no KV cache: one pass
     targets = batch["labels"][:, 1:]
     total = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

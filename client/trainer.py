@@ -113,7 +113,8 @@ def _index_stream(n: int, generator: torch.Generator) -> Iterator[int]:
 
 
 @contextmanager
-def _threads(count: int | None) -> Iterator[None]:
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `count` inside the block (None or 0: left as they are)."""
     if not count:
         yield
         return
@@ -155,7 +156,7 @@ def train(
         raise ValueError("the model has no trainable parameters; call apply_adapter first")
     device = params[0].device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with _threads(threads), torch.random.fork_rng(devices=rng_devices):
+    with torch_threads(threads), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(settings.seed)  # LoRA dropout draws from the global generator
         if carry is not None and not _fits(carry, params):
             log.info("optimizer state of the last round does not fit the model; starting afresh")

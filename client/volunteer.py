@@ -112,7 +112,14 @@ class Volunteer:
         return self.key.public.fingerprint
 
     def run_round(self, task: RoundTask, adapter_bytes: bytes, downlink: Downlink | None = None) -> Envelope:
-        """Train on local data from the global adapter and sign the update."""
+        """Train on local data from the global adapter and sign the update; the whole round (the
+        federated eval included, not only training) within the volunteer's `threads`."""
+        from loracommons.client.trainer import torch_threads
+
+        with torch_threads(self.settings.threads):
+            return self._run_round(task, adapter_bytes, downlink)
+
+    def _run_round(self, task: RoundTask, adapter_bytes: bytes, downlink: Downlink | None = None) -> Envelope:
         from loracommons.client.evaluate import scored_loss
         from loracommons.client.model import apply_adapter_at_rank, load_base
         from loracommons.client.trainer import train

@@ -123,7 +123,13 @@ def read_json(path: Path) -> dict | None:
 
 
 def cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([*LC, *args], capture_output=True, text=True, cwd=cwd, check=check, timeout=300)
+    """`loracommons ARGS`; with check, a non-zero exit fails the test with the command's own output."""
+    result = subprocess.run([*LC, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"loracommons {' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
+                             f"--- stderr (tail) ---\n{result.stderr[-6000:]}")
+    return result
 
 
 def status(project: Path) -> dict:

@@ -55,6 +55,16 @@ def coordinator_logits(project: Path, base: Path) -> np.ndarray:
         return model(input_ids=ids).logits.numpy()
 
 
+def run_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`loracommons demo --out OUT ARGS`; a failure says the demo's output and the tail of each of its logs."""
+    try:
+        return cli("demo", *args, "--out", str(out))
+    except AssertionError as exc:
+        logs = sorted((out / "logs").glob("*.log")) if (out / "logs").is_dir() else []
+        tails = "".join(f"\n--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-2500:]}" for log in logs)
+        raise AssertionError(f"{exc}{tails}") from None
+
+
 def test_demo_short_run_and_plain_peft_load(tmp_path, monkeypatch):
     from loracommons.cli import QUIET_ENV
     from loracommons.demo import base_model_path
@@ -63,8 +73,7 @@ def test_demo_short_run_and_plain_peft_load(tmp_path, monkeypatch):
     for name in QUIET_ENV:  # quiet because the demo makes itself so, not because a test did
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "demo"
-    result = cli("demo", "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4",
-                 "--publish-every", "1", "--out", str(out))
+    result = run_demo(out, "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4", "--publish-every", "1")
     assert "downloaded and verified the community adapter" in result.stdout
     # issue 16: the demo's output has no library progress bars or warnings
     assert not [noise for noise in NOISE if noise in result.stdout + result.stderr], result.stderr[-3000:]
@@ -105,8 +114,8 @@ def test_demo_async_schedule_reports_each_volunteers_contribution(tmp_path):
     from loracommons.coordinator.store import Store
 
     out = tmp_path / "demo"
-    result = cli("demo", "--volunteers", "2", "--rounds", "3", "--steps-per-round", "4",
-                 "--publish-every", "1", "--schedule", "async", "--out", str(out))
+    result = run_demo(out, "--volunteers", "2", "--rounds", "3", "--steps-per-round", "4",
+                      "--publish-every", "1", "--schedule", "async")
     assert "what each volunteer contributed (async schedule)" in " ".join(result.stdout.split())
     report = json.loads((out / "report.json").read_text())
     assert report["schedule"] == "async"

@@ -178,6 +178,9 @@ def cluster(tmp_path_factory):
         os.environ.update({k: v for k, v in env.items() if k.startswith("XDG")})
         nodes = [procs.join(port, data, root / f"id{i}", f"vol{i}")
                  for i, data in enumerate(volunteer_data(root, 2))]
+        for i in range(2):  # connected as the nodes' own status files say, before any run reaches them
+            wait_for(lambda i=i: (read_json(root / f"vol{i}.json") or {}).get("state") == "connected", 120,
+                     f"vol{i} to say connected", procs=nodes)
         got = Cluster(root, procs, port)
         got.superlink, got.nodes = superlink, nodes
         yield got
@@ -211,8 +214,10 @@ def test_node_refuses_an_app_that_differs_from_the_installed_one(cluster, kind):
     detail = "did not install" if kind == "shadow" else "this node runs loracommons/loracommons-app"
     assert all(detail in r["reason"] for r in got["replies"]), got
 
-    # each node's log and status file show the refusal
+    # each node's log and status file show the refusal (the node writes them just after its reply)
     for i in range(2):
+        wait_for(lambda i=i: (read_json(cluster.root / f"vol{i}.json") or {}).get("state") == "refused", 30,
+                 f"vol{i}'s status file to say refused")
         status = read_json(cluster.root / f"vol{i}.json")
         assert status and status["state"] == "refused" and detail in status["reason"], status
         assert "refused a run whose app differs from the installed loracommons" in cluster.procs.log(
