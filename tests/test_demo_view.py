@@ -14,9 +14,8 @@ ROUNDS = [{"round": r, "status": status, "admitted": 2, "rejected": 0, "eval_los
           for r, status, loss in ((1, "aggregated", 2.5), (2, "aggregated", 1.75), (3, "open", None))]
 
 
-def test_view_shows_the_federated_eval_and_each_volunteers_comparison(tmp_path, monkeypatch):
+def test_view_shows_the_federated_eval_and_each_volunteers_comparison(tmp_path):
     community = Community(tmp_path, DemoSettings(volunteers=2, rounds=3), Console())
-    monkeypatch.setattr(community, "api", lambda path: ROUNDS if path == "/api/rounds" else [])
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "volunteer-0.json").write_text(json.dumps(
         {"state": "sent", "round": 2, "rounds_sent": 2, "community_loss": 1.6, "own_loss": 1.9}))
@@ -24,7 +23,7 @@ def test_view_shows_the_federated_eval_and_each_volunteers_comparison(tmp_path, 
                                                                    "community_loss": 2.4, "own_loss": None}))
     plan = {"volunteers": [{"name": f"volunteer-{i}", "skills": ["reverse"]} for i in range(2)]}
     console = Console(width=200, record=True)
-    console.print(community.view(plan, 0.0))
+    console.print(community.view(plan, 0.0, ROUNDS, []))
     text = console.export_text()
     assert "held-out loss 1.750 (federated, scored in round 2)" in text
     assert "community (alone)" in text and "1.600 (1.900)" in text and "2.400 (-)" in text

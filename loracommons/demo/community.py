@@ -181,9 +181,7 @@ class Community:
         except (httpx.HTTPError, ValueError):
             return None
 
-    def view(self, plan: dict, started: float) -> Group:
-        rounds = self.api("/api/rounds") or []
-        releases = self.api("/api/releases") or []
+    def view(self, plan: dict, started: float, rounds: list, releases: list) -> Group:
         head = Table.grid(padding=(0, 2))
         head.add_column(style="bold")
         head.add_column()
@@ -218,7 +216,7 @@ class Community:
 
     def wait_rounds(self, coordinator: subprocess.Popen, plan: dict) -> None:
         started = time.monotonic()
-        with Live(self.view(plan, started), console=self.console, refresh_per_second=2) as live:
+        with Live(self.view(plan, started, [], []), console=self.console, refresh_per_second=1) as live:
             while True:
                 if coordinator.poll() is not None:
                     raise DemoError(f"the coordinator exited with code {coordinator.returncode}; "
@@ -227,11 +225,12 @@ class Community:
                     if proc.poll() is not None:
                         raise DemoError(f"a volunteer exited with code {proc.returncode}; "
                                         f"see {self.out / 'logs'}")
-                live.update(self.view(plan, started))
-                if _finished(self.api("/api/rounds") or [], self.api("/api/releases") or [],
-                             self.settings.rounds):
+                # once a second, each list once: the demo's view must not cost the community's cores
+                rounds, releases = self.api("/api/rounds") or [], self.api("/api/releases") or []
+                live.update(self.view(plan, started, rounds, releases))
+                if _finished(rounds, releases, self.settings.rounds):
                     return
-                time.sleep(0.5)
+                time.sleep(1.0)
 
     def download(self, fingerprint: str) -> dict:
         out = self.out / "adapter"
