@@ -41,6 +41,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def started_at(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with its pid, who it is (pids are reused)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     """Pids of every live process below `pid`."""
     found, todo = [], [pid]

@@ -56,12 +56,13 @@ def coordinator_logits(project: Path, base: Path) -> np.ndarray:
 
 
 def run_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
-    """`loracommons demo --out OUT ARGS`; a failure says the demo's output and the tail of each of its logs."""
+    """`loracommons demo --out OUT ARGS`; a failure says the demo's output and the tail of its logs."""
     try:
         return cli("demo", *args, "--out", str(out))
     except AssertionError as exc:
         logs = sorted((out / "logs").glob("*.log")) if (out / "logs").is_dir() else []
-        tails = "".join(f"\n--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-2500:]}" for log in logs)
+        tails = "".join(f"\n--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-2500:]}"
+                        for log in logs)
         raise AssertionError(f"{exc}{tails}") from None
 
 
@@ -73,7 +74,8 @@ def test_demo_short_run_and_plain_peft_load(tmp_path, monkeypatch):
     for name in QUIET_ENV:  # quiet because the demo makes itself so, not because a test did
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "demo"
-    result = run_demo(out, "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4", "--publish-every", "1")
+    result = run_demo(out, "--volunteers", "2", "--rounds", "2", "--steps-per-round", "4",
+                      "--publish-every", "1")
     assert "downloaded and verified the community adapter" in result.stdout
     # issue 16: the demo's output has no library progress bars or warnings
     assert not [noise for noise in NOISE if noise in result.stdout + result.stderr], result.stderr[-3000:]

@@ -23,7 +23,7 @@ import pytest
 from loracommons import __version__
 from loracommons.protocol.flower_app import app_pyproject
 from tests.e2e.conftest import volunteer_data
-from tests.e2e.procs import BIN, Processes, alive, descendants, free_port, read_json, wait_for
+from tests.e2e.procs import BIN, Processes, alive, descendants, free_port, read_json, started_at, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -93,15 +93,18 @@ FOREIGN_PYPROJECT = app_pyproject("1.0.0", name="foreign-app", publisher="someon
                                   clientapp="foreignapp.client_app:app", description="Someone else's app")
 
 
-def kill_all(pids: list[int]) -> None:
-    """SIGKILL each process we started (by pid) that is still alive, and wait until it is gone."""
+def kill_all(found: list[tuple[int, int | None]]) -> None:
+    """SIGKILL each process we started (pid and start time, as `started_at` read it) that is still
+    that process and alive, and wait until it is gone (a pid reused since is left alone)."""
+    pids = [pid for pid, start in found if start is not None and started_at(pid) == start]
     for pid in pids:
         if alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    wait_for(lambda: not any(alive(pid) for pid in pids), 15, "leftover processes to go")
+    wait_for(lambda: not any(alive(pid) and started_at(pid) == start for pid, start in found), 15,
+             "leftover processes to go")
 
 
 def port_open(port: int) -> bool:
@@ -186,7 +189,7 @@ def cluster(tmp_path_factory):
         yield got
     finally:
         # Flower starts flower-superexec (and it flwr-serverapp) in sessions of their own
-        leftover = descendants(superlink.pid) if superlink is not None else []
+        leftover = [(pid, started_at(pid)) for pid in descendants(superlink.pid)] if superlink else []
         procs.stop_all()
         kill_all(leftover)
 

@@ -45,3 +45,27 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_wait(tmp_path):
     started = time.monotonic()
     processes.stop_all([proc], timeout=0.5)
     assert proc.returncode == -9 and time.monotonic() - started < 5
+
+
+def test_a_child_reaped_elsewhere_still_has_its_leftovers_stopped(tmp_path):
+    """A `poll()` that saw the child exit reaped it; what it left in its group is still killed."""
+    pid_file = tmp_path / "grandchild.pid"
+    proc = processes.start(["sh", "-c", f"sleep 60 & echo $! > {pid_file}"], tmp_path / "log")
+    orphan = grandchild(pid_file)
+    proc.wait(5)  # reaped here: its pid may now be reused, its group lives on in the orphan
+    processes.stop(proc, timeout=5)
+    deadline = time.monotonic() + 5
+    while alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(orphan)
+
+
+def test_an_empty_group_of_a_reaped_child_is_not_signalled(tmp_path, monkeypatch):
+    """Its number may belong to a newer process group by now: nothing is sent to it."""
+    proc = processes.start(["true"], tmp_path / "log")
+    proc.wait(5)
+    sent: list[int] = []
+    monkeypatch.setattr(processes.os, "killpg", lambda pgid, sig: sent.append(pgid))
+    monkeypatch.setattr(processes.os, "kill", lambda pid, sig: sent.append(pid))
+    processes.stop(proc, timeout=1)
+    assert sent == []
