@@ -113,7 +113,8 @@ def verdicts(runs: dict[str, dict]) -> dict:
 def run(args: argparse.Namespace, work: Path, log) -> dict:  # noqa: ANN001
     started = time.monotonic()
     base = DemoSettings(volunteers=3, steps_per_round=args.steps, publish_every=1, n_train=args.train,
-                        n_heldout=args.heldout, round_timeout_s=600.0, max_staleness=args.max_staleness)
+                        n_heldout=args.heldout, round_timeout_s=600.0, max_staleness=args.max_staleness,
+                        staleness_weight=args.staleness_weight)
     fast, slow = args.pace, args.pace / SLOWDOWN
     plans = {
         "slow-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, slow)),
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="local steps per task")
     parser.add_argument("--pace", type=float, default=1.0, help="fast volunteers' steps per second")
     parser.add_argument("--max-staleness", type=int, default=4)
+    parser.add_argument("--staleness-weight", default="inverse_sqrt",
+                        choices=("inverse_sqrt", "inverse", "constant"), help="[round] staleness_weight")
     parser.add_argument("--train", type=int, default=DemoSettings.n_train, help="examples per skill")
     parser.add_argument("--heldout", type=int, default=DemoSettings.n_heldout, help="held-out per skill")
     parser.add_argument("--runs", default="slow-sync,slow-async,equal-sync,equal-async")

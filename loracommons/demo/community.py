@@ -67,6 +67,8 @@ class DemoSettings:
     schedule: str = "sync"
     """sync rounds, or async: every volunteer kept busy, a version every `volunteers` updates."""
     max_staleness: int = 4
+    staleness_weight: str = "inverse_sqrt"
+    """async: `[round] staleness_weight` (the async bench compares them)."""
     paces: tuple[float | None, ...] = ()
     """Each volunteer's `join --max-steps-per-second` (None or missing: no cap); the async bench's
     slow volunteer."""
@@ -136,7 +138,8 @@ class Community:
         s = self.settings
         if s.schedule != "async":
             return {}
-        return {"schedule": "async", "buffer_size": s.volunteers, "max_staleness": s.max_staleness}
+        return {"schedule": "async", "buffer_size": s.volunteers, "max_staleness": s.max_staleness,
+                "staleness_weight": s.staleness_weight}
 
     # -- processes -------------------------------------------------------------------
 
