@@ -117,6 +117,7 @@ class Verdict:
     manifest: UpdateManifest | None = None
     tensors: dict[str, np.ndarray] | None = None  # only when accepted: read-only views of the payload
     delta_norm: float | None = None
+    weight_factor: float = 1.0  # on its weight in the mean (async: the staleness weight s(tau))
 
     def without_tensors(self) -> Verdict:
         """The record to keep once the tensors are aggregated (they pin the payload bytes)."""

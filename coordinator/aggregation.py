@@ -403,7 +403,8 @@ class RoundAggregator:
             raise ValueError(f"signer {signer[:16]} already offered an update this round")
         self._signers.add(signer)
         self._offered += 1
-        weight, norm = self.weight(verdict.manifest.examples), self._comparable_norm(verdict)
+        weight = self.weight(verdict.manifest.examples) * verdict.weight_factor
+        norm = self._comparable_norm(verdict)
         if self._held is not None:
             self._held.add(digest, verdict.tensors)
             self._pending.append(Held(digest, signer, weight, norm))

@@ -8,10 +8,11 @@ that task's claims and base, and its staleness tau = v - task.version (versions 
     unknown nonce -> wrong_nonce      serial never issued -> future_base
     task already used -> replayed     tau > max_staleness -> stale
 
-An admitted update is folded as its delta against its own base, scaled by s(tau)
-(`config.staleness_factor`): the aggregator sees G + s(tau) (X_i - X_base_i), so every rule
-(median clip, trimmed mean, Krum, free riders) acts on the weighted deltas, and a fresh update
-(tau = 0) is folded exactly as in a sync round. See DESIGN "Buffered asynchronous aggregation".
+An admitted update is folded as its delta against its own base, with weight n_i s(tau_i)
+(`config.staleness_factor`) in the version's mean: the aggregator sees G + (X_i - X_base_i), so every
+rule (median clip, trimmed mean, Krum, free riders) acts on the update's own delta, a stale update
+counts less than a fresher one beside it, and a buffer of fresh updates (tau = 0) folds exactly as a
+sync round. See DESIGN "Buffered asynchronous aggregation".
 
     buf = Buffer(cfg, v, tensors, digest, nonce, tasks=store.task, bases=..., last_serial=...)
     record = buf.offer(envelope); buf.last_task   # the task it named (mark it used with the record)
@@ -130,14 +131,13 @@ class Buffer(Round):
             raise Refused(Reason.LATE, f"task {task.serial} expired unanswered before this reply")
 
     def _prepared(self, verdict: Verdict) -> Verdict:
-        """A stale update as G + s(tau) (X - X_base): its own delta, weighted by its staleness."""
+        """A stale update as G + (X - X_base), its own delta, with s(tau) on its weight in the mean."""
         tau, base = self._tau or 0, self._base
         if tau == 0 or base is None or verdict.tensors is None:
             return verdict
-        factor = staleness_factor(self.cfg, tau)
         rebased = {}
         for name, value in verdict.tensors.items():
             cut = tuple(slice(0, n) for n in np.shape(value))  # nested ranks: the columns it trained
             delta = np.asarray(value, np.float64) - base[name][cut]
-            rebased[name] = (self._global[name][cut] + factor * delta).astype(np.float32)
-        return replace(verdict, tensors=rebased, delta_norm=(verdict.delta_norm or 0.0) * factor)
+            rebased[name] = (self._global[name][cut] + delta).astype(np.float32)
+        return replace(verdict, tensors=rebased, weight_factor=staleness_factor(self.cfg, tau))

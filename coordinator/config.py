@@ -149,8 +149,8 @@ class RoundSection:
     )
     staleness_weight: str = _key(
         "inverse_sqrt",
-        "async: factor on a stale update's delta, tau = staleness: inverse_sqrt 1/sqrt(1+tau), "
-        "inverse 1/(1+tau), constant 1",
+        "async: factor on a stale update's weight in its version's mean (against the fresher updates "
+        "beside it), tau = staleness: inverse_sqrt 1/sqrt(1+tau), inverse 1/(1+tau), constant 1",
         choices=STALENESS_WEIGHTS,
     )
 
@@ -438,7 +438,7 @@ def _check_combinations(cfg: ProjectConfig) -> None:
 
 
 def staleness_factor(cfg: ProjectConfig, tau: int) -> float:
-    """The factor on a stale update's delta (`[round] staleness_weight`); 1 for a fresh one."""
+    """The factor on a stale update's weight (`[round] staleness_weight`); 1 for a fresh one."""
     kind = cfg.round.staleness_weight
     if kind == "constant":
         return 1.0

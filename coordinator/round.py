@@ -205,8 +205,9 @@ class Round:
         if verdict.accepted:
             assert verdict.signer is not None and manifest is not None  # an accepted verdict has both
             self._admitted.add(verdict.signer)
-            self.aggregator.offer(self._prepared(verdict))
-            weight = self.aggregator.weight(manifest.examples)
+            prepared = self._prepared(verdict)
+            self.aggregator.offer(prepared)
+            weight = self.aggregator.weight(manifest.examples) * prepared.weight_factor
             self._claims[verdict.update_digest] = (manifest.train_loss, manifest.eval_loss)
         payload = envelope.payload
         return UpdateRecord(

@@ -90,20 +90,37 @@ def test_fresh_updates_fold_as_the_plain_mean_of_b(world):
 
 def test_a_stale_update_folds_its_own_delta_weighted_by_staleness(world):
     old = world.task()  # trains from version 0 while version 1 is open
-    envelope = world.update(old)
+    stale = world.update(old)
     world.open_next()  # version 1 closes: the update is now one version behind
+    fresh = world.update(world.task())
     buf = world.buffer()
-    record = buf.offer(envelope)
-    assert record.accepted and record.staleness == 1, record.message
-    result = buf.close()
-    sent, base, now = decode(envelope.payload), world.adapters[0], world.adapters[1]
+    records = [buf.offer(stale), buf.offer(fresh)]
+    assert [r.accepted for r in records] == [True, True], [r.message for r in records]
+    assert [r.staleness for r in records] == [1, 0]
     s = staleness_factor(world.cfg, 1)
     assert s == pytest.approx(1 / np.sqrt(2))
-    for name in sent:
-        np.testing.assert_allclose(result.tensors[name], now[name] + s * (sent[name] - base[name]), atol=1e-6)
+    assert records[0].weight == pytest.approx(s * records[1].weight)  # same examples, weighted down
+    result = buf.close()
+    x_stale, x_fresh = decode(stale.payload), decode(fresh.payload)
+    base, now = world.adapters[0], world.adapters[1]
+    for name in x_stale:  # G + (s (X_s - X_base) + (X_f - G)) / (s + 1)
+        want = now[name] + (s * (x_stale[name] - base[name]) + (x_fresh[name] - now[name])) / (s + 1)
+        np.testing.assert_allclose(result.tensors[name], want, atol=1e-6)
     for name in now:  # A is frozen in ffa
         if ".lora_A." in name:
             np.testing.assert_array_equal(result.tensors[name], now[name])
+
+
+def test_a_buffer_of_equally_stale_updates_moves_as_far_as_a_fresh_one(world):
+    """s(tau) weighs updates against each other in a version; it does not shrink the version's step."""
+    stale = world.update(world.task())
+    world.open_next()
+    buf = world.buffer()
+    assert buf.offer(stale).staleness == 1
+    result = buf.close()
+    sent, base, now = decode(stale.payload), world.adapters[0], world.adapters[1]
+    for name in sent:
+        np.testing.assert_allclose(result.tensors[name], now[name] + (sent[name] - base[name]), atol=1e-6)
 
 
 def test_a_versions_federated_eval_counts_only_updates_trained_from_its_base(world):
