@@ -70,14 +70,16 @@ def test_three_volunteers_three_rounds_three_releases(tmp_path, procs, tiny_base
 def test_kill9_mid_round_then_resume(tmp_path, procs, tiny_base):
     project = make_project(tmp_path, tiny_base, round={"rounds": 3, "volunteers_per_round": 2,
                                                         "min_volunteers": 2, "timeout_s": 120.0},
-                           # long enough a round that the CLI status poll (a second or two) sees it
-                           # open: rounds are otherwise over before the next poll
-                           **{**FAST_ROUNDS, "train": {**FAST_ROUNDS["train"], "max_steps": 400}})
+                           # a round of a second or more even on an idle machine: the kill, aimed at
+                           # the coordinator's own `round_open round=2` line (read every 0.1 s), lands
+                           # while round 2 is open
+                           **{**FAST_ROUNDS, "train": {**FAST_ROUNDS["train"], "max_steps": 60}})
     port, http_port = free_port(), free_port()
     first = procs.coordinator(project, port, http_port, log="coordinator1.log")
     for i, data in enumerate(volunteer_data(tmp_path, 2)):
         procs.join(port, data, tmp_path / f"id{i}", f"vol{i}")
-    wait_for(lambda: status(project)["rounds"]["open"] == 2, 180, "round 2 to open", procs=[first])
+    wait_for(lambda: " round_open round=2 " in procs.log("coordinator1.log"), 180, "round 2 to open",
+             interval=0.1, procs=[first])
     procs.kill9(first)
     interrupted = status(project)
     assert interrupted["rounds"]["open"] == 2 and interrupted["latest_release"]["version"] == 1
