@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import logging
 import os
@@ -60,6 +62,14 @@ def configure_output(verbose: bool) -> None:
         os.environ.setdefault(name, value)
 
 
+def skip_the_final_collection() -> None:
+    """At exit, freeze every live object out of the interpreter's last garbage collection: with torch,
+    transformers and flwr loaded, that collection walked the whole heap for 2-4 s after a `join` had
+    already said "stopped" (measured on 2 cores). Registered first, it runs after every other exit
+    handler; objects are still freed as their modules are torn down."""
+    atexit.register(gc.freeze)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"loracommons {__version__}")
@@ -74,6 +84,7 @@ def main(
                                  help="Log debug details, library progress bars and warnings."),
 ) -> None:
     configure_output(verbose)
+    skip_the_final_collection()
 
 
 @identity_app.command("new")

@@ -427,11 +427,17 @@ def check_targets(readme: str, results_dir: Path) -> None:
         assert MARKS[mark] == rule(r, *args), f"target {target!r} is marked {mark} against the numbers"
 
 
-def test_quality_ranks_tiny(tmp_path):
-    """The nested-ranks bench: three communities run, the mixed one's volunteers train at their ranks."""
-    out = tmp_path / "quality_ranks.json"
+@pytest.fixture(scope="module")
+def quality_ranks(tmp_path_factory) -> Path:
+    """One tiny run of the nested-ranks bench, shared: the rerun test compares against it."""
+    out = tmp_path_factory.mktemp("quality_ranks") / "quality_ranks.json"
     run("quality_ranks.py", "--tiny", "--out", str(out), timeout=600)
-    report = json.loads(out.read_text())
+    return out
+
+
+def test_quality_ranks_tiny(quality_ranks):
+    """The nested-ranks bench: three communities run, the mixed one's volunteers train at their ranks."""
+    report = json.loads(quality_ranks.read_text())
     assert report["bench"] == "quality_ranks" and set(report["final"]) == {"mixed", "all-16", "two-16"}
     assert report["final"]["mixed"]["ranks"] == [4, 4, 8, 8, 16, 16]
     assert report["final"]["two-16"]["ranks"] == [16, 16]
@@ -440,11 +446,10 @@ def test_quality_ranks_tiny(tmp_path):
     assert all(len(curve) == report["config"]["rounds"] for curve in report["curves"].values())
 
 
-def test_quality_ranks_reruns_one_community_against_an_earlier_result(tmp_path):
+def test_quality_ranks_reruns_one_community_against_an_earlier_result(quality_ranks, tmp_path):
     """`--only mixed --reuse`: the mixed community run again (the same numbers: the run is deterministic),
     the others taken from the earlier result and said so."""
-    first, again = tmp_path / "first.json", tmp_path / "again.json"
-    run("quality_ranks.py", "--tiny", "--out", str(first), timeout=600)
+    first, again = quality_ranks, tmp_path / "again.json"
     run("quality_ranks.py", "--tiny", "--only", "mixed", "--reuse", str(first), "--out", str(again),
         timeout=600)
     before, after = json.loads(first.read_text()), json.loads(again.read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import FAST_ROUNDS, make_project, volunteer_data
-from tests.e2e.procs import free_port, release_chain, status, wait_for
+from tests.e2e.procs import free_port, read_json, release_chain, status, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -70,14 +70,20 @@ def test_three_volunteers_three_rounds_three_releases(tmp_path, procs, tiny_base
 def test_kill9_mid_round_then_resume(tmp_path, procs, tiny_base):
     project = make_project(tmp_path, tiny_base, round={"rounds": 3, "volunteers_per_round": 2,
                                                         "min_volunteers": 2, "timeout_s": 120.0},
-                           # long enough a round that the CLI status poll (a second or two) sees it
-                           # open: rounds are otherwise over before the next poll
-                           **{**FAST_ROUNDS, "train": {**FAST_ROUNDS["train"], "max_steps": 400}})
+                           **FAST_ROUNDS)
     port, http_port = free_port(), free_port()
     first = procs.coordinator(project, port, http_port, log="coordinator1.log")
+    # paced to 2 steps a second: each round trains for 4 s, idle machine or not (no CPU spent on
+    # steps), a window the kill is aimed into
     for i, data in enumerate(volunteer_data(tmp_path, 2)):
-        procs.join(port, data, tmp_path / f"id{i}", f"vol{i}")
-    wait_for(lambda: status(project)["rounds"]["open"] == 2, 180, "round 2 to open", procs=[first])
+        procs.join(port, data, tmp_path / f"id{i}", f"vol{i}", extra=["--max-steps-per-second", "2"])
+
+    def both_training_round_2() -> bool:
+        states = [read_json(tmp_path / f"vol{i}.json") or {} for i in range(2)]
+        return all(s.get("state") == "training" and s.get("round") == 2 for s in states)
+
+    # kill -9 while both volunteers hold round 2's task and train it (their status files say so)
+    wait_for(both_training_round_2, 180, "both volunteers to train round 2", interval=0.1, procs=[first])
     procs.kill9(first)
     interrupted = status(project)
     assert interrupted["rounds"]["open"] == 2 and interrupted["latest_release"]["version"] == 1
