@@ -157,7 +157,10 @@ class TaskSession:
         except Exception as exc:  # the SuperLink or SuperNode may be gone: the task ends all the same
             log.debug("PushTaskOutput failed: %s", exc)
         finally:
-            self._heartbeat.stop()
+            try:
+                self._heartbeat.stop()
+            except RuntimeError as exc:  # its thread already died (a 401 from a restarted SuperNode)
+                log.debug("heartbeat stop: %s", exc)
             self.close()
 
     def close(self) -> None:
