@@ -430,9 +430,13 @@ def check_targets(readme: str, results_dir: Path) -> None:
 def test_quality_ranks_tiny(tmp_path):
     """The nested-ranks bench: three communities run, the mixed one's volunteers train at their ranks."""
     out = tmp_path / "quality_ranks.json"
-    run("quality_ranks.py", "--tiny", "--out", str(out), timeout=600)
+    run("quality_ranks.py", "--tiny", "--compare", "--out", str(out), timeout=600)
     report = json.loads(out.read_text())
     assert report["bench"] == "quality_ranks" and set(report["final"]) == {"mixed", "all-16", "two-16"}
+    # --compare: the mixed community under every nested_weighting, the default's the checked one
+    weightings, default = report["weightings"], report["config"]["nested_weighting"]
+    assert set(weightings) == {"trained", "rank", "mass"} and default == "rank"
+    assert weightings[default]["mean_heldout_loss"] == report["checks"]["mixed_heldout_loss"]
     assert report["final"]["mixed"]["ranks"] == [4, 4, 8, 8, 16, 16]
     assert report["final"]["two-16"]["ranks"] == [16, 16]
     checks = report["checks"]
