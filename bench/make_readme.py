@@ -225,6 +225,7 @@ def ranks_section(r: dict) -> str:
         table(["round", *r["curves"]], [[i + 1, *(f"{c[i]:.3f}" for c in r["curves"].values())]
                                         for i in range(len(next(iter(r["curves"].values()))))]),
         weightings_table(r.get("weightings"), cfg.get("nested_weighting", "trained"), top),
+        other_seed_table(r.get("other_seed") or [], top),
         longer_run(r.get("longer_run")),
         "" if r["checks"]["met"] else (
             f"\n**MISSED.** The mixed community "
@@ -270,6 +271,31 @@ def weightings_table(weightings: dict | None, default: str, top: int) -> str:
         "rank-r_i volunteer's column weights): `trained` f_i = 1, `rank` f_i = r / r_i normalized per "
         "column, `mass` f_i = r / r_i over the round's whole weight (not a convex mean):\n",
         table(["weighting", "held-out loss", f"vs all-{top}", *skills], rows),
+    ])
+
+
+def other_seed_runs(folder: Path) -> list[dict]:
+    """quality_ranks.py runs of another seed, one per nested_weighting (`--weighting W --only mixed
+    --reuse` of the first): files in a folder of their own, out of the targets' reach."""
+    order = ("trained", "rank", "mass")
+    runs = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return sorted(runs, key=lambda r: order.index(r["config"]["nested_weighting"]))
+
+
+def other_seed_table(runs: list[dict], top: int) -> str:
+    if not runs:
+        return ""
+    seed = runs[0]["config"]["seed"]
+    full, two = runs[0]["checks"][f"all_{top}_heldout_loss"], runs[0]["checks"][f"two_{top}_heldout_loss"]
+    skills = runs[0]["config"]["skills"]
+    rows = [[r["config"]["nested_weighting"], f"{r['checks']['mixed_heldout_loss']:.3f}",
+             f"{100 * r['checks'][f'gap_to_all_{top}']:+.1f}%",
+             *(f"{r['final']['mixed']['per_skill'][k]['heldout_loss']:.3f}" for k in skills)] for r in runs]
+    return "\n".join([
+        f"\nThe same with seed {seed} (other data and initial adapter; `bench/results/quality_ranks_seed1/`, "
+        f"one run per weighting, all-{top} {full:.3f} and two-{top} {two:.3f} from the first; not a target "
+        "row):\n",
+        table(["weighting", "mixed held-out loss", f"vs all-{top}", *skills], rows),
     ])
 
 
@@ -919,6 +945,8 @@ def render(results_dir: Path) -> str:
     res = {n: load(results_dir, n) for n in names}
     ttq = load(results_dir, "time_to_quality")
     ranks = load(results_dir, "quality_ranks")
+    if ranks:
+        ranks = {**ranks, "other_seed": other_seed_runs(results_dir / "quality_ranks_seed1")}
     asy = load(results_dir, "async")
     kept = load(results_dir, "keep_optimizer_partial")
     kept_quality = load(results_dir, "quality_keep_3v_30x10")
