@@ -208,7 +208,9 @@ def ranks_section(r: dict) -> str:
         f"per volunteer), {cfg['rounds']} rounds of {cfg['steps']} steps, in process through the product's "
         "`Volunteer` (with `max_rank`) and `Round`. Volunteers below the project's rank train the first r_i "
         "columns of B against the first r_i rows of the shared A, with the global's other components in "
-        "their forward pass, frozen; the coordinator averages each column over those who trained it. "
+        "their forward pass, frozen; the coordinator averages each column over those who trained it "
+        f"(`[aggregation] nested_weighting = \"{cfg.get('nested_weighting', 'trained')}\"`; "
+        "`coordinator/aggregation.py`). "
         f"`two-{top}` is the community without the four smaller volunteers. "
         f"Held-out loss after the last round (mean over the {len(skills)} skills), measured under "
         f"load ({r['seconds'] / 60:.0f} min):\n",
@@ -222,19 +224,14 @@ def ranks_section(r: dict) -> str:
         "\nHeld-out loss per round:\n",
         table(["round", *r["curves"]], [[i + 1, *(f"{c[i]:.3f}" for c in r["curves"].values())]
                                         for i in range(len(next(iter(r["curves"].values()))))]),
+        weightings_table(r.get("weightings"), cfg.get("nested_weighting", "trained"), top),
+        other_seed_table(r.get("other_seed") or [], top),
         longer_run(r.get("longer_run")),
         "" if r["checks"]["met"] else (
             f"\n**MISSED.** The mixed community "
             f"{'beats' if r['checks'][f'better_than_two_{top}'] else 'trails'} "
             f"the two rank-{top} volunteers alone and ends {100 * r['checks'][f'gap_to_all_{top}']:+.0f}% "
-            f"against all-{top}. Keeping the global's other components in a small volunteer's forward pass "
-            "(frozen) closed much of the gap of the truncated forward pass (8 x 10: 2.674 -> 2.052 against "
-            "1.543). What is left is in the skills only a small volunteer holds (per-skill table): with one "
-            "skill per volunteer, a skill held by a rank-4 volunteer alone is learned in 4 of the 16 "
-            "columns, each at 1/6 weight, where all-16 gives it all 16; the columns above r_i are fitted by "
-            "the larger volunteers' skills only. Likely (not yet tested) the capacity a smaller rank gives "
-            "up rather than a fault of the fold. More rounds do not close it (the longer run above); to try: "
-            "a split where no skill is held by small ranks alone."
+            f"against all-{top}: the gap is in the skills only a small volunteer holds (per-skill table)."
         ),
     ])
 
@@ -259,6 +256,47 @@ def async_target_rows(asy: dict | None) -> list[list]:
         rows.append(["async, equal speeds: held-out loss no worse than sync at the sync run's final time",
                      f"{got} vs {e['sync_final_loss']:.3f} at {e['sync_seconds']:.0f} s", yes(e["met"])])
     return rows
+
+
+def weightings_table(weightings: dict | None, default: str, top: int) -> str:
+    """The mixed community under each `nested_weighting` (`--compare`), against all-{top}."""
+    if not weightings:
+        return ""
+    skills = list(next(iter(weightings.values()))["per_skill"])
+    rows = [[f"{w}{' (default)' if w == default else ''}", f"{row['mean_heldout_loss']:.3f}",
+             f"{100 * row['gap_to_full']:+.1f}%", *(f"{row['per_skill'][k]:.3f}" for k in skills)]
+            for w, row in weightings.items()]
+    return "\n".join([
+        "\nThe mixed community under each `nested_weighting` (same run and data; f_i is the factor on a "
+        "rank-r_i volunteer's column weights): `trained` f_i = 1, `rank` f_i = r / r_i normalized per "
+        "column, `mass` f_i = r / r_i over the round's whole weight (not a convex mean):\n",
+        table(["weighting", "held-out loss", f"vs all-{top}", *skills], rows),
+    ])
+
+
+def other_seed_runs(folder: Path) -> list[dict]:
+    """quality_ranks.py runs of another seed, one per nested_weighting (`--weighting W --only mixed
+    --reuse` of the first): files in a folder of their own, out of the targets' reach."""
+    order = ("trained", "rank", "mass")
+    runs = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return sorted(runs, key=lambda r: order.index(r["config"]["nested_weighting"]))
+
+
+def other_seed_table(runs: list[dict], top: int) -> str:
+    if not runs:
+        return ""
+    seed = runs[0]["config"]["seed"]
+    full, two = runs[0]["checks"][f"all_{top}_heldout_loss"], runs[0]["checks"][f"two_{top}_heldout_loss"]
+    skills = runs[0]["config"]["skills"]
+    rows = [[r["config"]["nested_weighting"], f"{r['checks']['mixed_heldout_loss']:.3f}",
+             f"{100 * r['checks'][f'gap_to_all_{top}']:+.1f}%",
+             *(f"{r['final']['mixed']['per_skill'][k]['heldout_loss']:.3f}" for k in skills)] for r in runs]
+    return "\n".join([
+        f"\nThe same with seed {seed} (other data and initial adapter; `bench/results/quality_ranks_seed1/`, "
+        f"one run per weighting, all-{top} {full:.3f} and two-{top} {two:.3f} from the first; not a target "
+        "row):\n",
+        table(["weighting", "mixed held-out loss", f"vs all-{top}", *skills], rows),
+    ])
 
 
 def longer_run(longer: dict | None) -> str:
@@ -907,6 +945,8 @@ def render(results_dir: Path) -> str:
     res = {n: load(results_dir, n) for n in names}
     ttq = load(results_dir, "time_to_quality")
     ranks = load(results_dir, "quality_ranks")
+    if ranks:
+        ranks = {**ranks, "other_seed": other_seed_runs(results_dir / "quality_ranks_seed1")}
     asy = load(results_dir, "async")
     kept = load(results_dir, "keep_optimizer_partial")
     kept_quality = load(results_dir, "quality_keep_3v_30x10")

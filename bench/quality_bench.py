@@ -104,7 +104,8 @@ class BenchError(RuntimeError):
     pass
 
 
-def project_config(method: Method, steps: int, participants: int, s: Settings):  # noqa: ANN201
+def project_config(method: Method, steps: int, participants: int, s: Settings,  # noqa: ANN201
+                   aggregation: dict | None = None):
     from loracommons.coordinator.config import ProjectConfig
 
     return ProjectConfig.from_dict(
@@ -126,7 +127,7 @@ def project_config(method: Method, steps: int, participants: int, s: Settings): 
                 "min_volunteers": participants,
                 "downlink_dtype": method.downlink,
             },
-            "aggregation": {"mode": method.mode},
+            "aggregation": {"mode": method.mode, **(aggregation or {})},
             "limits": {"payload_dtype": method.dtype},
         }
     )
@@ -238,6 +239,7 @@ def federate(
     work: Path,
     label: str,
     log,
+    aggregation: dict | None = None,
 ) -> dict:  # noqa: ANN001
     """R rounds of the real round protocol, in one process; the history of the global adapter."""
     from loracommons.coordinator.downlinks import regenerates
@@ -251,7 +253,7 @@ def federate(
     from loracommons.protocol.envelope import sha256_hex
     from loracommons.protocol.task import RoundTask
 
-    cfg = project_config(method, steps, len(participants), s)
+    cfg = project_config(method, steps, len(participants), s, aggregation)
     sent: list[dict] = []
     volunteers = make_volunteers(
         participants, work, lambda state, d: sent.append(d) if state == "sent" else None

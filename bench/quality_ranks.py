@@ -12,9 +12,13 @@ communities of the same project (rank 16, ffa):
 Targets (issue 14): the mixed community's held-out loss within 10% of all-16's, and below two-16's.
 
     python bench/quality_ranks.py --workers 3                          # 40 rounds x 10 steps
-    python bench/quality_ranks.py --workers 3 --rounds 8 --heldout 16  # the recorded run (bench/README.md)
+    python bench/quality_ranks.py --rounds 8 --heldout 16 --compare    # the recorded run (bench/README.md)
     python bench/quality_ranks.py --tiny --out /tmp/ranks.json         # smoke test
     python bench/quality_ranks.py --rounds 8 --heldout 16 --only mixed --reuse earlier.json
+
+`--weighting W` runs the mixed community under `[aggregation] nested_weighting = W` (default: the
+project default); `--compare` runs it under each other weighting as well, recorded under "weightings"
+(the checks use the default's).
 
 `--only NAME --reuse FILE` runs only that community and takes the others from an earlier result of the
 same settings (recorded under config.reused): for a change that only a smaller rank's code path sees,
@@ -36,8 +40,11 @@ from pathlib import Path
 import benchlib
 import quality_bench as qb
 
+from loracommons.coordinator.config import NESTED_WEIGHTINGS, ProjectConfig
+
 DEFAULT_OUT = benchlib.RESULTS / "quality_ranks.json"
 RANKS = (4, 4, 8, 8, 16, 16)
+WEIGHTING = ProjectConfig().aggregation.nested_weighting
 WITHIN = 0.10
 """Mixed-rank held-out loss at most this much above the all-16 community's."""
 
@@ -63,7 +70,7 @@ def run_community(job: dict) -> dict:
     lora = LoraSettings(r=qb.DEMO.lora_r, alpha=2.0 * qb.DEMO.lora_r, target_modules=tuple(qb.TARGETS))
     evaluate = qb.Evaluator(lora, job["heldout"])
     result = qb.federate(qb.BY_NAME["ffa"], job["participants"], s.steps, s, evaluate, Path(job["work"]),
-                         job["name"], qb._stderr)
+                         job["name"], qb._stderr, {"nested_weighting": job["weighting"]})
     for row in result["rounds"]:
         # the probe's "exact mean of B_i A_i" is not what nested ranks aggregate (a column is the mean
         # over those who trained it): it says nothing here
@@ -82,16 +89,34 @@ def reused_runs(path: Path, s: qb.Settings, ranks: tuple[int, ...], names: set[s
                                                     "communities": sorted(names)}
 
 
+def compare_jobs(plan: dict, s: qb.Settings, ranks: tuple[int, ...], work: Path,
+                 weighting: str) -> list[dict]:
+    """The mixed community again under each other `[aggregation] nested_weighting` (`--compare`)."""
+    mixed = communities(plan, ranks)["mixed"]
+    return [{"name": f"mixed:{w}", "participants": mixed, "settings": asdict(s), "heldout": plan["heldout"],
+             "work": str(work / f"mixed-{w}"), "weighting": w} for w in NESTED_WEIGHTINGS if w != weighting]
+
+
+def weighting_summary(res: dict, full: float) -> dict:
+    last = res["rounds"][-1]
+    return {"mean_heldout_loss": last["mean_heldout_loss"],
+            "gap_to_full": round((last["mean_heldout_loss"] - full) / full, 4),
+            "per_skill": {k: v["heldout_loss"] for k, v in last["per_skill"].items()},
+            "curve": [r["mean_heldout_loss"] for r in res["rounds"]]}
+
+
 def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
-        only: set[str] | None = None, reuse: Path | None = None) -> dict:
+        only: set[str] | None = None, reuse: Path | None = None, weighting: str = WEIGHTING,
+        compare: bool = False) -> dict:
     started = time.monotonic()
     plan = benchlib.skill_data(work / "data", len(ranks), s.n_train, s.n_heldout, s.seed)
     jobs = [
         {"name": name, "participants": members, "settings": asdict(s), "heldout": plan["heldout"],
-         "work": str(work / name)}
+         "work": str(work / name), "weighting": weighting}
         for name, members in communities(plan, ranks).items()
         if only is None or name in only
     ]
+    jobs += compare_jobs(plan, s, ranks, work, weighting) if compare else []
     runs, reused = {}, None
     if only is not None:
         if reuse is None:
@@ -102,7 +127,8 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             done = list(pool.map(run_community, jobs))
-    runs.update({res["name"]: res for res in done})
+    runs.update({res["name"]: res for res in done if ":" not in res["name"]})
+    others = {res["name"].split(":")[1]: res for res in done if ":" in res["name"]}
     runs = {name: runs[name] for name in communities(plan, ranks)}  # the table's order, reused or not
     top = max(ranks)
     final = {name: res["rounds"][-1]["mean_heldout_loss"] for name, res in runs.items()}
@@ -116,6 +142,8 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
         f"better_than_two_{top}": mixed < two,
     }
     checks["met"] = checks[f"within_10pct_of_all_{top}"] and checks[f"better_than_two_{top}"]
+    compared = {w: weighting_summary(runs["mixed"] if w == weighting else others[w], full)
+                for w in NESTED_WEIGHTINGS if w == weighting or w in others}
     return {
         "bench": "quality_ranks",
         "date": benchlib.now(),
@@ -126,6 +154,7 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
         "column-wise ffa mean); Flower transport and the state store are not involved",
         "config": {**asdict(s), "ranks": list(ranks), "project_rank": qb.DEMO.lora_r,
                    "lora_alpha": 2.0 * qb.DEMO.lora_r, "learning_rate": qb.FFA_LR, "workers": workers,
+                   "nested_weighting": weighting,
                    "skills": plan["skills"], **({"reused": reused} if reused else {}),
                    "volunteers": [{k: v[k] for k in ("name", "skills", "examples")}
                                   for v in plan["volunteers"]]},
@@ -136,6 +165,7 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
         "curves": {name: [r["mean_heldout_loss"] for r in res["rounds"]] for name, res in runs.items()},
         "runs": runs,
         "checks": checks,
+        **({"weightings": compared} if others else {}),
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -151,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="2 rounds of 2 steps: a smoke test")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--weighting", default=WEIGHTING, choices=NESTED_WEIGHTINGS,
+                        help="[aggregation] nested_weighting (the full-rank communities do not depend on it)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the mixed community under each other weighting (recorded only)")
     parser.add_argument("--only", help="run only these communities (comma-separated); needs --reuse")
     parser.add_argument("--reuse", type=Path, help="an earlier result to take the other communities from")
     args = parser.parse_args(argv)
@@ -162,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         seed=args.seed, em_every=0)
     with tempfile.TemporaryDirectory(prefix="quality-ranks-") as work:
         only = set(args.only.split(",")) if args.only else None
-        report = run(s, ranks, args.workers, Path(work), only, args.reuse)
+        report = run(s, ranks, args.workers, Path(work), only, args.reuse, args.weighting, args.compare)
     benchlib.write_json(args.out, report)
     c = report["checks"]
     print(f"mixed {c['mixed_heldout_loss']:.4f}; " + "; ".join(

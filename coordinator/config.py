@@ -51,6 +51,7 @@ MEMBERSHIPS = ("open", "allowlist")
 CLIP_RULES = ("none", "median")
 SCHEDULES = ("sync", "async")
 STALENESS_WEIGHTS = ("inverse_sqrt", "inverse", "constant")
+NESTED_WEIGHTINGS = ("trained", "rank", "mass")  # coordinator.aggregation's column weights
 ROBUST_RULES = ("none", "trimmed_mean", "krum")
 _ID_RE = PROJECT_ID_RE
 
@@ -191,6 +192,13 @@ class AggregationSection:
     )
     max_norm: float = _key(
         0.0, "absolute bound on an update's delta norm, checked at admission; 0 = off", "L2 norm", ge=0
+    )
+    nested_weighting: str = _key(
+        "rank",
+        "ffa with volunteers below the project's rank: column j of B is the mean over those who trained "
+        "it, weighted w_i x r/r_i (rank: each volunteer's total weight equal whatever its rank), w_i "
+        "(trained), or w_i x r/r_i over all the round's weight (mass: unnormalized, may overshoot)",
+        choices=NESTED_WEIGHTINGS,
     )
     exact_sketch_rank: int = _key(
         0, "exact: rank kept while folding (lossless below it); 0 = 4 x lora r", "rank", ge=0

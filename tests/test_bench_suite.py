@@ -431,7 +431,7 @@ def check_targets(readme: str, results_dir: Path) -> None:
 def quality_ranks(tmp_path_factory) -> Path:
     """One tiny run of the nested-ranks bench, shared: the rerun test compares against it."""
     out = tmp_path_factory.mktemp("quality_ranks") / "quality_ranks.json"
-    run("quality_ranks.py", "--tiny", "--out", str(out), timeout=600)
+    run("quality_ranks.py", "--tiny", "--compare", "--out", str(out), timeout=600)
     return out
 
 
@@ -439,6 +439,10 @@ def test_quality_ranks_tiny(quality_ranks):
     """The nested-ranks bench: three communities run, the mixed one's volunteers train at their ranks."""
     report = json.loads(quality_ranks.read_text())
     assert report["bench"] == "quality_ranks" and set(report["final"]) == {"mixed", "all-16", "two-16"}
+    # --compare: the mixed community under every nested_weighting, the default's the checked one
+    weightings, default = report["weightings"], report["config"]["nested_weighting"]
+    assert set(weightings) == {"trained", "rank", "mass"} and default == "rank"
+    assert weightings[default]["mean_heldout_loss"] == report["checks"]["mixed_heldout_loss"]
     assert report["final"]["mixed"]["ranks"] == [4, 4, 8, 8, 16, 16]
     assert report["final"]["two-16"]["ranks"] == [16, 16]
     checks = report["checks"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loracommons.coordinator.aggregation import AggregationError, make_aggregator
-from loracommons.coordinator.config import ProjectConfig
+from loracommons.coordinator.config import ConfigError, ProjectConfig
 from loracommons.coordinator.round import Round
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.lora import take_rank
@@ -24,7 +24,7 @@ def test_column_mean_matches_a_hand_computation():
     # one B of 2 rows x 3 columns; A is frozen and never sent
     g = {"m.lora_A.weight": np.ones((3, 2), np.float32), "m.lora_B.weight": np.array(
         [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)}
-    agg = make_aggregator("ffa", g)
+    agg = make_aggregator("ffa", g, nested_weighting="trained")
     agg.add({"m.lora_B.weight": np.array([[10.0], [20.0]], np.float32)}, weight=1)  # rank 1
     agg.add({"m.lora_B.weight": np.array([[30.0, 40.0], [50.0, 60.0]], np.float32)}, weight=3)  # rank 2
     b = agg.result()["m.lora_B.weight"]
@@ -58,14 +58,18 @@ def test_every_update_at_full_rank_gives_the_plain_mean_bit_for_bit(rng):
     assert agg.metrics() == {}
 
 
-def test_the_product_of_each_trained_component_is_its_exact_mean(rng):
-    """(alpha/r) B' A restricted to component j is the weighted mean of that component over S_j."""
+@pytest.mark.parametrize("weighting", ["trained", "rank"])
+def test_the_product_of_each_trained_component_is_its_exact_mean(rng, weighting):
+    """(alpha/r) B' A restricted to component j is the weighted mean of that component over S_j
+    (weights w_i, or w_i r / r_i under rank)."""
     g = make_global(rng, r=4)
-    ranks, weights = (1, 2, 4, 4), (5.0, 1.0, 2.0, 3.0)
+    ranks, examples = (1, 2, 4, 4), (5.0, 1.0, 2.0, 3.0)
     updates = [_narrow(make_update(g, "ffa", rng), r) for r in ranks]
-    agg = make_aggregator("ffa", g)
-    for update, weight in zip(updates, weights, strict=True):
+    agg = make_aggregator("ffa", g, nested_weighting=weighting)
+    for update, weight in zip(updates, examples, strict=True):
         agg.add(update, weight)
+    factors = [1.0 if weighting == "trained" else 4 / r for r in ranks]
+    weights = [w * f for w, f in zip(examples, factors, strict=True)]
     out = agg.result()
     a_name, b_name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", (
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
@@ -113,7 +117,64 @@ def test_a_mixed_rank_round_under_median_clipping_compares_per_component_norms(r
     assert len(result.aggregated) == 3 and result.rejected == () and result.annotations == ()
     assert result.metrics["nested_rank_updates"] == 1 and result.metrics["untrained_columns"] == 0
     b = next(n for n in g if ".lora_B." in n)
-    want0 = (full[0][b][:, 0].astype(np.float64) + full[1][b][:, 0] + small[b][:, 0]) / 3
+    # the default weighting (rank): the rank-1 update weighs r / r_i = 4 in its column
+    want0 = (full[0][b][:, 0].astype(np.float64) + full[1][b][:, 0] + 4 * small[b][:, 0]) / 6
     np.testing.assert_allclose(result.tensors[b][:, 0], want0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.tensors[b][:, 3], (full[0][b][:, 3] + full[1][b][:, 3]) / 2,
                                rtol=1e-5, atol=1e-6)
+
+
+def _two_narrow_updates(weighting: str) -> np.ndarray:
+    """The hand example above (r = 3; ranks 1 and 2, weights 1 and 3) under another column weighting."""
+    g = {"m.lora_A.weight": np.ones((3, 2), np.float32), "m.lora_B.weight": np.array(
+        [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)}
+    agg = make_aggregator("ffa", g, nested_weighting=weighting)
+    agg.add({"m.lora_B.weight": np.array([[10.0], [20.0]], np.float32)}, weight=1)  # f = 3 / 1
+    agg.add({"m.lora_B.weight": np.array([[30.0, 40.0], [50.0, 60.0]], np.float32)}, weight=3)  # f = 3 / 2
+    return agg.result()["m.lora_B.weight"]
+
+
+def test_rank_weighting_matches_a_hand_computation():
+    # column weights w_i r / r_i: 3 and 4.5 in column 0, normalized per column; column 1 the rank-2 alone
+    want = [[(3 * 10 + 4.5 * 30) / 7.5, 40.0, 3.0], [(3 * 20 + 4.5 * 50) / 7.5, 60.0, 6.0]]
+    np.testing.assert_allclose(_two_narrow_updates("rank"), want, rtol=1e-6)
+
+
+def test_mass_weighting_matches_a_hand_computation():
+    # B'[:, j] = B_g[:, j] + Σ_{i∈S_j} w_i (r / r_i) (B_i - B_g)[:, j] / Σ_i w_i, here Σ_i w_i = 4
+    want = [[1 + (3 * 9 + 4.5 * 29) / 4, 2 + 4.5 * 38 / 4, 3.0],
+            [4 + (3 * 16 + 4.5 * 46) / 4, 5 + 4.5 * 55 / 4, 6.0]]
+    np.testing.assert_allclose(_two_narrow_updates("mass"), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["rank", "mass"])
+def test_every_weighting_at_full_rank_is_the_trained_mean_bit_for_bit(rng, weighting):
+    g = make_global(rng)
+    updates = [make_update(g, "ffa", rng) for _ in range(3)]
+    results = {}
+    for w in ("trained", weighting):
+        agg = make_aggregator("ffa", g, nested_weighting=w)
+        for weight, scale, update in zip((3, 1, 7), (1.0, 0.25, 1.0), updates, strict=True):
+            agg.add(update, weight, scale)
+        results[w] = agg.result()
+    for name in g:
+        np.testing.assert_array_equal(results[weighting][name], results["trained"][name])
+
+
+def test_mass_weighting_gives_each_volunteer_the_same_total_weight_whatever_its_rank(rng):
+    """Under mass, a rank-r_i update's columns each move by (r / r_i) w_i / W of its delta: summed over
+    its r_i columns, r w_i / W, as at full rank."""
+    g = make_global(rng, r=4)
+    b = next(n for n in g if ".lora_B." in n)
+    ones = {n: v + 1.0 for n, v in g.items() if ".lora_B." in n}  # a delta of 1 everywhere
+    for rank in (1, 2, 4):
+        agg = make_aggregator("ffa", g, nested_weighting="mass")
+        agg.add(_narrow(ones, rank), 2.0)
+        agg.add({n: v.copy() for n, v in g.items() if ".lora_B." in n}, 6.0)  # a full-rank no-op
+        moved = (agg.result()[b].astype(np.float64) - g[b]).mean(axis=0)
+        np.testing.assert_allclose(moved.sum(), 4 * 2.0 / 8, rtol=1e-5)
+
+
+def test_an_unknown_weighting_is_refused(rng):
+    with pytest.raises(ConfigError, match="nested_weighting"):
+        make_aggregator("ffa", make_global(rng), nested_weighting="heavy")
