@@ -101,6 +101,8 @@ class Settings:
     """`[train] keep_optimizer`: volunteers carry AdamW's state and the warmup across rounds."""
     em_local: bool = False
     """Local-only adapters too get exact match every `em_every` rounds (per-checkpoint comparisons)."""
+    checkpoints_only: bool = False
+    """Evaluate (held-out loss too) only at the exact-match rounds: a sweep that reads checkpoints."""
 
 
 class BenchError(RuntimeError):
@@ -299,8 +301,10 @@ def federate(
         if method.kind == "federated":
             row["exactness"] = probe.compare(tensors, cfg.lora.r)
         em_now = (method.kind != "local" or s.em_local) and s.em_every > 0 and r % s.em_every == 0
-        row.update(evaluate(tensors, em=em_now or r == s.rounds))
         history.append(row)
+        if s.checkpoints_only and not (em_now or r == s.rounds):
+            continue
+        row.update(evaluate(tensors, em=em_now or r == s.rounds))
         log(
             f"{label} round {r}/{s.rounds}: held-out loss {row['mean_heldout_loss']:.3f}"
             + (f", exact match {row['mean_exact_match']:.0%}" if "mean_exact_match" in row else "")

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     etas = [float(x) for x in args.etas.split(",") if x]
     s = qb.Settings(rounds=args.rounds, steps=args.steps, seed=args.seed, em_every=args.em_every,
-                    em_local=True)
+                    em_local=True, checkpoints_only=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lc-serverlr-") as work:
         plan = benchlib.skill_data(Path(work) / "data", 3, s.n_train, s.n_heldout, s.seed)
