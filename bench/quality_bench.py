@@ -307,7 +307,9 @@ def federate(
         row.update(evaluate(tensors, em=em_now or r == s.rounds))
         log(
             f"{label} round {r}/{s.rounds}: held-out loss {row['mean_heldout_loss']:.3f}"
-            + (f", exact match {row['mean_exact_match']:.0%}" if "mean_exact_match" in row else "")
+            + (f", exact match {row['mean_exact_match']:.0%} ("
+               + ", ".join(f"{k} {v['exact_match']:.0%}" for k, v in row["per_skill"].items()) + ")"
+               if "mean_exact_match" in row else "")
             + f" ({time.monotonic() - started:.0f} s)"
         )
     return {

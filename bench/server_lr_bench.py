@@ -19,7 +19,9 @@ import argparse
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import benchlib
@@ -37,6 +39,18 @@ def jobs_for(etas: list[float], lr: float, s: qb.Settings, plan: dict, work: Pat
              for i in range(len(plan["volunteers"]))]
     jobs.append({**common, "method": "pooled-same-time", "base": False})
     return jobs
+
+
+def run_jobs(jobs: list[dict], workers: int, partial: Path) -> list[dict]:
+    """`quality_bench.run_job` on `workers` processes; each finished run is also written to `partial`
+    at once (a sweep cut short on a loaded machine keeps what it finished)."""
+    done: dict[int, dict] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(qb.run_job, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            benchlib.write_json(partial, {"finished": [done[i] for i in sorted(done)]})
+    return [done[i] for i in range(len(jobs))]
 
 
 def checkpoint(run: dict, r: int) -> dict[str, float] | None:
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lc-serverlr-") as work:
         plan = benchlib.skill_data(Path(work) / "data", 3, s.n_train, s.n_heldout, s.seed)
-        runs = qb._run_jobs(jobs_for(etas, args.lr, s, plan, Path(work)), args.workers)
+        runs = run_jobs(jobs_for(etas, args.lr, s, plan, Path(work)), args.workers,
+                        args.out.with_suffix(".partial.json"))
     checkpoints = sorted({r for r in range(args.em_every, args.rounds + 1, args.em_every)} | {args.rounds})
     rows = table(etas, runs, plan, checkpoints)
     report = {
