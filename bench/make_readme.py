@@ -454,6 +454,24 @@ def keep_optimizer_section(k: dict) -> str:
     ])
 
 
+def server_lr_section(sl: dict) -> str:
+    """`[aggregation] server_lr` on the demo's setting, per skill (bench/server_lr_bench.py)."""
+    cfg = sl["config"]
+    met = [f"{r['rounds']} x {cfg['steps']} with eta {r['server_lr']:g}" for r in sl["table"] if r["bar_met"]]
+    return "\n".join([
+        "## Server step (`[aggregation] server_lr`) on the demo's setting\n",
+        f"3 volunteers, one skill each, `ffa`, rank {cfg['lora_r']}, learning rate {cfg['learning_rate']:g}, "
+        f"batch {cfg['batch_size']}, keep_optimizer; in-process driver, {cfg['torch_threads']} torch thread "
+        f"per process, {cfg['workers']} processes, {cfg['n_heldout']} held-out examples per skill, on a "
+        "machine shared with other work. Exact match per skill: the community adapter / the skill's holder "
+        "alone after the same steps; pooled: one trainer on the pooled data for the same sequential steps. "
+        f"The demo's bar: every skill >= {pct(cfg['bar']['em_floor'])} and >= its holder alone - "
+        f"{100 * cfg['bar']['holder_margin']:.0f} points.\n",
+        sl["markdown"],
+        f"\nBar met at: {', '.join(met) if met else 'none (MISSED)'}.\n",
+    ])
+
+
 def quality_ratio_section(q: dict) -> str:
     """Issue 12's two loss ratios from a quality run of some methods (`--methods`)."""
     cfg, ratios = q["config"], quality_ratios(q)
@@ -870,6 +888,7 @@ python bench/aggregate_bench.py --modes ffa,exact,fedavg          # aggregate.js
 python bench/overhead_bench.py                  # overhead.json (real processes, ~2 min)
 python bench/time_to_quality.py                 # time_to_quality.json, .png (real processes, 15+ min)
 python bench/async_bench.py                     # async.json, .png: sync vs async, one 5x slower (~25 min)
+python bench/server_lr_bench.py --workers 2 --rounds 60   # server_lr.json: [aggregation] server_lr sweep
 python bench/trainer_bench.py --threads 1 --device cpu            # trainer.json
 python bench/protocol_bench.py                  # protocol.json
 python bench/make_readme.py                     # this file, from bench/results/*.json
@@ -950,6 +969,7 @@ def render(results_dir: Path) -> str:
     asy = load(results_dir, "async")
     kept = load(results_dir, "keep_optimizer_partial")
     kept_quality = load(results_dir, "quality_keep_3v_30x10")
+    server_lr = load(results_dir, "server_lr")
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -976,6 +996,7 @@ def render(results_dir: Path) -> str:
         (async_section, asy),
         (keep_optimizer_section, kept),
         (quality_ratio_section, kept_quality),
+        (server_lr_section, server_lr),
         (trainer_section, t),
         (protocol_section, p),
     ):

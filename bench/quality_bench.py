@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -68,6 +68,7 @@ class Method:
     lr: float
     dtype: str = "float32"
     downlink: str = "float32"  # [round] downlink_dtype: the global is rounded to it after each round
+    server_lr: float = 1.0  # [aggregation] server_lr (bench/server_lr_bench.py sweeps it)
 
 
 METHODS = (
@@ -98,6 +99,10 @@ class Settings:
     """Exact match every this many rounds and after the last (local-only adapters: after the last only)."""
     keep_optimizer: bool = True
     """`[train] keep_optimizer`: volunteers carry AdamW's state and the warmup across rounds."""
+    em_local: bool = False
+    """Local-only adapters too get exact match every `em_every` rounds (per-checkpoint comparisons)."""
+    checkpoints_only: bool = False
+    """Evaluate (held-out loss too) only at the exact-match rounds: a sweep that reads checkpoints."""
 
 
 class BenchError(RuntimeError):
@@ -127,7 +132,7 @@ def project_config(method: Method, steps: int, participants: int, s: Settings,  
                 "min_volunteers": participants,
                 "downlink_dtype": method.downlink,
             },
-            "aggregation": {"mode": method.mode, **(aggregation or {})},
+            "aggregation": {"mode": method.mode, "server_lr": method.server_lr, **(aggregation or {})},
             "limits": {"payload_dtype": method.dtype},
         }
     )
@@ -297,18 +302,23 @@ def federate(
         tensors = decode_adapter(data)
         if method.kind == "federated":
             row["exactness"] = probe.compare(tensors, cfg.lora.r)
-        em_now = method.kind != "local" and s.em_every > 0 and r % s.em_every == 0
-        row.update(evaluate(tensors, em=em_now or r == s.rounds))
+        em_now = (method.kind != "local" or s.em_local) and s.em_every > 0 and r % s.em_every == 0
         history.append(row)
+        if s.checkpoints_only and not (em_now or r == s.rounds):
+            continue
+        row.update(evaluate(tensors, em=em_now or r == s.rounds))
         log(
             f"{label} round {r}/{s.rounds}: held-out loss {row['mean_heldout_loss']:.3f}"
-            + (f", exact match {row['mean_exact_match']:.0%}" if "mean_exact_match" in row else "")
+            + (f", exact match {row['mean_exact_match']:.0%} ("
+               + ", ".join(f"{k} {v['exact_match']:.0%}" for k, v in row["per_skill"].items()) + ")"
+               if "mean_exact_match" in row else "")
             + f" ({time.monotonic() - started:.0f} s)"
         )
     return {
         "method": method.name,
         "mode": method.mode,
         "learning_rate": method.lr,
+        "server_lr": method.server_lr,
         "payload_dtype": method.dtype,
         "downlink_dtype": method.downlink,
         "steps_per_round": steps,
@@ -325,6 +335,7 @@ def run_job(job: dict) -> dict:
     torch.set_num_threads(1)  # measured: 2 threads on 2 shared cores is 3-25x slower for this model
     s = Settings(**job["settings"])
     plan, method, n = job["plan"], BY_NAME[job["method"]], len(job["plan"]["volunteers"])
+    method = replace(method, server_lr=job.get("server_lr", method.server_lr), lr=job.get("lr", method.lr))
     from loracommons.protocol.task import LoraSettings
 
     lora = LoraSettings(r=DEMO.lora_r, alpha=2.0 * DEMO.lora_r, target_modules=tuple(TARGETS))
@@ -338,7 +349,8 @@ def run_job(job: dict) -> dict:
         participants, steps = [plan["volunteers"][job["volunteer"]]], s.steps
     else:
         participants, steps = plan["volunteers"], s.steps
-    label = f"N={n} {method.name}" + (f" {participants[0]['name']}" if method.kind == "local" else "")
+    label = f"N={n} {method.name}" + (f" eta={method.server_lr:g}" if method.server_lr != 1 else "")
+    label += (f" {participants[0]['name']}" if method.kind == "local" else "")
     result = federate(method, participants, steps, s, evaluate, work, label, _stderr)
     if job.get("base"):
         result["base"] = evaluate(_initial(lora, s), em=True)

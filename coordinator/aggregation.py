@@ -63,6 +63,12 @@ Memory per module: (d + k) x 2K numbers, whatever N.
 Clipping enters every mode as a scale s_i in [0, 1] on the update's delta:
 contribution = global + s_i (update - global); in `exact`, B_g A_g + s_i (B_i A_i - B_g A_g).
 
+Server step (`[aggregation] server_lr` = eta, FedOpt's server learning rate): the new global is
+G + eta (M - G), M the mean above (after clipping, or the robust rule's combination); in `exact` on the
+product, B'A' = rank-r SVD of B_g A_g + eta (mean B_i A_i - B_g A_g). eta = 1 skips it (bit for bit
+the plain mean). Why: on non-IID data each volunteer's progress on its own skill reaches the mean
+diluted by 1/N; eta > 1 gives some of it back at a cost in drift. dp refuses eta != 1 (config).
+
 `RoundAggregator` runs one round's rules (coordinator.rules) on top (see its doc): streaming
 when no rule needs the round's median, buffering the round's updates otherwise.
 
@@ -109,6 +115,9 @@ class Aggregator(ABC):
     overlaps: ClassVar[bool] = True
     """Whether its fold may run on the helper thread while the next update is admitted. Not for
     folds that call BLAS (OpenBLAS's own threads then fight the caller's hashing for the cores)."""
+
+    server_lr: float = 1.0
+    """The server step on the mean delta (set by `make_aggregator`; see the module doc)."""
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
         self.global_tensors = dict(global_tensors)
@@ -202,6 +211,8 @@ class MeanAggregator(Aggregator):
     def _result(self) -> dict[str, np.ndarray]:
         out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}
         for name, delta in self.mean_delta().items():
+            if self.server_lr != 1.0:
+                delta *= self.server_lr
             out[name] = (self.global_tensors[name] + delta).astype(np.float32)
         return out
 
@@ -322,15 +333,17 @@ class ExactAggregator(Aggregator):
             return {n: v.copy() for n, v in self._out.items()}
         out: dict[str, np.ndarray] = {}
         total_sq = dropped_sq = residual_sq = 0.0
-        w = self.total_weight
+        # server step eta: (S + c G) / (W / eta) with c = c_0 + (1 - eta) W / eta is G + eta (M - G)
+        w = self.total_weight / self.server_lr
+        global_coef = self._global_coef + (w - self.total_weight)  # exactly c_0 at eta = 1
         for module, (a_name, b_name) in self.pairs.items():
             acc = self._sums[module]
             b0, a0 = (np.asarray(self.global_tensors[n], dtype=np.float64) for n in (b_name, a_name))
-            if self._global_coef:
-                acc.push(b0, a0, self._global_coef)
+            if global_coef:
+                acc.push(b0, a0, global_coef)
             dropped = acc.dropped  # the last absorption keeps every nonzero value: the cut to r is next
             spectrum = acc.absorb(keep=acc.pending + acc.s.size, spare=self.r) / w
-            b, a = self._factors(acc, a0)
+            b, a = self._factors(acc, a0, w)
             out[b_name], out[a_name] = b.astype(np.float32), a.astype(np.float32)
             total_sq += float(np.sum(spectrum**2))
             residual_sq += float(np.sum(spectrum[self.r :] ** 2))
@@ -344,9 +357,9 @@ class ExactAggregator(Aggregator):
         self._out = out
         return {n: v.copy() for n, v in out.items()}
 
-    def _factors(self, acc: LowRank, a0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Balanced rank-r factors of the mean; zero-energy directions keep a usable A row."""
-        r, w = self.r, self.total_weight
+    def _factors(self, acc: LowRank, a0: np.ndarray, w: float) -> tuple[np.ndarray, np.ndarray]:
+        """Balanced rank-r factors of the sum over `w`; zero-energy directions keep a usable A row."""
+        r = self.r
         rank = min(acc.s.size, r)
         root = np.sqrt(acc.s[:rank] / w)
         b = np.zeros((acc.u.shape[0], r))
@@ -365,14 +378,18 @@ class ExactAggregator(Aggregator):
 
 def make_aggregator(
     mode: str, global_tensors: Mapping[str, np.ndarray], sketch_rank: int | None = None,
-    nested_weighting: str = NESTED_WEIGHTING,
+    nested_weighting: str = NESTED_WEIGHTING, server_lr: float = 1.0,
 ) -> Aggregator:
-    """The registered aggregator of `mode`; ConfigError for a mode without one."""
+    """The registered aggregator of `mode`; ConfigError for a mode without one or a bad server step."""
     cls = _AGGREGATORS.get(mode)
     if cls is None:
         known = ", ".join(_AGGREGATORS)
         raise ConfigError(f"[aggregation] mode = {mode!r}: no aggregator registered (known: {known})")
-    return cls.build(global_tensors, sketch_rank, nested_weighting)
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ConfigError(f"[aggregation] server_lr = {server_lr!r}: expected a finite number greater than 0")
+    aggregator = cls.build(global_tensors, sketch_rank, nested_weighting)
+    aggregator.server_lr = float(server_lr)
+    return aggregator
 
 
 @dataclass(frozen=True)
@@ -414,7 +431,7 @@ class RoundAggregator:
         self.global_tensors = dict(global_tensors)
         agg = config.aggregation
         self.aggregator = make_aggregator(
-            agg.mode, self.global_tensors, config.sketch_rank, agg.nested_weighting
+            agg.mode, self.global_tensors, config.sketch_rank, agg.nested_weighting, agg.server_lr
         )
         self.rules = rules.configured(config)
         self.buffers = any(rule.buffers for rule in self.rules)
@@ -546,7 +563,10 @@ class RoundAggregator:
         return tally
 
     def _apply_delta(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The robust rule's combined delta, times the server step."""
         out = {n: np.array(v, dtype=np.float32) for n, v in self.global_tensors.items()}
+        eta = self.aggregator.server_lr
         for name, value in delta.items():
-            out[name] = (self.global_tensors[name] + value).astype(np.float32)
+            step = value if eta == 1.0 else eta * np.asarray(value, dtype=np.float64)
+            out[name] = (self.global_tensors[name] + step).astype(np.float32)
         return out

@@ -203,6 +203,13 @@ class AggregationSection:
     exact_sketch_rank: int = _key(
         0, "exact: rank kept while folding (lossless below it); 0 = 4 x lora r", "rank", ge=0
     )
+    server_lr: float = _key(
+        1.0,
+        "server step on the round's mean delta: new global = G + server_lr x (mean - G); 1 = the plain "
+        "mean. Above 1 offsets the dilution of non-IID updates (each volunteer's progress is 1/N of the "
+        "mean). Applies after clip and robust rules (exact: on the product B A); not with [privacy] dp",
+        "x mean delta", gt=0, le=4,
+    )
 
 
 @dataclass(frozen=True)
@@ -429,6 +436,11 @@ def _check_combinations(cfg: ProjectConfig) -> None:
             "exact_sketch_rank",
             agg.exact_sketch_rank,
             f"must be 0 or at least lora r = {cfg.lora.r}",
+        )
+    if agg.server_lr != 1.0 and cfg.privacy.dp:
+        raise config_error(
+            "aggregation", "server_lr", agg.server_lr, "must be 1 with [privacy] dp: the noise is "
+            "calibrated to the plain mean's sensitivity, which a server step would scale",
         )
     rules.validate(cfg)
     if rnd.schedule == "async":

@@ -137,6 +137,9 @@ def demo(
                               help="Training steps per volunteer per round."),
     publish_every: int = typer.Option(DemoSettings.publish_every, "--publish-every", min=1,
                                       help="A signed release every k rounds (and after the last)."),
+    server_lr: float = typer.Option(DemoSettings.server_lr, "--server-lr", min=0.01, max=4.0,
+                                    help="[aggregation] server_lr: the server step on each round's "
+                                    "mean delta (1 = the plain mean)."),
     out: Path = typer.Option(Path("loracommons-demo"), "--out", help="Output folder (new or empty)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the coordinator, volunteers "
                                       "and dashboard running after the report, until Ctrl-C."),
@@ -151,7 +154,7 @@ def demo(
         if schedule not in ("sync", "async"):
             raise fail(f"--schedule must be sync or async, got {schedule!r}")
         settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps,
-                                publish_every=publish_every, schedule=schedule)
+                                publish_every=publish_every, schedule=schedule, server_lr=server_lr)
         run_demo(out, settings, console, keep_running)
     except DemoError as exc:
         raise fail(str(exc)) from None
