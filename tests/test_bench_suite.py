@@ -131,6 +131,7 @@ def test_comm_bench_with_quality(quality, tmp_path):
     )
 
 
+@pytest.mark.slow  # real processes, ~45 s: out of the default run, like the long fault trials
 def test_time_to_quality_tiny(tmp_path):
     """Real processes (coordinator + 2 joins), one 2x2 schedule: every release scored, references beside."""
     out = tmp_path / "ttq.json"
@@ -149,6 +150,7 @@ def test_time_to_quality_tiny(tmp_path):
     assert (tmp_path / "time_to_quality.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # plain Flower and LoRA Commons communities on real processes, ~70 s
 def test_overhead_bench_one_round(tmp_path):
     out, work = tmp_path / "overhead.json", tmp_path / "work"
     args = ["--rounds", "1", "--steps", "1", "--timeout", "180", "--work-dir", str(work), "--out", str(out)]
