@@ -8,7 +8,6 @@ The community adapter is loaded exactly as a user would load a download:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,20 +62,16 @@ def _reference(job: dict) -> dict:
     from loracommons.client.model import apply_adapter
     from loracommons.client.trainer import train
     from loracommons.coordinator.config import load_config
-    from loracommons.coordinator.initial import decode_adapter
-    from loracommons.coordinator.store import Store
+    from loracommons.coordinator.initial import build_initial_adapter
     from loracommons.demo import base_model_path
 
     torch.set_num_threads(1)
     _quiet()
     project = Path(job["project"])
     cfg = load_config(project)
-    store = Store(project)
-    try:
-        pointer = json.loads((project / "initial_adapter.json").read_text())
-        initial = decode_adapter(store.blobs.get(pointer["sha256"]))
-    finally:
-        store.close()
+    # version 0 is a function of the project file (its seed): built here rather than read from the
+    # coordinator's store, which the coordinator, starting beside this worker, may not have written yet
+    initial = build_initial_adapter(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path())
     base = AutoModelForCausalLM.from_pretrained(base_model_path(), dtype=torch.float32)
     for p in base.parameters():
