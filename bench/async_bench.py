@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, work: Path, log) -> dict:  # noqa: ANN001
     started = time.monotonic()
     base = DemoSettings(volunteers=3, steps_per_round=args.steps, publish_every=1, n_train=args.train,
                         n_heldout=args.heldout, round_timeout_s=600.0, max_staleness=args.max_staleness,
-                        staleness_weight=args.staleness_weight)
+                        staleness_weight=args.staleness_weight, hold_fraction=args.hold_fraction)
     fast, slow = args.pace, args.pace / SLOWDOWN
     plans = {
         "slow-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, slow)),
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-staleness", type=int, default=4)
     parser.add_argument("--staleness-weight", default="inverse_sqrt",
                         choices=("inverse_sqrt", "inverse", "constant"), help="[round] staleness_weight")
+    parser.add_argument("--hold-fraction", type=float, default=0.5, help="[round] hold_fraction")
     parser.add_argument("--train", type=int, default=DemoSettings.n_train, help="examples per skill")
     parser.add_argument("--heldout", type=int, default=DemoSettings.n_heldout, help="held-out per skill")
     parser.add_argument("--runs", default="slow-sync,slow-async,equal-sync,equal-async")

@@ -1,7 +1,7 @@
 """The async schedule's loop (FedBuff): every volunteer kept busy, a new version every K updates.
 
     whenever a connected node has no task in flight: record a task (fresh nonce, next serial) on the
-        latest version and push it
+        latest version and push it (unless the version is about to close: see `_holds`)
     poll replies; offer each to the open version's `Buffer` (admission against the task it names,
         staleness checked and weighted); record it, its task marked used in the same transaction
     once `buffer_size` updates are admitted: close the version as a sync round closes (rules,
@@ -79,6 +79,8 @@ class AsyncCoordinator(Coordinator):
     _flights: dict[str, InFlight] = field(default_factory=dict)  # message id -> task
     _expired: dict[str, InFlight] = field(default_factory=dict)  # still asked for, to refuse with a reason
     _bases: OrderedDict[str, Mapping[str, np.ndarray]] = field(default_factory=OrderedDict)
+    _task_seconds: dict[int, float] = field(default_factory=dict)  # node -> its last task, sent to reply
+    _free_since: dict[int, float] = field(default_factory=dict)  # node -> when its last reply came
 
     def run(self, grid) -> None:  # noqa: ANN001 (flwr Grid)
         quick_object_pulls("flwr.superlink.grid.http_grid")
@@ -95,7 +97,7 @@ class AsyncCoordinator(Coordinator):
             if not nodes and not self._flights and not waiting:
                 self.on_event(Waiting(0, 1))
             waiting = not nodes
-            if self._dispatch(grid, v, nodes):
+            if self._dispatch(grid, v, nodes, buffer):
                 pace.restart()
             replies = grid.pull_messages(set(self._flights) | set(self._expired))
             if replies:
@@ -119,6 +121,9 @@ class AsyncCoordinator(Coordinator):
             flight = self._flights.pop(mid, None) or self._expired.pop(mid, None)
             if flight is None:
                 continue
+            now = time.monotonic()
+            self._task_seconds[flight.node] = now - flight.sent
+            self._free_since[flight.node] = now
             if buffer is None:  # the last version closed: nothing left to admit into
                 self.store.expire_tasks([flight.task.nonce])
                 continue
@@ -181,12 +186,16 @@ class AsyncCoordinator(Coordinator):
 
     # -- tasks ------------------------------------------------------------------
 
-    def _dispatch(self, grid, v: int, nodes: list[int]) -> int:  # noqa: ANN001
-        """A task on the latest version for every node with none in flight; returns how many."""
+    def _dispatch(self, grid, v: int, nodes: list[int], buffer: Buffer) -> int:  # noqa: ANN001
+        """A task on the latest version for every node with none in flight and none held back
+        (`_holds`); returns how many."""
         busy = {flight.node for flight in self._flights.values()}
-        free = [node for node in nodes if node not in busy]
+        now = time.monotonic()
+        free = [node for node in nodes if node not in busy and not self._holds(node, buffer, now)]
         if not free:
             return 0
+        for node in free:
+            self._free_since.pop(node, None)
         current = self.global_adapter
         assert current is not None
         rows = [self.store.record_task(new_nonce(), v, node, current.digest) for node in free]
@@ -199,6 +208,27 @@ class AsyncCoordinator(Coordinator):
             self._flights[mid] = InFlight(node, row, now)
             self.on_event(TaskSent(row.serial, v, node))
         return len(free)
+
+    def _holds(self, node: int, buffer: Buffer, now: float) -> bool:
+        """Whether a node that has just replied waits for the open version to close.
+
+        It waits, at most `hold_fraction` of its last task's time since its reply, while the tasks
+        in flight are expected (each node's last task time) to bring the buffer to `buffer_size`
+        within that wait: then its next task trains on the new version instead of one about to be
+        replaced, which would count it tau = 1 stale. With equal speeds this keeps every update
+        fresh (FedBuff on a barrier nobody waits long at); a volunteer far slower than the rest is
+        never waited for. A node with no task time yet (its first task) is never held."""
+        fraction = self.cfg.round.hold_fraction
+        took, since = self._task_seconds.get(node), self._free_since.get(node)
+        if fraction <= 0 or took is None or since is None:
+            return False
+        deadline = since + fraction * took
+        if now >= deadline:
+            return False
+        needed = self.cfg.round.buffer_size - buffer.admitted
+        soon = sum(1 for f in self._flights.values()
+                   if f.node in self._task_seconds and f.sent + self._task_seconds[f.node] <= deadline)
+        return soon >= needed
 
     def _task_message(self, row: TaskRow, current: GlobalAdapter, node: int):  # noqa: ANN202 (flwr Message)
         """The Flower message of one task (its serial as the task's round, its own nonce), the global

@@ -148,6 +148,15 @@ class RoundSection:
         "versions",
         ge=0,
     )
+    hold_fraction: float = _key(
+        0.5,
+        "async: a volunteer that has just replied waits, at most this fraction of its last task's time, "
+        "when the updates in flight are expected to close the open version within that wait, so that "
+        "its next task trains on the new version instead of one about to be replaced; 0 sends at once",
+        "x task time",
+        ge=0,
+        le=1,
+    )
     staleness_weight: str = _key(
         "inverse_sqrt",
         "async: factor on a stale update's weight in its version's mean (against the fresher updates "

@@ -74,6 +74,8 @@ class DemoSettings:
     max_staleness: int = 4
     staleness_weight: str = "inverse_sqrt"
     """async: `[round] staleness_weight` (the async bench compares them)."""
+    hold_fraction: float = 0.5
+    """async: `[round] hold_fraction` (the async bench compares 0 and the default)."""
     paces: tuple[float | None, ...] = ()
     """Each volunteer's `join --max-steps-per-second` (None or missing: no cap); the async bench's
     slow volunteer."""
@@ -145,7 +147,7 @@ class Community:
         if s.schedule != "async":
             return {}
         return {"schedule": "async", "buffer_size": s.volunteers, "max_staleness": s.max_staleness,
-                "staleness_weight": s.staleness_weight}
+                "staleness_weight": s.staleness_weight, "hold_fraction": s.hold_fraction}
 
     # -- processes -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -43,6 +44,7 @@ class Node:
     key: SigningKey = field(default_factory=SigningKey.generate)
     answers: bool = True
     joins_at: int = 0  # the poll from which the node is connected
+    seconds: float | None = None  # if set: its reply is there this long after its task (not polls)
 
 
 class Grid:
@@ -53,6 +55,7 @@ class Grid:
         self.held: dict[str, Held] = {}  # what each digest rebuilt to (the nodes' delta bases)
         self.pending: dict[str, tuple[int, Envelope]] = {}  # mid -> (poll it is ready, envelope)
         self.pushed: list[tuple[int, dict]] = []  # (node, task)
+        self.due: dict[str, float] = {}  # mid -> when its reply is there (nodes timed in seconds)
         self.poll, self._next = 0, 0
         self.rng = np.random.default_rng(1)
 
@@ -73,6 +76,8 @@ class Grid:
                 env = signer.envelope(make_update(base, "ffa", self.rng), key=node.key, examples=10,
                                       base_adapter_digest=task["base_adapter_digest"])
                 self.pending[mid] = (self.poll + node.polls, env)
+                if node.seconds is not None:
+                    self.due[mid] = time.monotonic() + node.seconds
             ids.append(mid)
         return ids
 
@@ -90,7 +95,9 @@ class Grid:
         out = []
         for mid in sorted(ids, key=lambda m: int(m[1:])):
             ready = self.pending.get(mid)
-            if ready is not None and ready[0] <= self.poll:
+            if mid in self.due:
+                ready = ready if self.due[mid] <= time.monotonic() else None
+            if ready is not None and (mid in self.due or ready[0] <= self.poll):
                 env = self.pending.pop(mid)[1]
                 content = envelope_content(env.manifest, env.payload, env.signature)
                 out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid),
@@ -235,4 +242,51 @@ def test_a_reply_after_its_task_expired_is_refused_with_its_reason(tmp_path, rng
     refused = [(u.reason, u.staleness) for r in store.rounds() for u in store.round_updates(r.round)
                if u.fingerprint == slow]
     assert refused and all(reason == Reason.STALE and tau > 1 for reason, tau in refused), refused
+    coord.store.close()
+
+
+@pytest.mark.parametrize("hold", [1.0, 0.0])
+def test_a_node_done_just_before_the_version_closes_waits_for_it(tmp_path, rng, hold):
+    """Nearly equal speeds: the first node back would otherwise get a task on a version the others
+    are about to replace (its update then 1 stale). Held for at most `hold_fraction` of its task
+    time, every update is fresh once each node's task time is known (from the third version: the
+    first node back from its first task is not held); with 0 some are stale."""
+    cfg, g = project(tmp_path, rng, buffer_size=3, hold_fraction=hold, rounds=4)
+    coord = coordinator(tmp_path, cfg)
+    grid = Grid(cfg, {1: Node(1, seconds=0.3), 2: Node(1, seconds=0.35), 3: Node(1, seconds=0.4)},
+                initial=g)
+    coord.run(grid)
+    store = coord.store
+    assert [r.status for r in store.rounds()] == ["aggregated"] * 4
+    later = [u.staleness or 0 for r in store.rounds()[2:] for u in store.round_updates(r.round)]
+    if hold:
+        assert later == [0] * 6, later
+    else:
+        assert any(later), later
+    store.close()
+
+
+def test_a_free_node_is_held_only_for_a_version_about_to_close(tmp_path, rng):
+    """`_holds` on hand-made flights: held while the flights expected within its wait fill the buffer,
+    never past the wait, never before its first task's time is known."""
+    from loracommons.coordinator.async_rounds import InFlight
+
+    cfg, _ = project(tmp_path, rng, buffer_size=3, hold_fraction=0.5)
+    coord = coordinator(tmp_path, cfg)
+    buffer = SimpleNamespace(admitted=1)
+    task = SimpleNamespace(version=1)
+    coord._task_seconds = {1: 10.0, 2: 10.0, 3: 10.0}
+    coord._free_since = {1: 100.0}
+    coord._flights = {"a": InFlight(2, task, 92.0), "b": InFlight(3, task, 94.0)}  # due at 102, 104
+    assert coord._holds(1, buffer, now=101.0)  # both due before 105: the version closes soon
+    assert not coord._holds(1, buffer, now=105.0)  # never past half its task time
+    coord._flights["b"] = InFlight(3, task, 96.0)  # due at 106: after its wait ends
+    assert not coord._holds(1, buffer, now=101.0)
+    buffer.admitted = 2  # one more closes it, and one is due at 102
+    assert coord._holds(1, buffer, now=101.0)
+    coord._free_since = {}
+    assert not coord._holds(1, buffer, now=101.0)  # not just back from a task
+    del coord._task_seconds[1]
+    coord._free_since = {1: 100.0}
+    assert not coord._holds(1, buffer, now=101.0)  # its first task: no time known
     coord.store.close()
