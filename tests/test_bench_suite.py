@@ -370,7 +370,30 @@ def _ranks_better(r: dict, top: str) -> bool:
     return loss["mixed"] < loss[f"two-{top}"]
 
 
+def _kept_final(r: dict, n: str, mode: str) -> tuple[float, float, float, dict]:
+    q = r["quality_keep_30x10"]
+    final = q["results"][n]["summary"]["final"]
+    central = min(final[k]["mean_heldout_loss"]
+                  for k in ("centralized-ffa", "centralized-full") if k in final)
+    return (final[mode]["mean_heldout_loss"], final["pooled-same-time"]["mean_heldout_loss"], central,
+            q["config"]["target_ratios"])
+
+
+def _kept_sequential(r: dict, n: str, mode: str) -> bool:
+    loss, seq, _, ratios = _kept_final(r, n, mode)
+    return loss <= ratios["equal_sequential_steps"] * seq
+
+
+def _kept_compute(r: dict, n: str, mode: str) -> bool:
+    loss, _, central, ratios = _kept_final(r, n, mode)
+    return loss <= ratios["equal_total_compute"] * central
+
+
 RULES = [
+    (r"quality, (\d+) volunteers, `(\w+)`, equal sequential steps \(pooled trainer \d+ a round\), "
+     r"\d+ x \d+, optimizer kept", _kept_sequential),
+    (r"quality, (\d+) volunteers, `(\w+)`, equal total compute \(pooled trainer N x \d+ a round\), "
+     r"\d+ x \d+, optimizer kept", _kept_compute),
     (r"quality, (\d+) volunteers, `(\w+)` held-out loss <= ([\d.]+) x centralized at equal sequential steps",
      _equal_sequential),
     (r"quality, (\d+) volunteers, `(\w+)` held-out loss <= ([\d.]+) x centralized at equal total compute",
@@ -409,6 +432,8 @@ def _expected_rows(r: dict) -> int:
     count += 2 * len(a["variants"]) if a else 0
     count += len(r["async"]["verdicts"]) if r.get("async") else 0
     count += 2 if r.get("quality_ranks") else 0
+    kept = r.get("quality_keep_30x10")
+    count += 2 * sum(len(res["summary"]["checks"]) for res in kept["results"].values()) if kept else 0
     return count + (1 if o else 0)
 
 
