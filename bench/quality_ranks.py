@@ -12,9 +12,9 @@ communities of the same project (rank 16, ffa):
 Targets (issue 14): the mixed community's held-out loss within 10% of all-16's, and below two-16's.
 
     python bench/quality_ranks.py --workers 3                          # 40 rounds x 10 steps
-    python bench/quality_ranks.py --rounds 8 --heldout 16 --compare    # the recorded run (bench/README.md)
+    python bench/quality_ranks.py --rounds 30 --heldout 50 --workers 2 --compare   # the recorded run
     python bench/quality_ranks.py --tiny --out /tmp/ranks.json         # smoke test
-    python bench/quality_ranks.py --rounds 8 --heldout 16 --only mixed --reuse earlier.json
+    python bench/quality_ranks.py --rounds 30 --heldout 50 --only mixed --reuse earlier.json
 
 `--weighting W` runs the mixed community under `[aggregation] nested_weighting = W` (default: the
 project default); `--compare` runs it under each other weighting as well, recorded under "weightings"
