@@ -94,14 +94,14 @@ def evaluate_releases(run: dict, em_every: int) -> list[dict]:
     from loracommons.coordinator.initial import decode_adapter
     from loracommons.coordinator.store import Store
     from loracommons.demo import base_model_path
-    from loracommons.demo.report import SEQ_LEN, _skill_sets
+    from loracommons.demo.references import SEQ_LEN, skill_sets
 
     torch.set_num_threads(1)
     project = Path(run["project"])
     cfg = load_config(project)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path())
     base = AutoModelForCausalLM.from_pretrained(base_model_path(), dtype=torch.float32)
-    sets = _skill_sets(Path(run["out"]), run["plan"]["skills"])
+    sets = skill_sets(Path(run["out"]), run["plan"]["skills"])
     store = Store(project)
     rows = []
     try:
@@ -127,15 +127,16 @@ def evaluate_releases(run: dict, em_every: int) -> list[dict]:
 
 def references(run: dict, steps: int, volunteers: int, log) -> dict:  # noqa: ANN001
     """Pooled data, one trainer: the same sequential steps as a volunteer, and the same total compute."""
-    from loracommons.demo.report import _pooled_data, _reference
+    from loracommons.demo.references import train_reference
+    from loracommons.demo.report import _pooled_data
 
     out = Path(run["out"])
     data = _pooled_data(out, run["plan"])
     rows = {}
     for name, n in (("pooled-same-time", steps), ("centralized", volunteers * steps)):
         started = time.monotonic()
-        scores = _reference({"project": run["project"], "out": str(out), "skills": run["plan"]["skills"],
-                             "steps": n, "seed": 0, "data": str(data)})
+        scores = train_reference({"project": run["project"], "out": str(out),
+                                  "skills": run["plan"]["skills"], "steps": n, "seed": 0, "data": str(data)})
         mean = {key: sum(s[key] for s in scores.values()) / len(scores)
                 for key in ("heldout_loss", "exact_match")}
         rows[name] = {"steps": n, "seconds": round(time.monotonic() - started, 1), "per_skill": scores,

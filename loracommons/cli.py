@@ -146,6 +146,9 @@ def demo(
     schedule: str = typer.Option("sync", "--schedule", help="sync rounds, or async: every volunteer kept "
                                  "busy, a new version every `volunteers` updates (then --rounds counts "
                                  "versions)."),
+    train_references: bool = typer.Option(False, "--train-references", help="Train each volunteer "
+                                           "alone and the pooled trainer here, even where their scores "
+                                           "are recorded for exactly these inputs."),
 ) -> None:
     """A whole community on this machine: coordinator + volunteers on an embedded tiny model."""
     from loracommons.demo.community import DemoError, run_demo
@@ -154,7 +157,8 @@ def demo(
         if schedule not in ("sync", "async"):
             raise fail(f"--schedule must be sync or async, got {schedule!r}")
         settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps,
-                                publish_every=publish_every, schedule=schedule, server_lr=server_lr)
+                                publish_every=publish_every, schedule=schedule, server_lr=server_lr,
+                                train_references=train_references)
         run_demo(out, settings, console, keep_running)
     except DemoError as exc:
         raise fail(str(exc)) from None

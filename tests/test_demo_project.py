@@ -24,15 +24,15 @@ def test_reference_training_needs_nothing_the_coordinator_writes(tmp_path):
 
     from loracommons.coordinator.initial import POINTER, decode_adapter, initial_adapter
     from loracommons.coordinator.store import Store
-    from loracommons.demo.report import _reference
+    from loracommons.demo.references import train_reference
 
     settings = DemoSettings(volunteers=1, n_train=16, n_heldout=2)
     community = Community(tmp_path, settings, Console())
     plan = community.write_data()
     project = community.init_project()
     assert not (project / POINTER).exists()
-    scores = _reference({"project": str(project), "out": str(tmp_path), "skills": plan["skills"],
-                         "steps": 1, "data": plan["volunteers"][0]["data"], "seed": 0})
+    scores = train_reference({"project": str(project), "out": str(tmp_path), "skills": plan["skills"],
+                              "steps": 1, "data": plan["volunteers"][0]["data"], "seed": 0})
     assert set(scores) == set(plan["skills"])
     assert not (project / POINTER).exists()  # the reference wrote nothing into the coordinator's folder
 

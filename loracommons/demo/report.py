@@ -7,9 +7,9 @@ The community adapter is loaded exactly as a user would load a download:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-SEQ_LEN = 64
+from loracommons.demo import references
+
 POOLED = "pooled data, one trainer"
 """The reference a community is measured against: one trainer holding everyone's data."""
 
@@ -33,56 +34,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _skill_sets(out: Path, skills: list[str]) -> dict[str, list[dict]]:
-    from loracommons.client.data import load_records
-
-    return {skill: load_records(out / "data" / "heldout" / f"{skill}.heldout.jsonl") for skill in skills}
-
-
-def _scores(model, tokenizer, sets: dict[str, list[dict]]) -> dict[str, dict]:  # noqa: ANN001
-    from loracommons.client.evaluate import exact_match, heldout_loss
-
-    out = {}
-    for skill, records in sets.items():
-        out[skill] = {"heldout_loss": round(heldout_loss(model, tokenizer, records, SEQ_LEN), 4),
-                      "exact_match": round(exact_match(model, tokenizer, records, max_new_tokens=16), 4)}
-    return out
-
-
-def _reference(job: dict) -> dict:
-    """Train one reference adapter alone (a volunteer's own data, or the pooled data) and score it.
-
-    From the project's initial adapter with the project's trainer, for `steps` steps: run in a
-    worker process of its own, one torch thread (two threads on two shared cores measured slower).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loracommons.client.data import load_records, tokenize
-    from loracommons.client.model import apply_adapter
-    from loracommons.client.trainer import train
-    from loracommons.coordinator.config import load_config
-    from loracommons.coordinator.initial import build_initial_adapter
-    from loracommons.demo import base_model_path
-
-    torch.set_num_threads(1)
-    _quiet()
-    project = Path(job["project"])
-    cfg = load_config(project)
-    # version 0 is a function of the project file (its seed): built here rather than read from the
-    # coordinator's store, which the coordinator, starting beside this worker, may not have written yet
-    initial = build_initial_adapter(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(base_model_path())
-    base = AutoModelForCausalLM.from_pretrained(base_model_path(), dtype=torch.float32)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    model = apply_adapter(base, cfg.lora, initial, cfg.aggregation.mode)
-    settings = dataclasses.replace(cfg.train, max_steps=job["steps"], max_minutes=30.0, seed=job["seed"])
-    train(model, tokenizer, tokenize(load_records(Path(job["data"])), tokenizer, cfg.train.seq_len),
-          settings, cfg.aggregation.mode, threads=1)
-    return _scores(model.eval(), tokenizer, _skill_sets(Path(job["out"]), job["skills"]))
-
-
 def _pooled_data(out: Path, plan: dict) -> Path:
     """Every volunteer's training file in one: what a central trainer would hold."""
     path = out / "data" / "pooled.jsonl"
@@ -92,50 +43,90 @@ def _pooled_data(out: Path, plan: dict) -> Path:
 
 @dataclass
 class References:
-    """The report's reference trainings, running in worker processes since `start_references`."""
+    """The report's references: those recorded for exactly these inputs (`references.recorded`), and
+    the others training in worker processes since `start_references`."""
 
     names: list[str]
     steps: int
-    pool: Any
-    pending: Any
+    inputs: dict[str, dict]
+    known: dict[str, dict]
+    pool: Any = None
+    pending: Any = None
     started: float = field(default_factory=time.monotonic)
 
+    @property
+    def training(self) -> list[str]:
+        return [n for n in self.names if n not in self.known]
+
     def wait(self) -> dict[str, dict]:
-        """Every reference's scores (blocks until the last worker is done)."""
-        done = dict(zip(self.names, self.pending.get(), strict=True))
-        self.pool.join()
-        return done
+        """Every reference's scores (blocks until the last worker is done); what trained is cached."""
+        measured = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if self.pending is not None:
+            for name, result in zip(self.training, self.pending.get(), strict=True):
+                references.remember(self.inputs[name], result, measured)
+                self.known[name] = {"scores": result, "source": "trained", "measured": measured}
+            self.pool.join()
+        return {name: self.known[name]["scores"] for name in self.names}
+
+    def summary(self) -> dict:
+        """For the report: each reference's inputs and where its scores came from."""
+        trained = [n for n in self.names if self.known[n]["source"] == "trained"]
+        return {"steps": self.steps, "seconds": round(time.monotonic() - self.started, 1),
+                "trained": "beside the federation, sharing the cores" if trained else
+                "none here: every reference was recorded for exactly these inputs",
+                "each": {n: {"source": self.known[n]["source"], "measured": self.known[n].get("measured"),
+                             "inputs": self.inputs[n]} for n in self.names}}
 
     def stop(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
-def start_references(out: Path, plan: dict, settings, project: Path, console: Console) -> References:  # noqa: ANN001
-    """Start training each volunteer alone and one trainer on the pooled data, each as many steps as a
-    volunteer makes in the federation (rounds x steps), on as many workers as cores (max 4), beside the
-    federation: they use the CPU its processes leave idle while rounds wait on the network, so the demo
-    takes about its total CPU time over the cores, not the federation's time plus theirs. (At the
-    lowest priority, measured: on a machine busy with other work they barely ran at all.)"""
-    import os
-    from multiprocessing import get_context
-
+def reference_jobs(out: Path, plan: dict, settings, project: Path) -> dict[str, dict]:  # noqa: ANN001
+    """Each reference's training job by name: every volunteer alone, then the pooled trainer."""
     steps = settings.rounds * settings.steps_per_round
     common = {"project": str(project), "out": str(out), "skills": plan["skills"], "steps": steps}
     jobs = {f"{v['name']} (local only)": {**common, "data": v["data"], "seed": settings.seed + i}
             for i, v in enumerate(plan["volunteers"])}
     jobs[POOLED] = {**common, "data": str(_pooled_data(out, plan)), "seed": settings.seed}
-    workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
-    console.print(f"training the references beside the community ({steps} steps each, "
-                  f"{workers} at a time): each volunteer alone on its own data, and one trainer on the "
-                  "pooled data", highlight=False)
-    pool = get_context("spawn").Pool(workers)
-    pending = pool.map_async(_reference, list(jobs.values()), chunksize=1)
-    pool.close()
-    return References(list(jobs), steps, pool, pending)
+    return jobs
 
 
-def evaluate_all(out: Path, plan: dict, references: References, console: Console) -> dict:
+def start_references(out: Path, plan: dict, settings, project: Path, console: Console) -> References:  # noqa: ANN001
+    """Each volunteer alone and one trainer on the pooled data, each as many steps as a volunteer makes
+    in the federation (rounds x steps). A reference recorded for exactly these inputs (shipped with
+    the package for the default demo, or trained by an earlier demo on this machine) is taken as
+    recorded unless `settings.train_references`; the others train on as many workers as cores (max 4),
+    beside the federation: they use the CPU its processes leave idle while rounds wait on the network,
+    so the demo takes about its total CPU time over the cores, not the federation's time plus theirs.
+    (At the lowest priority, measured: on a machine busy with other work they barely ran at all.)"""
+    import os
+    from multiprocessing import get_context
+
+    jobs = reference_jobs(out, plan, settings, project)
+    steps = settings.rounds * settings.steps_per_round
+    found = {name: references.inputs(job) for name, job in jobs.items()}
+    known = {} if settings.train_references else {
+        name: hit for name, f in found.items() if (hit := references.recorded(f)) is not None}
+    refs = References(list(jobs), steps, found, known)
+    if known:
+        sources = sorted({hit["source"] for hit in known.values()})
+        console.print(f"references ({steps} steps each): {len(known)} of {len(jobs)} recorded for exactly "
+                      f"these inputs ({' and '.join(sources)}; --train-references trains them here)",
+                      highlight=False)
+    todo = refs.training
+    if todo:
+        workers = max(1, min(4, os.cpu_count() or 1, len(todo)))
+        console.print(f"training {len(todo)} reference(s) beside the community ({steps} steps each, "
+                      f"{workers} at a time): {', '.join(todo)}", highlight=False)
+        refs.pool = get_context("spawn").Pool(workers)
+        refs.pending = refs.pool.map_async(references.train_reference, [jobs[n] for n in todo], chunksize=1)
+        refs.pool.close()
+    return refs
+
+
+def evaluate_all(out: Path, plan: dict, refs: References, console: Console) -> dict:
     """Scores of the base, the references (waiting for them) and the downloaded community adapter."""
     import torch
     from peft import PeftModel
@@ -148,20 +139,19 @@ def evaluate_all(out: Path, plan: dict, references: References, console: Console
     _quiet()
     base_path = base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    sets = _skill_sets(out, plan["skills"])
+    sets = references.skill_sets(out, plan["skills"])
     console.print("evaluating the base model and the downloaded community adapter ...", highlight=False)
-    models: dict[str, dict] = {"base": _scores(AutoModelForCausalLM.from_pretrained(
+    models: dict[str, dict] = {"base": references.scores(AutoModelForCausalLM.from_pretrained(
         base_path, dtype=torch.float32).eval(), tokenizer, sets)}
     community = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(out / "adapter")).eval()
-    community_scores = _scores(community, tokenizer, sets)
-    console.print("waiting for the references ...", highlight=False)
-    models.update(references.wait())
+    community_scores = references.scores(community, tokenizer, sets)
+    if refs.training:
+        console.print("waiting for the references ...", highlight=False)
+    models.update(refs.wait())
     models["community"] = community_scores
     report = summarize(plan, models, time.monotonic() - started)
-    report["references"] = {"steps": references.steps,
-                             "seconds": round(time.monotonic() - references.started, 1),
-                             "trained": "beside the federation, sharing the cores"}
+    report["references"] = refs.summary()
     return report
 
 
