@@ -932,7 +932,7 @@ REPRODUCE = """## Reproduce
 bench/run_all                                   # everything, then this README (about {minutes} min here)
 bench/run_all --only overhead,comm              # a subset; the README is rewritten from all results
 python bench/quality_bench.py --workers 2       # quality, exactness, bytes: quality.json, quality_curves.png
-python bench/quality_ranks.py --workers 2 --rounds 30 --heldout 50 --compare   # nested ranks: quality_ranks.json
+python bench/quality_ranks.py --workers 2 --rounds 30 --heldout 50 --compare  # quality_ranks.json
 python bench/downlink_quality.py                # downlink_quality.json: ffa with a bf16 downlink
 python bench/comm_bench.py --quality bench/results/quality.json \\
     --downlink-quality bench/results/downlink_quality.json        # comm.json, comm_bars.png

@@ -31,11 +31,12 @@ delta moves each of its parameters about alike: under `trained` a skill held by 
 alone reaches the new B through 4 columns at 1/N weight where at rank 16 it had 16, while the columns
 only large volunteers train are averaged over few of them (quality bench, ranks {4, 4, 8, 8, 16, 16},
 one skill each, 30 rounds x 10 steps, held-out loss against all at 16, seeds 0 / 1: `trained` +53% /
-+57%, `rank` +29% / +39%, `mass` +12% / +3%; bench/README.md). `rank` is the default although `mass` measured better: it
-keeps each column a convex mean (no column moves further than its trainers' deltas, so a clip
-bound still bounds every column's move) and a community all at one rank r_i < r gets the plain
-mean; `mass` makes the total move per volunteer equal by extrapolating the low columns (here their
-weights sum to 7/3; a community all at rank 1 would move column 0 by r times the mean delta).
++57%, `rank` +29% / +39%, `mass` +12% / +3%; bench/README.md). `rank` is the default although `mass`
+measured better: it keeps each column a convex mean (no column moves further than its trainers'
+deltas, so a clip bound still bounds every column's move) and a community all at one rank r_i < r
+gets the plain mean; `mass` makes the total move per volunteer equal by extrapolating the low
+columns (here their weights sum to 7/3; a community all at rank 1 would move column 0 by r times the
+mean delta).
 (Counting the untrained columns as "no change" instead would give the mean of the ΔW_i, which
 shrinks column j toward B_g[:, j] by V_j / V: a column only large volunteers train would be
 diluted by everyone else. HetLoRA's zero padding is of that kind.) A clip scale s_i applies to

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 from importlib import metadata
 from pathlib import Path
@@ -33,10 +34,10 @@ from loracommons.paths import APP
 
 SEQ_LEN = 64
 SHIPPED = Path(__file__).resolve().parent / "references.json"
-#: Modules whose code decides a reference's scores (version 0, data, trainer, model, scoring).
-CODE = ("loracommons.demo.references", "loracommons.client.trainer", "loracommons.client.data",
-        "loracommons.client.model", "loracommons.client.evaluate", "loracommons.protocol.lora",
-        "loracommons.coordinator.initial")
+#: Modules whose code decides a reference's scores (version 0, data, trainer, model, scoring); of this
+#: one, the functions that train and score (`_own_code`), so that editing the cache does not void it.
+CODE = ("loracommons.client.trainer", "loracommons.client.data", "loracommons.client.model",
+        "loracommons.client.evaluate", "loracommons.protocol.lora", "loracommons.coordinator.initial")
 LIBRARIES = ("torch", "transformers", "peft")
 
 
@@ -52,6 +53,11 @@ def _source(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin, module
     return Path(spec.origin)
+
+
+def _own_code() -> dict[str, str]:
+    return {f"{__name__}.{f.__name__}": hashlib.sha256(inspect.getsource(f).encode()).hexdigest()
+            for f in (skill_sets, scores, train_reference)}
 
 
 def inputs(job: dict) -> dict:
@@ -72,7 +78,7 @@ def inputs(job: dict) -> dict:
         "lora": dataclasses.asdict(cfg.lora),
         "train": dataclasses.asdict(cfg.train),
         "base_model": {p.name: _sha256(p) for p in sorted(base_model_path().iterdir()) if p.is_file()},
-        "code": {m: _sha256(_source(m)) for m in CODE},
+        "code": {**{m: _sha256(_source(m)) for m in CODE}, **_own_code()},
         "versions": {lib: metadata.version(lib) for lib in LIBRARIES},
     })  # as it reads back from a file (tuples as lists), so that equal inputs compare equal
 
@@ -85,8 +91,8 @@ def _read(path: Path) -> list[dict]:
         return []
     if not isinstance(entries, list):
         return []
-    return [e for e in entries
-            if isinstance(e, dict) and isinstance(e.get("inputs"), dict) and isinstance(e.get("scores"), dict)]
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("inputs"), dict)
+            and isinstance(e.get("scores"), dict)]
 
 
 def recorded(found: dict) -> dict | None:
