@@ -104,18 +104,19 @@ def recorded(found: dict) -> dict | None:
     return None
 
 
-def _write(path: Path, entries: list[dict]) -> None:
+def _merge(path: Path, new: list[dict]) -> int:
+    """Write `new` into a references file, replacing the entries of the same inputs; the count kept."""
     from loracommons.protocol.durable import atomic_write
 
+    entries = [e for e in _read(path) if all(e["inputs"] != n["inputs"] for n in new)] + new
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps({"references": entries}, indent=1, sort_keys=True) + "\n").encode())
+    return len(entries)
 
 
 def remember(found: dict, result: dict, measured: str) -> None:
     """Keep a trained reference's scores in this machine's cache."""
-    path = cache_file()
-    entries = [e for e in _read(path) if e["inputs"] != found]
-    _write(path, [*entries, {"inputs": found, "scores": result, "measured": measured}])
+    _merge(cache_file(), [{"inputs": found, "scores": result, "measured": measured}])
 
 
 def skill_sets(out: Path, skills: list[str]) -> dict[str, list[dict]]:
@@ -180,9 +181,8 @@ def ship(out: Path) -> int:
     if not trained:
         print(f"{out}: this demo trained no reference (run it with --train-references)")
         return 1
-    kept = [e for e in _read(SHIPPED) if all(e["inputs"] != t["inputs"] for t in trained)]
-    _write(SHIPPED, [*kept, *trained])
-    print(f"{SHIPPED}: {len(kept) + len(trained)} references, {len(trained)} from {out}")
+    total = _merge(SHIPPED, trained)
+    print(f"{SHIPPED}: {total} references, {len(trained)} from {out}")
     return 0
 
 
