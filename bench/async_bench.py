@@ -4,7 +4,8 @@ Each run is the demo's community for real (`loracommons.demo.community`): `lorac
 start` and three `loracommons join` on 127.0.0.1, a release every round (sync) or version (async).
 Every volunteer is paced with the documented `join --max-steps-per-second` (fast: --pace; the slow
 one: --pace / 5), so that the speeds are what the bench says whatever else loads the machine, as
-long as a volunteer can train faster than --pace. Scenarios:
+long as a volunteer's whole task (scoring the adapter it received, training, signing) fits in its
+paced time: the cap paces a task from its arrival, so a slow task takes 5x a fast one's. Scenarios:
 
     slow    volunteers at pace, pace, pace/5   sync ROUNDS rounds; async 2 x ROUNDS versions
     equal   volunteers at pace, pace, pace     sync ROUNDS rounds; async ROUNDS + ROUNDS/2 versions
@@ -150,7 +151,8 @@ def run(args: argparse.Namespace, work: Path, log) -> dict:  # noqa: ANN001
     started = time.monotonic()
     base = DemoSettings(volunteers=3, steps_per_round=args.steps, publish_every=1, n_train=args.train,
                         n_heldout=args.heldout, round_timeout_s=600.0, max_staleness=args.max_staleness,
-                        staleness_weight=args.staleness_weight, hold_fraction=args.hold_fraction)
+                        staleness_weight=args.staleness_weight, hold_fraction=args.hold_fraction,
+                        lr_schedule="constant")  # sync and async on one rate: their versions differ in number
     fast, slow = args.pace, args.pace / SLOWDOWN
     plans = {
         "slow-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, slow)),

@@ -893,12 +893,12 @@ def _realised_speeds(asy: dict) -> str:
         return ""
     done = [c["admitted"] for c in run_["contributions"]]
     ratio = max(done[:-1]) / max(done[-1], 1)
-    return (f"\nRealised speeds: in `slow-async` the fast volunteers had {', '.join(map(str, done[:-1]))} "
-            f"updates admitted and the slow one {done[-1]}, so the slow one was {ratio:.1f}x slower, not "
-            f"{asy['config']['pace_fast'] / asy['config']['pace_slow']:.0f}x: the pace cap slows training "
-            "steps only, and on this loaded machine each task's fixed cost (receiving the adapter, scoring "
-            "it on the held-out split, training start-up, signing) took longer than a fast volunteer's "
-            "capped steps. With less heterogeneity the async advantage shrinks accordingly.\n")
+    return (f"\nRealised speeds: the pace cap paces each whole task from its arrival (scoring the adapter "
+            f"received, training), so a capped task takes steps / cap seconds whatever its fixed costs. In "
+            f"`slow-async` the fast volunteers had {', '.join(map(str, done[:-1]))} updates admitted and the "
+            f"slow one {done[-1]} ({ratio:.1f}x fewer; set to "
+            f"{asy['config']['pace_fast'] / asy['config']['pace_slow']:.0f}x; a task still in flight when "
+            "the run ends is not counted).\n")
 
 
 def trainer_section(t: dict) -> str:

@@ -138,13 +138,16 @@ def train(
     threads: int | None = None,
     max_steps_per_second: float | None = None,
     carry: Carry | None = None,
+    paced_since: float | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on `data` and return the update.
 
     `model` is what `apply_adapter` returned (its requires_grad flags pick what
     trains); `tokenizer` is unused beyond API symmetry (padding comes with
     `data`). `threads` sets torch's CPU threads for this call only. `max_steps_per_second` is
-    the volunteer's pace cap: after each step it sleeps until step / cap seconds have passed. `carry`: the
+    the volunteer's pace cap: after each step it sleeps until step / cap seconds have passed since
+    `paced_since` (a `time.monotonic()` reading: the volunteer passes the moment its task arrived, so the
+    cap paces the whole task, evaluation included; None: since training started). `carry`: the
     previous round's `TrainResult.carry`, to go on with its optimizer state (a
     carry whose tensor shapes differ from the model's is ignored: a fresh start).
     """
@@ -162,7 +165,7 @@ def train(
             log.info("optimizer state of the last round does not fit the model; starting afresh")
             carry = None
         steps, losses, tokens, seconds, stopped_by, after = _loop(
-            model, params, data, settings, on_step, device, carry, max_steps_per_second)
+            model, params, data, settings, on_step, device, carry, max_steps_per_second, paced_since)
         eval_loss = tokenized_loss(model, heldout, settings.batch_size) if heldout is not None else None
     window = losses[-LOSS_WINDOW:]
     return TrainResult(
@@ -189,6 +192,7 @@ def _loop(
     device: torch.device,
     carry: Carry | None,
     max_steps_per_second: float | None = None,
+    paced_since: float | None = None,
 ) -> tuple[int, list[float], int, float, str, Carry]:
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     done = 0
@@ -211,6 +215,7 @@ def _loop(
     losses: list[float] = []
     tokens, step, stopped_by = 0, 0, "max_steps"
     start = time.monotonic()
+    paced_from = start if paced_since is None else min(paced_since, start)
     deadline = start + settings.max_minutes * 60.0
     model.train()
     try:
@@ -238,7 +243,7 @@ def _loop(
             step += 1
             losses.append(step_loss)
             if max_steps_per_second:  # the volunteer's pace cap: no faster than this on average
-                time.sleep(max(0.0, start + step / max_steps_per_second - time.monotonic()))
+                time.sleep(max(0.0, paced_from + step / max_steps_per_second - time.monotonic()))
             elapsed = time.monotonic() - start
             if on_step is not None:
                 on_step(step, settings.max_steps, step_loss, tokens / elapsed if elapsed > 0 else 0.0)

@@ -76,7 +76,8 @@ class NodeSettings:
     """This volunteer's cap on the LoRA rank it trains (`join --max-rank`; nested ranks, ffa only).
     None: the project's rank, or less where free GPU memory is short (`round_rank`)."""
     max_steps_per_second: float | None = None
-    """This volunteer's pace cap (`join --max-steps-per-second`): training sleeps to stay under it, to
+    """This volunteer's pace cap (`join --max-steps-per-second`): a task of S steps takes at least S / cap
+    seconds from its arrival (the adapter's decoding and scoring count, the training sleeps the rest), to
     share the machine with other work (None: as fast as it can)."""
 
     def cap(self, train: TrainSettings) -> TrainSettings:
@@ -124,6 +125,7 @@ class Volunteer:
         from loracommons.client.model import apply_adapter_at_rank, load_base
         from loracommons.client.trainer import train
 
+        arrived = time.monotonic()  # the pace cap counts the whole task from here
         global_adapter = self.receive(task, adapter_bytes, downlink)
         # the revision the update signs (load_base ignores it for a local folder)
         base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
@@ -159,7 +161,8 @@ class Volunteer:
         carry = self._take_carry(task)
         result = train(model, tokenizer, data, settings, task.mode, heldout=heldout, on_step=on_step,
                        payload_dtype=task.payload_dtype, threads=self.settings.threads,
-                       max_steps_per_second=self.settings.max_steps_per_second, carry=carry)
+                       max_steps_per_second=self.settings.max_steps_per_second, carry=carry,
+                       paced_since=arrived)
         if task.train.keep_optimizer and not modes.get(task.mode).trains("lora_A"):
             self._carry = (_carry_key(task), result.carry)
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
@@ -207,6 +210,7 @@ class Volunteer:
             return None
         key = _carry_key(task)
         return kept[1] if kept[0][:-1] == key[:-1] and kept[0][-1] == task.round - 1 else None
+
     def receive(self, task: RoundTask, data: bytes,
                 downlink: Downlink | None = None) -> dict[str, np.ndarray]:
         """The task's global adapter rebuilt from its downlink (`protocol/downlink.py`) and checked
@@ -275,9 +279,10 @@ def round_rank(task: RoundTask, max_rank: int | None, base: Any) -> tuple[int, s
 
 
 def _carry_key(task: RoundTask) -> tuple:
-    """Same project, model, LoRA settings, mode and training settings; the round last."""
+    """Same project, model, LoRA settings, mode and training settings but the learning rate (a project's
+    `[round] lr_schedule` changes it from round to round); the round last."""
     return (task.project_id, task.base_model_id, task.base_model_revision, task.lora.digest(), task.mode,
-            task.train, task.round)
+            dataclasses.replace(task.train, learning_rate=0.0), task.round)
 
 
 def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volunteer:

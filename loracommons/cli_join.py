@@ -165,8 +165,8 @@ def join(
     name: str = typer.Option(None, "--name", help="Display name (kept on this machine for now)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for training."),
     max_steps_per_second: float = typer.Option(None, "--max-steps-per-second",
-                                               help="Your pace cap: training sleeps to stay at or under "
-                                               "this many optimizer steps per second (share the machine)."),
+                                               help="Your pace cap: a task of S steps takes at least S / X "
+                                               "seconds, its evaluation included (share the machine)."),
     status_file: Path = typer.Option(None, "--status-file", help="Also write status as JSON here."),
     node_auth: bool = typer.Option(False, "--node-auth/--no-node-auth",
                                    help="Authenticate the SuperNode with your key: allowlist projects "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 
 import numpy as np
 import pytest
@@ -285,3 +286,14 @@ def test_a_pace_cap_holds_training_to_its_steps_per_second(node):
     settings = TrainSettings(max_steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1, seq_len=32)
     _, _, result = _round(node, SETTINGS, "ffa", settings, max_steps_per_second=2.0)
     assert result.steps == 4 and result.seconds >= 4 / 2.0 - 0.01
+
+
+def test_the_pace_cap_counts_the_whole_task_from_its_arrival(node):
+    """The cap paces a task from `paced_since` (when it arrived): time already spent before training,
+    scoring the received adapter for one, counts, so a capped task takes S / cap seconds in all, not
+    S / cap plus its fixed costs (the async bench's slow volunteer is then really 5x slower)."""
+    settings = TrainSettings(max_steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1, seq_len=32)
+    arrived = time.monotonic() - 1.5  # 1.5 s of the task's 2 s already spent before training
+    _, _, result = _round(node, SETTINGS, "ffa", settings, max_steps_per_second=2.0, paced_since=arrived)
+    assert result.steps == 4 and result.seconds < 1.5, result.seconds
+    assert time.monotonic() - arrived >= 4 / 2.0 - 0.01
