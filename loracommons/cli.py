@@ -140,6 +140,8 @@ def demo(
     server_lr: float = typer.Option(DemoSettings.server_lr, "--server-lr", min=0.01, max=4.0,
                                     help="[aggregation] server_lr: the server step on each round's "
                                     "mean delta (1 = the plain mean)."),
+    lr_schedule: str = typer.Option(DemoSettings.lr_schedule, "--lr-schedule", help="[round] lr_schedule: "
+                                    "constant, or cosine from the peak down to a tenth over the rounds."),
     out: Path = typer.Option(Path("loracommons-demo"), "--out", help="Output folder (new or empty)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the coordinator, volunteers "
                                       "and dashboard running after the report, until Ctrl-C."),
@@ -156,9 +158,11 @@ def demo(
     try:
         if schedule not in ("sync", "async"):
             raise fail(f"--schedule must be sync or async, got {schedule!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise fail(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
         settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps,
                                 publish_every=publish_every, schedule=schedule, server_lr=server_lr,
-                                train_references=train_references)
+                                lr_schedule=lr_schedule, train_references=train_references)
         run_demo(out, settings, console, keep_running)
     except DemoError as exc:
         raise fail(str(exc)) from None

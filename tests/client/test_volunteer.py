@@ -342,10 +342,35 @@ def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, glo
     exact = make_volunteer(1)  # A trains: the aggregate's factors are not the ones the moments were taken on
     for rnd in (1, 2):
         exact.run_round(make_task(model_dir, adapter_bytes, "exact", round=rnd), adapter_bytes)
-    other_lr = dataclasses.replace(FAST, learning_rate=1e-2)
-    for rnd, train_settings in ((3, FAST), (4, other_lr)):
+    other_batch = dataclasses.replace(FAST, batch_size=FAST.batch_size + 1)  # the rate alone may move
+    for rnd, train_settings in ((3, FAST), (4, other_batch)):
         exact.run_round(make_task(model_dir, adapter_bytes, round=rnd, train=train_settings), adapter_bytes)
     assert given == [None, None, None, None]
+
+
+def test_a_scheduled_learning_rate_keeps_the_optimizer_going(model_dir, global_adapter, make_volunteer,
+                                                            monkeypatch):
+    """`[round] lr_schedule` changes each task's learning rate from round to round: the carry goes on
+    through it (each round trains at its task's rate); any other training setting changed starts afresh."""
+    given: list[tuple[object, float]] = []
+    real = T.train
+
+    def train(model, tokenizer, data, settings, *args, carry=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        given.append((carry, settings.learning_rate))
+        return real(model, tokenizer, data, settings, *args, carry=carry, **kwargs)
+
+    monkeypatch.setattr(T, "train", train)
+    adapter_bytes = encode_tensors(global_adapter)
+    volunteer = make_volunteer()
+    rates = [FAST.learning_rate, FAST.learning_rate * 0.5, FAST.learning_rate * 0.1]
+    for rnd, rate in enumerate(rates, start=1):
+        task_train = dataclasses.replace(FAST, learning_rate=rate)
+        volunteer.run_round(make_task(model_dir, adapter_bytes, round=rnd, train=task_train), adapter_bytes)
+    assert [rate for _, rate in given] == rates
+    assert given[0][0] is None and [c.steps for c, _ in given[1:]] == [FAST.max_steps, 2 * FAST.max_steps]
+    other = dataclasses.replace(FAST, learning_rate=rates[-1], batch_size=FAST.batch_size + 1)
+    volunteer.run_round(make_task(model_dir, adapter_bytes, round=4, train=other), adapter_bytes)
+    assert given[3][0] is None
 
 
 # --- the downlink diet (issue 14): ffa tasks carry B only, packed; deltas; refusals before training ---

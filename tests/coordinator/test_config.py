@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import stat
 
@@ -10,6 +11,7 @@ import tomllib
 
 from loracommons.coordinator.config import (
     CONFIG_FILE,
+    LR_FLOOR,
     RELEASE_KEY,
     SECTIONS,
     ConfigError,
@@ -166,6 +168,7 @@ COMBOS = [
         "[privacy] dp = True: clips to [privacy] clip_norm",
     ),
     ("[network]\nhttp_port = 9092\n", "[network] http_port = 9092: already used by fleet_port"),
+    ('[round]\nlr_schedule = "cosine"\n', "[round] lr_schedule = 'cosine': needs [round] rounds > 0"),
 ]
 
 
@@ -238,3 +241,22 @@ def test_round_task_from_config():
     again = RoundTask.from_bytes(task.to_bytes())
     assert again == task
     assert (task.mode, task.lora, task.payload_dtype) == ("ffa", cfg.lora, "float32")
+
+
+def test_the_learning_rate_schedule_shapes_each_task():
+    """`[round] lr_schedule`: constant leaves every task at train.learning_rate; cosine starts there in
+    round 1 and ends at a tenth in the last round (and after), decreasing between; async places a task by
+    the version its update goes into (`progress`), not by its serial."""
+    peak = 0.01
+    flat = ProjectConfig.from_dict({"round": {"rounds": 5}, "train": {"learning_rate": peak}})
+    assert {flat.task(n, "ff" * 16, "0" * 64).train for n in range(1, 8)} == {flat.train}
+    cosine = ProjectConfig.from_dict({"round": {"rounds": 5, "lr_schedule": "cosine"},
+                                      "train": {"learning_rate": peak}})
+    rates = [cosine.task(n, "ff" * 16, "0" * 64).train.learning_rate for n in range(1, 8)]
+    assert rates[0] == peak and rates[4] == pytest.approx(peak * LR_FLOOR) and rates[5:] == [rates[4]] * 2
+    assert all(a > b for a, b in zip(rates[:4], rates[1:5], strict=True))
+    assert rates[2] == pytest.approx(peak * (1 + LR_FLOOR) / 2)  # half way: half way down
+    assert cosine.task(40, "ff" * 16, "0" * 64, progress=3).train.learning_rate == rates[2]
+    task = cosine.task(3, "ff" * 16, "0" * 64)
+    assert RoundTask.from_bytes(task.to_bytes()) == task  # the volunteer takes the scheduled rate as is
+    assert dataclasses.replace(task.train, learning_rate=peak) == cosine.train  # only the rate moves
