@@ -486,6 +486,35 @@ def server_lr_section(sl: dict) -> str:
     ])
 
 
+def lr_schedule_section(runs: dict) -> str:
+    """`[round] lr_schedule` on the demo's setting: one sweep each, constant and cosine (server_lr_bench)."""
+    rows = []
+    for name, sweep in runs.items():
+        for r in sweep["table"]:
+            c, h = r["community"], r["holder_alone"]
+            pool = r["pooled_same_steps"] or {}
+            rows.append([f"`{name}`", f"{r['rounds']} of {sweep['config']['rounds']}",
+                         " / ".join(f"{pct(c[k])} ({pct(h.get(k, 0.0))})" for k in c),
+                         " / ".join(pct(v) for v in pool.values()) or "-",
+                         f"{r['mean_heldout_loss']:.3f}", "met" if r["bar_met"] else "MISSED"])
+    cfg = next(iter(runs.values()))["config"]
+    skills = " / ".join(next(iter(runs.values()))["table"][0]["community"])
+    return "\n".join([
+        "## Learning rate across rounds (`[round] lr_schedule`) on the demo's setting\n",
+        f"`server_lr_bench.py --etas 1 --rounds {cfg['rounds']} --lr-schedule S`: the demo's community "
+        f"(3 volunteers, one skill each, `ffa`, rank {cfg['lora_r']}, peak rate {cfg['learning_rate']:g}, "
+        f"batch {cfg['batch_size']}, {cfg['steps']} steps a round, keep_optimizer), in process; each holder "
+        "alone and the pooled trainer run under the same project file. `cosine` takes each task's rate "
+        "from the peak in round 1 down to a tenth in the last; `constant` keeps the peak (a volunteer's "
+        "own cosine within a round is the same in both). Rows before the last are mid-schedule for "
+        "`cosine`. The demo's bar: "
+        f"every skill >= {pct(cfg['bar']['em_floor'])} and >= its holder alone - "
+        f"{100 * cfg['bar']['holder_margin']:.0f} points.\n",
+        table(["schedule", "rounds", f"community EM {skills} (holder alone)", "pooled, same steps",
+               "held-out loss", "bar"], rows),
+    ])
+
+
 def quality_ratio_section(q: dict) -> str:
     """Issue 12's two loss ratios from a quality run of some methods (`--methods`)."""
     cfg = q["config"]
@@ -941,6 +970,8 @@ python bench/overhead_bench.py                  # overhead.json (real processes,
 python bench/time_to_quality.py                 # time_to_quality.json, .png (real processes, 15+ min)
 python bench/async_bench.py                     # async.json, .png: sync vs async, one 5x slower (~25 min)
 python bench/server_lr_bench.py --workers 2 --rounds 60   # server_lr.json: [aggregation] server_lr sweep
+for s in constant cosine; do python bench/server_lr_bench.py --etas 1 --rounds 90 --em-every 30 \\
+    --lr-schedule $s --out bench/results/lr_schedule_$s.json; done   # [round] lr_schedule (~5 min each)
 python bench/trainer_bench.py --threads 1 --device cpu            # trainer.json
 python bench/protocol_bench.py                  # protocol.json
 python bench/make_readme.py                     # this file, from bench/results/*.json
@@ -1024,6 +1055,8 @@ def render(results_dir: Path) -> str:
     kept = load(results_dir, "keep_optimizer_partial")
     kept_quality = load(results_dir, "quality_keep_30x10")
     server_lr = load(results_dir, "server_lr")
+    schedules = {name: sweep for name in ("constant", "cosine")
+                 if (sweep := load(results_dir, f"lr_schedule_{name}"))}
     run_all = load(results_dir, "run_all")
     q, c, a, o, t, p = (res[n] for n in names)
     minutes = "25"
@@ -1051,6 +1084,7 @@ def render(results_dir: Path) -> str:
         (keep_optimizer_section, kept),
         (quality_ratio_section, kept_quality),
         (server_lr_section, server_lr),
+        (lr_schedule_section, schedules),
         (trainer_section, t),
         (protocol_section, p),
     ):
