@@ -260,3 +260,14 @@ def test_the_learning_rate_schedule_shapes_each_task():
     task = cosine.task(3, "ff" * 16, "0" * 64)
     assert RoundTask.from_bytes(task.to_bytes()) == task  # the volunteer takes the scheduled rate as is
     assert dataclasses.replace(task.train, learning_rate=peak) == cosine.train  # only the rate moves
+
+
+def test_init_anneals_a_project_that_has_an_end(tmp_path):
+    """`init` writes lr_schedule = cosine where it is given a number of rounds (the demo's measured best)
+    unless told otherwise; an open-ended project (rounds = 0) keeps the constant rate cosine cannot do."""
+    ended = init_project(tmp_path / "a", "some/model", round={"rounds": 40})
+    assert (ended.round.rounds, ended.round.lr_schedule) == (40, "cosine")
+    assert load_config(tmp_path / "a").round.lr_schedule == "cosine"
+    assert init_project(tmp_path / "b", "some/model").round.lr_schedule == "constant"
+    told = init_project(tmp_path / "c", "some/model", round={"rounds": 40, "lr_schedule": "constant"})
+    assert told.round.lr_schedule == "constant"
