@@ -234,6 +234,7 @@ def ranks_section(r: dict) -> str:
         weightings_table(r.get("weightings"), cfg.get("nested_weighting", "trained"), top),
         other_seed_table(r.get("other_seed") or [], top),
         longer_run(r.get("longer_run")),
+        cosine_ranks(r.get("cosine"), top),
         "" if r["checks"]["met"] else (
             f"\n**MISSED.** The mixed community "
             f"{'beats' if r['checks'][f'better_than_two_{top}'] else 'trails'} "
@@ -241,6 +242,18 @@ def ranks_section(r: dict) -> str:
             f"against all-{top}: the gap is in the skills only a small volunteer holds (per-skill table)."
         ),
     ])
+
+
+def cosine_ranks(c: dict | None, top: int) -> str:
+    """The same communities with `[round] lr_schedule = "cosine"` (quality_ranks.py --lr-schedule cosine)."""
+    if not c:
+        return ""
+    k = c["checks"]
+    return (f"\nThe same three communities with the learning rate annealed over the {c['config']['rounds']} "
+            f"rounds (`--lr-schedule cosine`, `results/quality_ranks_cosine.json`): mixed "
+            f"{k['mixed_heldout_loss']:.3f}, all-{top} {k[f'all_{top}_heldout_loss']:.3f} "
+            f"({100 * k[f'gap_to_all_{top}']:+.0f}%), two-{top} {k[f'two_{top}_heldout_loss']:.3f}: the "
+            "schedule moves both full and mixed alike and leaves the gap where it was.\n")
 
 
 def async_target_rows(asy: dict | None) -> list[list]:
@@ -1048,7 +1061,8 @@ def render(results_dir: Path) -> str:
     ttq = load(results_dir, "time_to_quality")
     ranks = load(results_dir, "quality_ranks")
     if ranks:
-        ranks = {**ranks, "other_seed": other_seed_runs(results_dir / "quality_ranks_seed1")}
+        ranks = {**ranks, "other_seed": other_seed_runs(results_dir / "quality_ranks_seed1"),
+                 "cosine": load(results_dir, "quality_ranks_cosine")}
     asy = load(results_dir, "async")
     if asy:
         asy = {**asy, "without_hold": load(results_dir, "async_hold0")}
