@@ -103,6 +103,8 @@ class Settings:
     """Local-only adapters too get exact match every `em_every` rounds (per-checkpoint comparisons)."""
     checkpoints_only: bool = False
     """Evaluate (held-out loss too) only at the exact-match rounds: a sweep that reads checkpoints."""
+    lr_schedule: str = "constant"
+    """`[round] lr_schedule` of every run's project (over `rounds`)."""
 
 
 class BenchError(RuntimeError):
@@ -110,7 +112,7 @@ class BenchError(RuntimeError):
 
 
 def project_config(method: Method, steps: int, participants: int, s: Settings,  # noqa: ANN201
-                   aggregation: dict | None = None, lr_schedule: str = "constant"):
+                   aggregation: dict | None = None):
     from loracommons.coordinator.config import ProjectConfig
 
     return ProjectConfig.from_dict(
@@ -131,7 +133,7 @@ def project_config(method: Method, steps: int, participants: int, s: Settings,  
                 "volunteers_per_round": participants,
                 "min_volunteers": participants,
                 "downlink_dtype": method.downlink,
-                "lr_schedule": lr_schedule,
+                "lr_schedule": s.lr_schedule,
             },
             "aggregation": {"mode": method.mode, "server_lr": method.server_lr, **(aggregation or {})},
             "limits": {"payload_dtype": method.dtype},
@@ -246,7 +248,6 @@ def federate(
     label: str,
     log,
     aggregation: dict | None = None,
-    lr_schedule: str = "constant",
 ) -> dict:  # noqa: ANN001
     """R rounds of the real round protocol, in one process; the history of the global adapter."""
     from loracommons.coordinator.downlinks import regenerates
@@ -260,7 +261,7 @@ def federate(
     from loracommons.protocol.envelope import sha256_hex
     from loracommons.protocol.task import RoundTask
 
-    cfg = project_config(method, steps, len(participants), s, aggregation, lr_schedule)
+    cfg = project_config(method, steps, len(participants), s, aggregation)
     sent: list[dict] = []
     volunteers = make_volunteers(
         participants, work, lambda state, d: sent.append(d) if state == "sent" else None
@@ -353,9 +354,8 @@ def run_job(job: dict) -> dict:
         participants, steps = plan["volunteers"], s.steps
     label = f"N={n} {method.name}" + (f" eta={method.server_lr:g}" if method.server_lr != 1 else "")
     label += (f" {participants[0]['name']}" if method.kind == "local" else "")
-    schedule = job.get("lr_schedule", "constant")
-    label += f" lr {schedule}" if schedule != "constant" else ""
-    result = federate(method, participants, steps, s, evaluate, work, label, _stderr, lr_schedule=schedule)
+    label += f" lr {s.lr_schedule}" if s.lr_schedule != "constant" else ""
+    result = federate(method, participants, steps, s, evaluate, work, label, _stderr)
     if job.get("base"):
         result["base"] = evaluate(_initial(lora, s), em=True)
     return result

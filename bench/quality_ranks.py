@@ -40,7 +40,7 @@ from pathlib import Path
 import benchlib
 import quality_bench as qb
 
-from loracommons.coordinator.config import NESTED_WEIGHTINGS, ProjectConfig
+from loracommons.coordinator.config import LR_SCHEDULES, NESTED_WEIGHTINGS, ProjectConfig
 
 DEFAULT_OUT = benchlib.RESULTS / "quality_ranks.json"
 RANKS = (4, 4, 8, 8, 16, 16)
@@ -70,8 +70,7 @@ def run_community(job: dict) -> dict:
     lora = LoraSettings(r=qb.DEMO.lora_r, alpha=2.0 * qb.DEMO.lora_r, target_modules=tuple(qb.TARGETS))
     evaluate = qb.Evaluator(lora, job["heldout"])
     result = qb.federate(qb.BY_NAME["ffa"], job["participants"], s.steps, s, evaluate, Path(job["work"]),
-                         job["name"], qb._stderr, {"nested_weighting": job["weighting"]},
-                         lr_schedule=job.get("lr_schedule", "constant"))
+                         job["name"], qb._stderr, {"nested_weighting": job["weighting"]})
     for row in result["rounds"]:
         # the probe's "exact mean of B_i A_i" is not what nested ranks aggregate (a column is the mean
         # over those who trained it): it says nothing here
@@ -80,13 +79,13 @@ def run_community(job: dict) -> dict:
     return {"name": job["name"], **result}
 
 
-def reused_runs(path: Path, s: qb.Settings, ranks: tuple[int, ...], names: set[str],
-                lr_schedule: str = "constant") -> tuple[dict, dict]:
-    """The runs `names` from an earlier result of the same settings, and where they came from."""
+def reused_runs(path: Path, s: qb.Settings, ranks: tuple[int, ...], names: set[str]) -> tuple[dict, dict]:
+    """The runs `names` from an earlier result of the same settings, and where they came from (a setting
+    an older result does not name had its default then)."""
     earlier = json.loads(path.read_text())
     config = earlier["config"]
-    if ({k: config[k] for k in asdict(s)} != asdict(s) or tuple(config["ranks"]) != ranks
-            or config.get("lr_schedule", "constant") != lr_schedule):
+    if ({k: config.get(k, default) for k, default in asdict(qb.Settings()).items()} != asdict(s)
+            or tuple(config["ranks"]) != ranks):
         raise SystemExit(f"{path} was run with other settings; rerun every community")
     return {n: earlier["runs"][n] for n in names}, {"file": str(path), "date": earlier["date"],
                                                     "communities": sorted(names)}
@@ -110,22 +109,21 @@ def weighting_summary(res: dict, full: float) -> dict:
 
 def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
         only: set[str] | None = None, reuse: Path | None = None, weighting: str = WEIGHTING,
-        compare: bool = False, lr_schedule: str = "constant") -> dict:
+        compare: bool = False) -> dict:
     started = time.monotonic()
     plan = benchlib.skill_data(work / "data", len(ranks), s.n_train, s.n_heldout, s.seed)
     jobs = [
         {"name": name, "participants": members, "settings": asdict(s), "heldout": plan["heldout"],
-         "work": str(work / name), "weighting": weighting, "lr_schedule": lr_schedule}
+         "work": str(work / name), "weighting": weighting}
         for name, members in communities(plan, ranks).items()
         if only is None or name in only
     ]
-    jobs += [{**job, "lr_schedule": lr_schedule}
-             for job in compare_jobs(plan, s, ranks, work, weighting)] if compare else []
+    jobs += compare_jobs(plan, s, ranks, work, weighting) if compare else []
     runs, reused = {}, None
     if only is not None:
         if reuse is None:
             raise SystemExit("--only needs --reuse: the other communities' results to compare with")
-        runs, reused = reused_runs(reuse, s, ranks, set(communities(plan, ranks)) - only, lr_schedule)
+        runs, reused = reused_runs(reuse, s, ranks, set(communities(plan, ranks)) - only)
     if workers <= 1:
         done = [run_community(job) for job in jobs]
     else:
@@ -158,7 +156,7 @@ def run(s: qb.Settings, ranks: tuple[int, ...], workers: int, work: Path,
         "column-wise ffa mean); Flower transport and the state store are not involved",
         "config": {**asdict(s), "ranks": list(ranks), "project_rank": qb.DEMO.lora_r,
                    "lora_alpha": 2.0 * qb.DEMO.lora_r, "learning_rate": qb.FFA_LR, "workers": workers,
-                   "nested_weighting": weighting, "lr_schedule": lr_schedule,
+                   "nested_weighting": weighting,
                    "skills": plan["skills"], **({"reused": reused} if reused else {}),
                    "volunteers": [{k: v[k] for k in ("name", "skills", "examples")}
                                   for v in plan["volunteers"]]},
@@ -189,21 +187,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="[aggregation] nested_weighting (the full-rank communities do not depend on it)")
     parser.add_argument("--compare", action="store_true",
                         help="also run the mixed community under each other weighting (recorded only)")
-    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+    parser.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
                         help="[round] lr_schedule of every community's project (over --rounds)")
     parser.add_argument("--only", help="run only these communities (comma-separated); needs --reuse")
     parser.add_argument("--reuse", type=Path, help="an earlier result to take the other communities from")
     args = parser.parse_args(argv)
     ranks = tuple(int(r) for r in args.ranks.split(","))
     if args.tiny:
-        s = qb.Settings(rounds=2, steps=2, n_train=32, n_heldout=8, seed=args.seed, em_every=0)
+        s = qb.Settings(rounds=2, steps=2, n_train=32, n_heldout=8, seed=args.seed, em_every=0,
+                        lr_schedule=args.lr_schedule)
     else:
         s = qb.Settings(rounds=args.rounds, steps=args.steps, n_train=args.train, n_heldout=args.heldout,
-                        seed=args.seed, em_every=0)
+                        seed=args.seed, em_every=0, lr_schedule=args.lr_schedule)
     with tempfile.TemporaryDirectory(prefix="quality-ranks-") as work:
         only = set(args.only.split(",")) if args.only else None
-        report = run(s, ranks, args.workers, Path(work), only, args.reuse, args.weighting, args.compare,
-                     args.lr_schedule)
+        report = run(s, ranks, args.workers, Path(work), only, args.reuse, args.weighting, args.compare)
     benchlib.write_json(args.out, report)
     c = report["checks"]
     print(f"mixed {c['mixed_heldout_loss']:.4f}; " + "; ".join(

@@ -31,14 +31,15 @@ from pathlib import Path
 import benchlib
 import quality_bench as qb
 
+from loracommons.coordinator.config import LR_SCHEDULES
+
 DEFAULT_OUT = benchlib.RESULTS / "server_lr.json"
 EM_FLOOR, HOLDER_MARGIN = 0.80, 0.10
 """The demo's bar (issue 12): every skill >= 80%, and >= the holder's local-only adapter - 10 points."""
 
 
-def jobs_for(etas: list[float], lr: float, s: qb.Settings, plan: dict, work: Path,
-             lr_schedule: str = "constant") -> list[dict]:
-    common = {"settings": asdict(s), "plan": plan, "work": str(work), "lr": lr, "lr_schedule": lr_schedule}
+def jobs_for(etas: list[float], lr: float, s: qb.Settings, plan: dict, work: Path) -> list[dict]:
+    common = {"settings": asdict(s), "plan": plan, "work": str(work), "lr": lr}
     jobs = [{**common, "method": "ffa", "server_lr": eta, "base": False} for eta in etas]
     jobs += [{**common, "method": "local-only", "volunteer": i, "base": False}
              for i in range(len(plan["volunteers"]))]
@@ -112,17 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--em-every", type=int, default=20, help="exact match every k rounds (checkpoints)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+    parser.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
                         help="the project's [round] lr_schedule (over --rounds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     etas = [float(x) for x in args.etas.split(",") if x]
     s = qb.Settings(rounds=args.rounds, steps=args.steps, seed=args.seed, em_every=args.em_every,
-                    em_local=True, checkpoints_only=True)
+                    em_local=True, checkpoints_only=True, lr_schedule=args.lr_schedule)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lc-serverlr-") as work:
         plan = benchlib.skill_data(Path(work) / "data", 3, s.n_train, s.n_heldout, s.seed)
-        runs = run_jobs(jobs_for(etas, args.lr, s, plan, Path(work), args.lr_schedule), args.workers,
+        runs = run_jobs(jobs_for(etas, args.lr, s, plan, Path(work)), args.workers,
                         args.out.with_suffix(".partial.json"))
     checkpoints = sorted({r for r in range(args.em_every, args.rounds + 1, args.em_every)} | {args.rounds})
     rows = table(etas, runs, plan, checkpoints)
@@ -131,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         "date": benchlib.now(),
         "machine": benchlib.machine_info(),
         "config": {**asdict(s), "volunteers": 3, "mode": "ffa", "etas": etas, "learning_rate": args.lr,
-                   "lr_schedule": args.lr_schedule,
                    "batch_size": qb.DEMO.batch_size, "lora_r": qb.DEMO.lora_r,
                    "warmup_steps": qb.WARMUP_STEPS, "torch_threads": 1, "workers": args.workers,
                    "bar": {"em_floor": EM_FLOOR, "holder_margin": HOLDER_MARGIN}},

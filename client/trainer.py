@@ -23,7 +23,6 @@ Within each round the rate still decays from the peak to a tenth (cosine).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ import torch
 from loracommons.client.data import IGNORE_INDEX, TokenizedData
 from loracommons.client.evaluate import lm_loss, tokenized_loss
 from loracommons.client.model import extract_update
+from loracommons.protocol import schedule
 from loracommons.protocol.task import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 OnStep = Callable[[int, int, float, float], None]
 """on_step(step, max_steps, loss, tokens_per_s), called after every optimizer step."""
 MAX_GRAD_NORM = 1.0
-MIN_LR_FRACTION = 0.1
 LOSS_WINDOW = 10
 """`train_loss` is the mean loss of this many last steps."""
 
@@ -86,12 +85,11 @@ class TrainResult:
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the peak learning rate at 0-based `step`."""
+    """Multiplier of the peak learning rate at 0-based `step`: a linear warmup, then `schedule.cosine`."""
     warmup = min(warmup, total - 1) if total > 1 else 0
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    return schedule.cosine((step - warmup) / max(1, total - warmup - 1))
 
 
 def carried_lr_factor(step: int, done: int, warmup: int, total: int) -> float:

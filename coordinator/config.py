@@ -24,7 +24,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from loracommons.protocol import modes
+from loracommons.protocol import modes, schedule
 from loracommons.protocol.codec import DTYPES
 from loracommons.protocol.identity import SigningKey
 from loracommons.protocol.lora import DEMO_MODEL_ID
@@ -52,8 +52,6 @@ CLIP_RULES = ("none", "median")
 SCHEDULES = ("sync", "async")
 STALENESS_WEIGHTS = ("inverse_sqrt", "inverse", "constant")
 LR_SCHEDULES = ("constant", "cosine")
-LR_FLOOR = 0.1
-"""`[round] lr_schedule = "cosine"` ends the project at this fraction of the peak rate."""
 NESTED_WEIGHTINGS = ("trained", "rank", "mass")  # coordinator.aggregation's column weights
 ROBUST_RULES = ("none", "trimmed_mean", "krum")
 _ID_RE = PROJECT_ID_RE
@@ -450,14 +448,12 @@ class ProjectConfig:
         )
 
 
-def lr_factor_at(schedule: str, n: int, total: int) -> float:
+def lr_factor_at(kind: str, n: int, total: int) -> float:
     """The factor on train.learning_rate in round (async: version) `n` of `total` (`[round] lr_schedule`):
-    1 throughout for constant; for cosine 1 in round 1, LR_FLOOR in round `total` and after, half a
-    cosine between."""
-    if schedule == "constant" or total <= 1:
+    1 throughout for constant; for cosine `schedule.cosine` from round 1 to round `total`."""
+    if kind == "constant" or total <= 1:
         return 1.0
-    progress = min(1.0, max(0.0, (n - 1) / (total - 1)))
-    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return schedule.cosine((n - 1) / (total - 1))
 
 
 def _check_combinations(cfg: ProjectConfig) -> None:

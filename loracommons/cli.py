@@ -153,13 +153,14 @@ def demo(
                                            "are recorded for exactly these inputs."),
 ) -> None:
     """A whole community on this machine: coordinator + volunteers on an embedded tiny model."""
+    from loracommons.coordinator.config import LR_SCHEDULES
     from loracommons.demo.community import DemoError, run_demo
 
     try:
         if schedule not in ("sync", "async"):
             raise fail(f"--schedule must be sync or async, got {schedule!r}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise fail(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise fail(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
         settings = DemoSettings(volunteers=volunteers, rounds=rounds, steps_per_round=steps,
                                 publish_every=publish_every, schedule=schedule, server_lr=server_lr,
                                 lr_schedule=lr_schedule, train_references=train_references)

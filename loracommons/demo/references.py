@@ -37,7 +37,8 @@ SHIPPED = Path(__file__).resolve().parent / "references.json"
 #: Modules whose code decides a reference's scores (version 0, data, trainer, model, scoring); of this
 #: one, the functions that train and score (`_own_code`), so that editing the cache does not void it.
 CODE = ("loracommons.client.trainer", "loracommons.client.data", "loracommons.client.model",
-        "loracommons.client.evaluate", "loracommons.protocol.lora", "loracommons.coordinator.initial")
+        "loracommons.client.evaluate", "loracommons.protocol.lora", "loracommons.protocol.schedule",
+        "loracommons.coordinator.initial")
 LIBRARIES = ("torch", "transformers", "peft")
 
 

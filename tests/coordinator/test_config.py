@@ -11,7 +11,6 @@ import tomllib
 
 from loracommons.coordinator.config import (
     CONFIG_FILE,
-    LR_FLOOR,
     RELEASE_KEY,
     SECTIONS,
     ConfigError,
@@ -22,6 +21,7 @@ from loracommons.coordinator.config import (
     render_toml,
 )
 from loracommons.protocol.identity import SigningKey
+from loracommons.protocol.schedule import FLOOR as LR_FLOOR
 from loracommons.protocol.task import RoundTask
 
 
