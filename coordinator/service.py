@@ -74,6 +74,8 @@ API_HEADER_TIMEOUT_S = 10.0
 """A connection that has not sent a whole request head this long after it opened (or after its
 last response) is closed: half-sent requests cannot pile up."""
 API_KEEP_ALIVE_S = 5
+THREAD_STOP_S = 10.0
+"""How long a stopping coordinator waits for its round loop and HTTP threads to end."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def run_coordinator(
     store = Store(project_dir)
     key = SigningKey.load(project_dir / RELEASE_KEY)
     superlink: subprocess.Popen | None = None
-    http = None
+    http = http_thread = worker = None
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -227,7 +229,7 @@ def run_coordinator(
                         raise gone from None
                     log.debug("register node: %s", exc)
         info = {"fleet_address": f"{host}:{port}", "public_key": key.public.openssh}
-        http, _ = start_http(create_app(project_dir, store, info), http_host, http_port)
+        http, http_thread = start_http(create_app(project_dir, store, info), http_host, http_port)
         try:
             run_id = link.submit_run({"project-dir": str(project_dir)})
         except Exception as exc:  # the SuperLink died under it, or never answered
@@ -271,6 +273,12 @@ def run_coordinator(
             http.should_exit = True
         if superlink is not None:
             processes.stop(superlink)
+        # Let the round loop and the HTTP server see the stop before the store closes under them and
+        # before the interpreter exits: a daemon thread still in native code at exit can crash the
+        # process (measured: exit -11 instead of 1 after a SuperLink crash)
+        for thread in (worker, http_thread):
+            if thread is not None:
+                thread.join(THREAD_STOP_S)
         store.close()
         server_app.set_event_callback(None)
         for sig, handler in previous.items():
