@@ -174,7 +174,10 @@ def crash_run(tmp_path_factory, tiny_base, honest) -> dict:
     workdir = tmp_path_factory.mktemp("crash")
     project = make_project(workdir, tiny_base, round={
         "rounds": UNREACHABLE_ROUNDS, "volunteers_per_round": 2, "min_volunteers": MIN_VOLUNTEERS,
-        "timeout_s": 60.0, "publish_every": 1})
+        "timeout_s": 60.0, "publish_every": 1,
+        # init's default for a project with an end: each restart rebuilds its rounds' scheduled rates,
+        # and the final start's shorter total moves the schedule mid-project
+        "lr_schedule": "cosine"})
     community = Community(workdir)
     port, http_port = free_port(), free_port()
     out: dict = {"seed": seed, "trials": []}
