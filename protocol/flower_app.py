@@ -104,28 +104,45 @@ def check_fab(content: bytes, claimed_sha256: str, fab_id: str, fab_version: str
 
 
 # --- The two Flower messages of a round (flwr is imported only when they are built or read) ---
-# Task:  ConfigRecord "lc" {task: RoundTask JSON, note: JSON, downlink: header JSON}; ArrayRecord "lc-adapter"
-#        {adapter: raw bytes} (downlink: how the adapter bytes are read, see protocol/downlink.py; absent
+# Task:  ConfigRecord "lc" {task: RoundTask JSON, note: JSON, downlink: header JSON}; "lc-adapter"
+#        {adapter: bytes} (downlink: how the adapter bytes are read, see protocol/downlink.py; absent
 #        means the whole adapter, float32, raw)
-# Reply: ConfigRecord "lc" {manifest, signature, encoding};  ArrayRecord "lc-payload" {payload: packed}
+# Reply: ConfigRecord "lc" {manifest, signature, encoding, payload: packed bytes}
 # (encoding: how the payload is packed for the wire, see protocol/wire.py; absent means raw)
-# Large byte strings travel as raw uint8 Arrays, which Flower sends in chunks.
+#
+# Every record is one object that each hop (coordinator -> SuperLink -> SuperNode -> node runner and
+# back) moves with one HTTP request, and a round's latency is mostly those requests. A byte string
+# up to INLINE_BYTES therefore travels as a ConfigRecord value (one object); a larger one as a raw
+# uint8 Array in an ArrayRecord (record, array and 5 MiB chunks: objects that move in parallel).
+# The adapter has a record of its own so that every volunteer's task shares it: the coordinator
+# pushes it once a round. A reply's payload travels in "lc", or in ArrayRecord "lc-payload" when
+# large. Readers take either form and refuse anything else.
+
+INLINE_BYTES = 5 << 20
+"""Largest byte string sent inline in a ConfigRecord (Flower's own Array chunk size)."""
 
 
-def _bytes_array(data: bytes):  # noqa: ANN202
-    from flwr.app import Array
+def _blob_record(name: str, data: bytes):  # noqa: ANN202
+    """A record holding `data` under `name`: inline up to INLINE_BYTES, else a chunked raw Array."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    return Array("uint8", (len(data),), "raw", data)
+    if len(data) <= INLINE_BYTES:
+        return ConfigRecord({name: data})
+    return ArrayRecord({name: Array("uint8", (len(data),), "raw", data)})
 
 
-def _raw_bytes(content, record: str, name: str) -> bytes:  # noqa: ANN001
+def _blob(content, record: str, name: str) -> bytes:  # noqa: ANN001
+    """The byte string `name` of `record`, sent by `_blob_record`."""
     try:
-        array = content[record][name]
+        value = content[record][name]
     except KeyError:
         raise ProtocolError(f"message lacks {record}/{name}") from None
-    if getattr(array, "dtype", None) != "uint8" or array.stype != "raw" or len(array.shape) != 1:
-        raise ProtocolError(f"{record}/{name} is not a raw byte array")
-    return bytes(array.data)
+    if isinstance(value, bytes):
+        return value
+    if getattr(value, "dtype", None) != "uint8" or getattr(value, "stype", None) != "raw" \
+            or len(value.shape) != 1:
+        raise ProtocolError(f"{record}/{name} is neither bytes nor a raw byte array")
+    return bytes(value.data)
 
 
 def _config_bytes(content, name: str) -> bytes:  # noqa: ANN001
@@ -143,14 +160,14 @@ def task_content(task_json: bytes, adapter: bytes, note: dict | None = None,  # 
     """A task's content; `downlink` is the `protocol.downlink.Downlink` header of the adapter bytes."""
     import json
 
-    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import ConfigRecord, RecordDict
 
     config = ConfigRecord({"task": task_json, "note": json.dumps(note or {}).encode()})
     if downlink is not None:
         config["downlink"] = downlink
     return RecordDict({
         "lc": config,
-        "lc-adapter": ArrayRecord({"adapter": _bytes_array(adapter)}),
+        "lc-adapter": _blob_record("adapter", adapter),
     })
 
 
@@ -162,7 +179,7 @@ def read_task(content) -> tuple[bytes, bytes, dict]:  # noqa: ANN001
     """
 
     try:
-        task, adapter = _config_bytes(content, "task"), _raw_bytes(content, "lc-adapter", "adapter")
+        task, adapter = _config_bytes(content, "task"), _blob(content, "lc-adapter", "adapter")
         note_raw = _config_bytes(content, "note") if "note" in content["lc"] else b"{}"
     except ProtocolError:
         raise
@@ -188,13 +205,14 @@ def read_downlink(content) -> bytes | None:  # noqa: ANN001
 def envelope_content(manifest: bytes, payload: bytes, signature: bytes, itemsize: int = 0):  # noqa: ANN201
     """A reply's content; with `itemsize` (bytes per number of the payload dtype) the payload
     travels packed by `wire.pack` when that is smaller."""
-    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import ConfigRecord, RecordDict
 
     encoding, packed = wire.pack(payload, itemsize) if itemsize else (wire.RAW, payload)
-    return RecordDict({
-        "lc": ConfigRecord({"manifest": manifest, "signature": signature, "encoding": encoding}),
-        "lc-payload": ArrayRecord({"payload": _bytes_array(packed)}),
-    })
+    lc = ConfigRecord({"manifest": manifest, "signature": signature, "encoding": encoding})
+    if len(packed) <= INLINE_BYTES:
+        lc["payload"] = packed
+        return RecordDict({"lc": lc})
+    return RecordDict({"lc": lc, "lc-payload": _blob_record("payload", packed)})
 
 
 def read_envelope(content, max_payload_bytes: int) -> tuple[bytes, bytes, bytes]:  # noqa: ANN001
@@ -202,7 +220,10 @@ def read_envelope(content, max_payload_bytes: int) -> tuple[bytes, bytes, bytes]
     past `max_payload_bytes`; `ProtocolError` if malformed."""
     try:
         manifest, signature = _config_bytes(content, "manifest"), _config_bytes(content, "signature")
-        packed = _raw_bytes(content, "lc-payload", "payload")
+        inline = "payload" in content["lc"]
+        if inline and "lc-payload" in content:
+            raise ProtocolError("reply carries its payload twice (lc/payload and lc-payload)")
+        packed = _config_bytes(content, "payload") if inline else _blob(content, "lc-payload", "payload")
         encoding = content["lc"]["encoding"] if "encoding" in content["lc"] else wire.RAW
     except ProtocolError:
         raise

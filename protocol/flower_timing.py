@@ -14,12 +14,15 @@ at each, and none of it is configurable through a public API:
   Flower stores a message before its objects arrive, so a quick poll meets this
   on every hop: the SuperNode pulling a task from the SuperLink, the node's runner
   taking it from the SuperNode, the coordinator pulling a reply.
-  `quick_object_pulls` rebinds the puller those modules call to start at 50 ms
-  (doubling, so a slow upload is still not hammered).
+  `quick_object_pulls` rebinds the puller those modules call to start at 10 ms
+  (doubling, so a slow upload is still not hammered). The node's runner meets it
+  every round: its SuperNode hands it the task as soon as the message is pulled,
+  before the message's objects are.
 
 Load on the SuperLink: only a node that has just handled a message polls quickly, so
-the burst after a round is at most 10 pulls a second from each volunteer sampled in
-it, for about 2 s, whatever the size of the community; a node idle for a minute is
+the burst after a round is at most 25 pulls a second from each volunteer sampled in
+it, for about 1 s, then 5% of the time waited (10 a second after 2 s), whatever the
+size of the community; a node idle for a minute is
 back at Flower's 3 s. The other side of that: a node that sat out the last rounds
 takes up to 3 s to see a task (rounds that sample a subset pay it).
 
@@ -50,14 +53,14 @@ FLOWER_IDLE_SLEEP = 3.0
 FLOWER_REPLY_SLEEP = 0.5
 """What it sleeps per check while waiting for the app's reply or a reply object's content."""
 
-IDLE_FLOOR = 0.1
+IDLE_FLOOR = 0.04
 """Seconds between pulls right after the node handled a message (then 5% of the idle time, up to 3 s)."""
 REPLY_FLOOR = 0.01
 """Seconds between in-process checks for the app's reply at first (up to 0.5 s)."""
 NEW_WAIT_GAP = 0.05
 """Seconds between two reply checks after which they count as separate waits."""
 
-OBJECT_PULL_BACKOFF = 0.05
+OBJECT_PULL_BACKOFF = 0.01
 """First backoff (seconds) when a message's objects are not there yet; Flower's is 1 s."""
 PULLERS = {
     "flwr.supernode.start_client_internal": "pull_objects",  # SuperNode <- SuperLink: tasks
@@ -118,7 +121,7 @@ def pace_supernode() -> SuperNodeClock | None:
 
 
 def quick_object_pulls(module_name: str) -> None:
-    """In this process, make `module_name` (a key of PULLERS) retry missing objects after 50 ms, not 1 s."""
+    """In this process, make `module_name` (a key of PULLERS) retry missing objects after 10 ms, not 1 s."""
     module = importlib.import_module(module_name)
     name = PULLERS[module_name]
     puller = getattr(module, name, None)

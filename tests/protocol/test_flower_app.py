@@ -185,7 +185,7 @@ def test_task_and_envelope_roundtrip():
         manifest, payload, signature)
     packed = roundtrip(envelope_content(manifest, payload, signature, itemsize=2))
     assert packed["lc"]["encoding"] == "shuffle2-zlib"
-    assert len(bytes(packed["lc-payload"]["payload"].data)) < len(payload) // 10
+    assert len(packed["lc"]["payload"]) < len(payload) // 10
     assert read_envelope(packed, LIMIT) == (manifest, payload, signature)
     with pytest.raises(TooLarge):  # the limit holds before inflating past it
         read_envelope(packed, len(payload) - 1)
@@ -198,10 +198,33 @@ def test_an_unknown_or_broken_encoding_is_refused():
     lc = {"manifest": b"{}", "signature": b"sig"}
     for encoding, error in (("gzip", Malformed), (3, ProtocolError), ("shuffle4-zlib", Malformed)):
         bad = RecordDict({**content, "lc": ConfigRecord({**lc, "encoding": encoding})})
+        bad["lc"]["payload"] = content["lc"]["payload"]
         if encoding == "shuffle4-zlib":  # a known encoding over bytes that are not its stream
-            bad["lc-payload"] = envelope_content(b"{}", b"not zlib", b"sig")["lc-payload"]
+            bad["lc"]["payload"] = b"not zlib"
         with pytest.raises(error):
             read_envelope(roundtrip(bad), LIMIT)
+
+
+def test_small_blobs_travel_inline_and_large_ones_in_chunks(monkeypatch):
+    """A record is one object per hop: a round's small adapter and payload go inline in a
+    ConfigRecord; past INLINE_BYTES they go as a chunked raw Array, and both forms read back."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from loracommons.protocol import flower_app
+
+    task, adapter, payload = b"{}", b"\x01" * 3000, b"\x02" * 3000
+    small_task, small_reply = task_content(task, adapter), envelope_content(b"{}", payload, b"sig")
+    assert isinstance(small_task["lc-adapter"], ConfigRecord) and set(small_reply) == {"lc"}
+    assert len(get_all_nested_objects(small_task)) == 3  # RecordDict and two ConfigRecords
+    assert len(get_all_nested_objects(small_reply)) == 2
+    monkeypatch.setattr(flower_app, "INLINE_BYTES", 1000)
+    large_task, large_reply = task_content(task, adapter), envelope_content(b"{}", payload, b"sig")
+    assert isinstance(large_task["lc-adapter"], ArrayRecord) and "payload" not in large_reply["lc"]
+    for content in (small_task, large_task):
+        assert read_task(roundtrip(content))[1] == adapter
+    for content in (small_reply, large_reply):
+        assert read_envelope(roundtrip(content), LIMIT)[1] == payload
 
 
 def test_a_bad_note_is_dropped_not_fatal():
@@ -232,11 +255,12 @@ def _malformed_tasks():
         RecordDict({**good, "lc-adapter": ArrayRecord({"adapter": Array("uint8", (1, 3), "raw", b"abc")})}),
         RecordDict({**good, "lc-adapter": ArrayRecord({"adapter": Array("uint8", (3,), "numpy.ndarray",
                                                                         b"abc")})}),
-        RecordDict({**good, "lc-adapter": ConfigRecord({"adapter": b"abc"})}),
+        RecordDict({**good, "lc-adapter": ConfigRecord({"adapter": "a str, not bytes"})}),
+        RecordDict({**good, "lc-adapter": ConfigRecord({"other": b"abc"})}),
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(13))
 def test_read_task_refuses_malformed_records(index):
     content = _malformed_tasks()[index]
     with pytest.raises(ProtocolError):
@@ -248,8 +272,9 @@ def test_read_task_refuses_malformed_records(index):
 def _malformed_replies():
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    good = envelope_content(b"{}", b"payload", b"sig")
     lc = {"manifest": b"{}", "signature": b"sig"}
+    good = {"lc": ConfigRecord(lc),  # the large form: the payload in its own record
+            "lc-payload": ArrayRecord({"payload": Array("uint8", (7,), "raw", b"payload")})}
     return [
         RecordDict(),
         RecordDict({"lc": good["lc"]}),
@@ -261,11 +286,13 @@ def _malformed_replies():
         RecordDict({**good, "lc-payload": ArrayRecord({"payload": Array(np.ones(2, dtype=np.float32))})}),
         RecordDict({**good, "lc-payload": ArrayRecord({"payload": Array(np.ones((2, 2), dtype=np.uint8))})}),
         RecordDict({**good, "lc-payload": ArrayRecord({"blob": Array("uint8", (1,), "raw", b"x")})}),
-        RecordDict({**good, "lc-payload": ConfigRecord({"payload": b"payload"})}),
+        RecordDict({"lc": ConfigRecord({**lc, "payload": "a str, not bytes"})}),
+        RecordDict({"lc": ConfigRecord({**lc, "payload": [1, 2]})}),
+        RecordDict({**good, "lc": ConfigRecord({**lc, "payload": b"payload"})}),  # the payload twice
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(13))
 def test_read_envelope_refuses_malformed_records(index):
     content = _malformed_replies()[index]
     with pytest.raises(ProtocolError):
