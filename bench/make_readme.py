@@ -787,17 +787,39 @@ def aggregate_section(a: dict) -> str:
 
 def overhead_section(o: dict) -> str:
     lc, plain = o["loracommons"], o["plain_flower"]
+    part_names = ("dispatch_s", "volunteer_s", "reply_s", "close_s", "next_s")
     rows = []
     for a, b in zip(lc["rounds"], plain["rounds"], strict=True):
+        parts = a.get("parts") or {}
         rows.append(
             [
                 a["round"],
                 f"{a['wall_s']:.2f}",
                 f"{a['volunteer_training_s']:.1f}",
                 f"{a['overhead_s']:.2f}",
+                *("-" if parts.get(k) is None else f"{parts[k]:.3f}" for k in part_names),
                 f"{b['wall_s']:.2f}",
-                f"{b['overhead_s']:.2f}",
             ]
+        )
+    mean_parts = lc["summary"].get("mean_parts_s") or {}
+    account = ""
+    if all(mean_parts.get(k) is not None for k in part_names):
+        account = (
+            "\nWhere a steady round's seconds go (means over the steady rounds, from the processes' own "
+            "lines; `bench/overhead_breakdown.py`): "
+            f"**dispatch {mean_parts['dispatch_s']:.2f} s** (the coordinator builds and signs the tasks and "
+            "pushes their objects to its SuperLink; the volunteer's SuperNode sees the message at its next "
+            "poll, 40 ms apart right after a round, and pulls the objects; the node's runner takes the task "
+            "from its SuperNode), "
+            f"**volunteer {mean_parts['volunteer_s']:.2f} s** (decode and check the global, score it on the "
+            "held-out split, the training steps, sign), "
+            f"**reply {mean_parts['reply_s']:.2f} s** (the reply's objects through the SuperNode to the "
+            "SuperLink, the round loop's next poll, the pull, admission), "
+            f"**close {mean_parts['close_s']:.2f} s** (aggregation and the round's store writes) and "
+            f"**next {mean_parts['next_s']:.2f} s** (the signed release, the next round's sampling). "
+            "Each hop moves a message as one HTTP request per object, 5-20 ms each on this machine: a task "
+            "is four objects (message, record dict, task record, adapter record; the adapter record is "
+            "shared by all of a round's tasks and pushed once), a reply three.\n"
         )
     return "\n".join(
         [
@@ -810,15 +832,21 @@ def overhead_section(o: dict) -> str:
             f"with an array of the same size as LoRA Commons' update: {o['config']['sizes']['b_floats']:,} "
             f"floats up, {o['config']['sizes']['a_floats'] + o['config']['sizes']['b_floats']:,} down). A "
             "round runs from its start to the next round's start; overhead = that minus the volunteers' "
-            "training seconds (from their `update sent` lines).\n",
+            "training seconds (from their `update sent` lines, which give tenths of a second). The parts "
+            "split the LoRA Commons round along the volunteer the round waited for (round 1 has no "
+            "dispatch or volunteer part).\n",
             table(
                 [
                     "round",
                     "LC wall s",
                     "LC training s",
                     "LC overhead s",
+                    "dispatch s",
+                    "volunteer s",
+                    "reply s",
+                    "close s",
+                    "next s",
                     "Flower wall s",
-                    "Flower overhead s",
                 ],
                 rows,
             ),
@@ -826,7 +854,9 @@ def overhead_section(o: dict) -> str:
             f"starts the ClientApp processes): LoRA Commons {lc['summary']['mean_overhead_s']:.2f} s, plain "
             f"Flower {plain['summary']['mean_overhead_s']:.2f} s per round, ratio "
             f"**{o['ratio_steady_overhead']:.2f}**. Flower's stock `Grid.send_and_receive` polls for replies "
-            "every 3 s; the LoRA Commons round loop polls every 0.5 s, which is most of the difference.\n",
+            "every 3 s and its SuperNode sleeps 3 s whenever a poll finds no message; LoRA Commons paces "
+            "those waits (`protocol/flower_timing.py`, `protocol/pacing.py`).\n",
+            account,
         ]
     )
 
