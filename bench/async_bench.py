@@ -10,6 +10,15 @@ paced time: the cap paces a task from its arrival, so a slow task takes 5x a fas
     slow    volunteers at pace, pace, pace/5   sync ROUNDS rounds; async 2 x ROUNDS versions
     equal   volunteers at pace, pace, pace     sync ROUNDS rounds; async ROUNDS + ROUNDS/2 versions
 
+Async runs as a project of unequal volunteers would set it up: a task has a time budget that a fast
+volunteer's steps fit in (`[train] max_minutes`, --task-seconds, default 1.2 x steps / pace): the
+slow volunteer then sends a one-step update as often as the others send theirs, instead of a
+five-step one five times as rarely. `slow-sync-budget` (reported beside, not a target) is sync with
+the same budget: what a sync project gains from it alone.
+
+Every run uses the same volunteer identities (keys derived from --seed): a volunteer's batches are
+seeded by its key, so the sync and async runs see the same batches and a re-run repeats them.
+
 Each release is scored afterwards on the demo's held-out sets (`time_to_quality.evaluate_releases`).
 Clock: seconds since every volunteer was connected (the bench sees each `join` log's "connected
 to" line; start-up, the same for both, is left out). Not the first round's opening: a sync round
@@ -18,7 +27,7 @@ with the volunteers' connecting (about 3 s). Targets (issue 13): slow: async rea
 run's final held-out loss in <= 0.5x the sync run's wall-clock; equal: at the sync run's final
 time, async's latest release is no worse.
 
-    python bench/async_bench.py                      # ~8 min on 2 loaded cores
+    python bench/async_bench.py                      # ~9 min on 2 loaded cores
     python bench/async_bench.py --rounds 2 --steps 2 --out /tmp/async.json    # a smoke test
 """
 
@@ -42,9 +51,25 @@ DEFAULT_OUT = benchlib.RESULTS / "async.json"
 SLOWDOWN = 5.0
 
 
+def fixed_identities(folder: Path, volunteers: int, seed: int) -> None:
+    """Volunteer keys derived from `seed` where `join --identity` will look for them."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from loracommons.protocol.identity import SigningKey
+
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's group order
+    for i in range(volunteers):
+        secret = int.from_bytes(hashlib.sha256(f"async bench {seed} volunteer {i}".encode()).digest(), "big")
+        SigningKey(ec.derive_private_key(secret % (order - 1) + 1, ec.SECP256R1())).save(
+            folder / f"volunteer-{i}")
+
+
 def run_one(settings: DemoSettings, work: Path, label: str, log) -> dict:  # noqa: ANN001
     """One community run: when every volunteer was connected and when each release appeared."""
     community = Community(work, settings, Console(quiet=True))
+    fixed_identities(work / "identities", settings.volunteers, settings.seed)
     plan = community.write_data()
     project = community.init_project()
     seen: dict[int, float] = {}
@@ -79,7 +104,20 @@ def run_one(settings: DemoSettings, work: Path, label: str, log) -> dict:  # noq
             "first_round_opened_s": round(opened - t0, 2) if opened is not None else None,
             "release_seen_s": {v: round(t - t0, 2) for v, t in seen.items()}, "plan": plan,
             "project": str(project), "out": str(work), "loadavg_before": list(load_before),
-            "loadavg_after": list(os.getloadavg()), "contributions": _contributions(project, plan, work)}
+            "loadavg_after": list(os.getloadavg()),
+            "contributions": [{**c, "steps_sent": _steps_sent(log)}
+                              for c, log in zip(_contributions(project, plan, work), logs, strict=True)]}
+
+
+def _steps_sent(path: Path) -> int:
+    """The training steps of every update a volunteer's log says it sent."""
+    import re
+
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return sum(int(n) for n in re.findall(r"update sent \((\d+) steps", text))
 
 
 def _says(path: Path, text: str) -> bool:
@@ -154,12 +192,17 @@ def run(args: argparse.Namespace, work: Path, log) -> dict:  # noqa: ANN001
                         staleness_weight=args.staleness_weight, hold_fraction=args.hold_fraction,
                         lr_schedule="constant")  # sync and async on one rate: their versions differ in number
     fast, slow = args.pace, args.pace / SLOWDOWN
+    task_seconds = args.task_seconds if args.task_seconds is not None else 1.2 * args.steps / fast
+    budget = {"max_minutes": task_seconds / 60 if task_seconds > 0 else 5.0}
     plans = {
         "slow-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, slow)),
-        "slow-async": replace(base, schedule="async", rounds=2 * args.rounds, paces=(fast, fast, slow)),
+        "slow-async": replace(base, schedule="async", rounds=2 * args.rounds, paces=(fast, fast, slow),
+                              **budget),
         "equal-sync": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, fast)),
         "equal-async": replace(base, schedule="async", rounds=args.rounds + max(1, args.rounds // 2),
-                               paces=(fast, fast, fast)),
+                               paces=(fast, fast, fast), **budget),
+        "slow-sync-budget": replace(base, schedule="sync", rounds=args.rounds, paces=(fast, fast, slow),
+                                    **budget),
     }
     runs: dict[str, dict] = {}
     for label in args.runs.split(","):
@@ -177,7 +220,9 @@ def run(args: argparse.Namespace, work: Path, log) -> dict:  # noqa: ANN001
         "--max-steps-per-second` (loracommons.demo.community), a release every round or version; each "
         "release scored afterwards on the demo's held-out sets (time_to_quality.evaluate_releases)",
         "config": {**asdict(base), "pace_fast": fast, "pace_slow": slow, "sync_rounds": args.rounds,
-                   "runs": {k: {"schedule": v.schedule, "rounds": v.rounds, "paces": v.paces}
+                   "task_seconds": task_seconds,
+                   "runs": {k: {"schedule": v.schedule, "rounds": v.rounds, "paces": v.paces,
+                                "max_minutes": v.max_minutes}
                             for k, v in plans.items()}},
         "runs": runs,
         "verdicts": verdicts(runs),
@@ -194,14 +239,16 @@ def plot(report: dict, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, scenario in zip(axes, ("slow", "equal"), strict=True):
-        for i, schedule in enumerate(("sync", "async")):
+        for i, schedule in enumerate(("sync", "async", "sync-budget")):
             got = report["runs"].get(f"{scenario}-{schedule}")
             if got is None:
                 continue
             rows = [r for r in got["releases"] if r["seconds"] is not None]
-            unit = "rounds" if schedule == "sync" else "versions"
-            ax.plot([r["seconds"] for r in rows], [r["mean_heldout_loss"] for r in rows], f"C{i}-",
-                    marker="o", markersize=3, label=f"{schedule} ({got['rounds']} {unit})")
+            unit = "versions" if schedule == "async" else "rounds"
+            name = "sync, async's task budget and weights" if schedule == "sync-budget" else schedule
+            ax.plot([r["seconds"] for r in rows], [r["mean_heldout_loss"] for r in rows],
+                    f"C{i}{':' if schedule == 'sync-budget' else '-'}", marker="o", markersize=3,
+                    label=f"{name} ({got['rounds']} {unit})")
         verdict = report["verdicts"].get(scenario)
         if verdict:
             ax.axhline(verdict["sync_final_loss"], color="k", linestyle=":", alpha=0.5,
@@ -230,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-fraction", type=float, default=0.5, help="[round] hold_fraction")
     parser.add_argument("--train", type=int, default=DemoSettings.n_train, help="examples per skill")
     parser.add_argument("--heldout", type=int, default=DemoSettings.n_heldout, help="held-out per skill")
-    parser.add_argument("--runs", default="slow-sync,slow-async,equal-sync,equal-async")
+    parser.add_argument("--task-seconds", type=float, default=None,
+                        help="async runs' task time budget, [train] max_minutes x 60 (default 1.2 x steps / "
+                             "pace; 0: none)")
+    parser.add_argument("--runs", default="slow-sync,slow-async,equal-sync,equal-async,slow-sync-budget")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     args = parser.parse_args(argv)

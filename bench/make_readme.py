@@ -917,13 +917,23 @@ def async_section(asy: dict) -> str:
         f"{cfg['max_staleness']}, weight 1/sqrt(1+tau), `hold_fraction` {cfg.get('hold_fraction', 0):g}: "
         "a volunteer back just before the open version closes waits for it rather than train on a version "
         f"about to be replaced). Fast volunteers are capped at {cfg['pace_fast']:g} steps/s, the slow one "
-        f"at {cfg['pace_slow']:g}. Seconds count from "
+        f"at {cfg['pace_slow']:g}. "
+        + (f"The async runs give each task a time budget of {cfg['task_seconds']:g} s (`[train] "
+           "max_minutes`), which the fast volunteers' steps fit in: the slow volunteer sends a smaller "
+           "update (the steps that fit) as often as the others, instead of a full one five times as "
+           "rarely. `slow-sync-budget` is sync with the same budget, beside the targets: what a sync "
+           "project gains from it alone. Every run has the same volunteer keys, and so the same batches. "
+           if cfg.get("task_seconds") else "")
+        + "Seconds count from "
         + ("the moment every volunteer was connected (a sync round opens only then, an async version at "
            "once: counting from the first round would charge async with the connecting)"
            if "first_round_opened_s" in next(iter(asy["runs"].values())) else "the first round opening")
         + " (start-up left out); every release is scored afterwards on the demo's held-out sets. "
-        "Each volunteer holds its own skill (non-IID), so the slow one's skill is trained less often under "
-        "async. Wall-clock on this shared machine is noisy: the load average (1 min) before / after each "
+        "Each volunteer holds its own skill (non-IID): without the budget, async would fold the slow "
+        "one's skill into one version in five and the fast ones' updates would wear it down in between. "
+        "An async volunteer's optimizer state goes on from task to task (`[train] keep_optimizer`, by the "
+        "task's base version; until this run every async task restarted AdamW and its warmup, and at equal "
+        "speeds async trailed sync, 1.882 against 1.661 at sync's final time). Wall-clock on this shared machine is noisy: the load average (1 min) before / after each "
         "run is in the last column.\n",
         table(["run", "schedule", "steps/s per volunteer", "rounds or versions", "first release s",
                "last release s", "final held-out loss", "updates admitted per volunteer (mean staleness)",
@@ -959,18 +969,21 @@ def _without_hold(asy: dict) -> str:
 
 
 def _realised_speeds(asy: dict) -> str:
-    """How much slower the slow volunteer really was: its updates against the fast ones' (async)."""
+    """How much the slow volunteer really did: updates and steps against the fast ones' (async)."""
     run_ = asy["runs"].get("slow-async")
     if not run_:
         return ""
     done = [c["admitted"] for c in run_["contributions"]]
-    ratio = max(done[:-1]) / max(done[-1], 1)
+    steps = [c.get("steps_sent") for c in run_["contributions"]]
     return (f"\nRealised speeds: the pace cap paces each whole task from its arrival (scoring the adapter "
-            f"received, training), so a capped task takes steps / cap seconds whatever its fixed costs. In "
-            f"`slow-async` the fast volunteers had {', '.join(map(str, done[:-1]))} updates admitted and the "
-            f"slow one {done[-1]} ({ratio:.1f}x fewer; set to "
-            f"{asy['config']['pace_fast'] / asy['config']['pace_slow']:.0f}x; a task still in flight when "
-            "the run ends is not counted).\n")
+            f"received, training), so a capped task takes steps / cap seconds whatever its fixed costs "
+            f"(set: {asy['config']['pace_fast'] / asy['config']['pace_slow']:.0f}x slower). In `slow-async` "
+            f"the fast volunteers had {', '.join(map(str, done[:-1]))} updates admitted "
+            + (f"(their logs: {', '.join(map(str, steps[:-1]))} steps sent) and the slow one {done[-1]} "
+               f"({steps[-1]} steps); "
+               if None not in steps else f"and the slow one {done[-1]}; ")
+            + "a task "
+            "still in flight when the run ends is not counted.\n")
 
 
 def trainer_section(t: dict) -> str:

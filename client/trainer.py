@@ -5,9 +5,10 @@ tenth of the peak rate, gradient accumulation, gradient clipping at 1.0. One
 optimizer step = `grad_accum` micro-batches of `batch_size` examples, drawn
 without replacement from a seeded shuffle (a new shuffle each epoch). The
 loss is the mean over every labelled token of the step. Training stops at
-`max_steps` or once `max_minutes` have passed (checked after every step; at
-least one step always runs). On CPU, the same inputs, seed and thread count
-give a bit-identical update.
+`max_steps` or before a step that would end past `max_minutes` (judged after
+every step by the mean step time so far; at least one step always runs), so a
+slow machine sends a smaller update in the time a fast one sends a full one.
+On CPU, the same inputs, seed and thread count give a bit-identical update.
 
 Across rounds (`carry`): a volunteer whose next round starts from the global
 adapter its last update went into passes back the `Carry` of that round: the
@@ -245,7 +246,8 @@ def _loop(
             elapsed = time.monotonic() - start
             if on_step is not None:
                 on_step(step, settings.max_steps, step_loss, tokens / elapsed if elapsed > 0 else 0.0)
-            if time.monotonic() >= deadline and step < settings.max_steps:
+            now = time.monotonic()
+            if step < settings.max_steps and now + (now - start) / step > deadline:  # next step ends late
                 stopped_by = "max_minutes"
                 log.info("stopping at step %d of %d: %.2f minutes reached", step, settings.max_steps,
                          settings.max_minutes)

@@ -99,8 +99,9 @@ class Volunteer:
         """Held-out loss of the adapter this volunteer trained in its last round, with the key of the
         held-out split it was measured on (the per-volunteer answer compares it with the next
         community adapter's)."""
-        self._carry: tuple[tuple, Carry | None] | None = None
-        """(what the next round must match, the trainer's `Carry`) of the last round."""
+        self._carry: tuple[tuple[tuple, int, int | None], Carry | None] | None = None
+        """((the settings the next task must match, its round, its base version), the trainer's `Carry`)
+        of the last task."""
         self._initial: tuple[tuple, dict[str, np.ndarray]] | None = None  # version 0, from the seed
 
     @property
@@ -164,7 +165,7 @@ class Volunteer:
                        max_steps_per_second=self.settings.max_steps_per_second, carry=carry,
                        paced_since=arrived)
         if task.train.keep_optimizer and not modes.get(task.mode).trains("lora_A"):
-            self._carry = (_carry_key(task), result.carry)
+            self._carry = ((_carry_key(task), task.round, task.base_version), result.carry)
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
@@ -199,17 +200,25 @@ class Volunteer:
         return rank
 
     def _take_carry(self, task: RoundTask) -> Carry | None:
-        """The last round's optimizer state if this round goes on from it, else None (a fresh start).
+        """The last task's optimizer state if this task goes on from it, else None (a fresh start).
 
         It goes on when the project keeps optimizers, the mode keeps A frozen (where A trains, the
-        aggregate's factors are not the ones the moments were taken on), and this round directly
-        follows the one this volunteer trained last (a volunteer that sat out rounds missed versions).
+        aggregate's factors are not the ones the moments were taken on), the settings are the same, and
+        the task follows on: in sync, the round right after the one this volunteer trained last (one
+        that sat out rounds missed versions); in async, a task on the version the last one trained
+        from or a later one (its `round` is a serial number of tasks: other volunteers' tasks come
+        between, and a fresh start would spend every short task warming up again).
         """
         kept, self._carry = self._carry, None
         if kept is None or not task.train.keep_optimizer or modes.get(task.mode).trains("lora_A"):
             return None
-        key = _carry_key(task)
-        return kept[1] if kept[0][:-1] == key[:-1] and kept[0][-1] == task.round - 1 else None
+        (key, last_round, last_base), carry = kept
+        if key != _carry_key(task):
+            return None
+        if task.base_version is not None and last_base is not None:
+            return carry if task.base_version >= last_base else None
+        return carry if task.base_version is None and last_base is None and task.round == last_round + 1 \
+            else None
 
     def receive(self, task: RoundTask, data: bytes,
                 downlink: Downlink | None = None) -> dict[str, np.ndarray]:
@@ -280,9 +289,9 @@ def round_rank(task: RoundTask, max_rank: int | None, base: Any) -> tuple[int, s
 
 def _carry_key(task: RoundTask) -> tuple:
     """Same project, model, LoRA settings, mode and training settings but the learning rate (a project's
-    `[round] lr_schedule` changes it from round to round); the round last."""
+    `[round] lr_schedule` changes it from round to round)."""
     return (task.project_id, task.base_model_id, task.base_model_revision, task.lora.digest(), task.mode,
-            dataclasses.replace(task.train, learning_rate=0.0), task.round)
+            dataclasses.replace(task.train, learning_rate=0.0))
 
 
 def load_volunteer(node_config: dict, on_status: OnStatus | None = None) -> Volunteer:

@@ -235,7 +235,8 @@ class AsyncCoordinator(Coordinator):
         as that node can take it (`coordinator/downlinks.py`, as in sync)."""
         from flwr.app import Message
 
-        task = self.cfg.task(row.serial, row.nonce, row.base_adapter_digest, progress=row.version)
+        task = self.cfg.task(row.serial, row.nonce, row.base_adapter_digest, progress=row.version,
+                             base_version=row.base_version)
         link, data = self.links.for_node(node, current.digest, current.tensors)
         return Message(task_content(task.to_bytes(), data, self._notes.pop(node, None), link.to_bytes()),
                        dst_node_id=node, message_type="train", group_id=str(row.serial))

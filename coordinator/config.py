@@ -428,9 +428,10 @@ class ProjectConfig:
         return replace(self.train, learning_rate=self.train.learning_rate * factor)
 
     def task(self, round: int, nonce: str, base_adapter_digest: str,
-             progress: int | None = None) -> RoundTask:
+             progress: int | None = None, base_version: int | None = None) -> RoundTask:
         """The round task volunteers receive for `round`; `progress` (default `round`; async: the version
-        the task's update goes into) places it on the project's learning-rate schedule."""
+        the task's update goes into) places it on the project's learning-rate schedule; `base_version`
+        (async) is the version it trains from."""
         return RoundTask(
             project_id=self.project.id,
             round=round,
@@ -445,6 +446,7 @@ class ProjectConfig:
             max_payload_bytes=self.limits.max_payload_bytes,
             adapter_seed=self.project.seed,
             downlink_dtype=self.round.downlink_dtype,
+            base_version=base_version,
         )
 
 

@@ -195,10 +195,15 @@ class RoundTask:
     factors that train, and the volunteer regenerates the others from this seed."""
     downlink_dtype: str = "float32"
     """The dtype the global adapter's values are representable in (and travel in)."""
+    base_version: int | None = None
+    """async: the version the task trains from (`round` is then a serial number of tasks, not of
+    versions); None in sync, where it is `round` - 1. Absent from the bytes when None."""
 
     def to_bytes(self) -> bytes:
         obj = asdict(self)
         obj["lora"] = self.lora.to_dict()
+        if self.base_version is None:  # a sync task's bytes are what they were before the field
+            del obj["base_version"]
         return canonical_json(obj)
 
     @classmethod
@@ -220,9 +225,12 @@ class RoundTask:
         seed = task.adapter_seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
             raise Malformed(f"round task adapter_seed {_shown(seed)} must be an integer from 0 to {MAX_SEED}")
-        rnd = task.round
-        if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= MAX_ROUND:
-            raise Malformed(f"round task round {_shown(rnd)} must be an integer from 0 to {MAX_ROUND}")
+        for name in ("round", "base_version"):
+            value = getattr(task, name)
+            if name == "base_version" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROUND:
+                raise Malformed(f"round task {name} {_shown(value)} must be an integer from 0 to {MAX_ROUND}")
         return task
 
     def _check_plain_fields(self) -> None:

@@ -87,6 +87,9 @@ class DemoSettings:
     """async: `[round] staleness_weight` (the async bench compares them)."""
     hold_fraction: float = 0.5
     """async: `[round] hold_fraction` (the async bench compares 0 and the default)."""
+    max_minutes: float = 5.0
+    """`[train] max_minutes`: each task's training time budget (the async bench sets one that a fast
+    volunteer's steps fit in, so the slow volunteer sends a smaller update as often)."""
     train_references: bool = False
     """Train every reference here, even one recorded for exactly these inputs (`demo.references`)."""
     paces: tuple[float | None, ...] = ()
@@ -146,7 +149,7 @@ class Community:
             project={"seed": s.seed},
             lora={"r": s.lora_r, "alpha": float(2 * s.lora_r), "target_modules": TARGETS},
             train={"max_steps": s.steps_per_round, "batch_size": s.batch_size, "seq_len": 64,
-                   "learning_rate": s.learning_rate, "warmup_steps": 5, "max_minutes": 5.0},
+                   "learning_rate": s.learning_rate, "warmup_steps": 5, "max_minutes": s.max_minutes},
             round={"rounds": s.rounds, "volunteers_per_round": s.volunteers,
                    "min_volunteers": s.volunteers, "timeout_s": s.round_timeout_s,
                    "publish_every": s.publish_every, "lr_schedule": s.lr_schedule, **self.schedule_keys()},

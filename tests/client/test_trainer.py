@@ -137,6 +137,15 @@ def test_minute_budget(node):
     assert result.seconds < 5
 
 
+def test_the_minute_budget_stops_before_a_step_that_would_end_late(node):
+    """Paced at 5 steps a second, 0.5 s holds two steps and a half: the third would end at 0.6 s, past
+    the budget, so training stops after two (a slow volunteer sends a smaller update on time)."""
+    settings = TrainSettings(max_steps=10, max_minutes=0.5 / 60, batch_size=8, seq_len=64)
+    _, _, result = _round(node, SETTINGS, "ffa", settings, max_steps_per_second=5.0)
+    assert result.steps == 2 and result.stopped_by == "max_minutes"
+    assert result.seconds < 0.5
+
+
 def test_deterministic_under_seed(node):
     dropout = LoraSettings(r=4, alpha=8.0, dropout=0.1, target_modules=("q_proj", "v_proj"))
     runs = [_round(node, dropout, "exact")[2] for _ in range(2)]

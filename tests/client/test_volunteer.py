@@ -348,6 +348,30 @@ def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, glo
     assert given == [None, None, None, None]
 
 
+def test_async_tasks_keep_the_optimizer_going_across_versions(model_dir, global_adapter, make_volunteer,
+                                                             monkeypatch):
+    """Async: a task's round is a serial number (other volunteers' tasks come between), so the carry
+    goes on by version: into a task on the version the last one trained from or a later one, not into
+    one on an older version, nor between an async task and a sync one."""
+    given: list[object] = []
+    real = T.train
+
+    def train(*args, carry=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        given.append(carry)
+        return real(*args, carry=carry, **kwargs)
+
+    monkeypatch.setattr(T, "train", train)
+    adapter_bytes = encode_tensors(global_adapter)
+    volunteer = make_volunteer()
+    for serial, base in ((10, 2), (13, 2), (17, 3), (25, 5), (26, 4)):  # the same version, later, older
+        task = make_task(model_dir, adapter_bytes, round=serial, base_version=base)
+        volunteer.run_round(task, adapter_bytes)
+    assert given[0] is None and given[4] is None
+    assert [c.steps for c in given[1:4]] == [FAST.max_steps, 2 * FAST.max_steps, 3 * FAST.max_steps]
+    volunteer.run_round(make_task(model_dir, adapter_bytes, round=27), adapter_bytes)  # a sync task
+    assert given[5] is None
+
+
 def test_a_scheduled_learning_rate_keeps_the_optimizer_going(model_dir, global_adapter, make_volunteer,
                                                             monkeypatch):
     """`[round] lr_schedule` changes each task's learning rate from round to round: the carry goes on

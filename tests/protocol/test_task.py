@@ -46,6 +46,7 @@ round_tasks = st.builds(
     payload_dtype=st.sampled_from(sorted(DTYPES)),
     max_payload_bytes=st.integers(1024, 2**40),
     extra=st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=3),
+    base_version=st.none() | st.integers(0, 10**6),
 )
 
 
@@ -57,6 +58,12 @@ def test_round_task_json_round_trip(task):
     assert again == task
     assert again.to_bytes() == data
     assert again.claims() == task.claims()
+
+
+def test_a_sync_task_bytes_carry_no_base_version():
+    sync = RoundTask.from_bytes(canonical_json(_task_dict()))
+    assert sync.base_version is None and b"base_version" not in sync.to_bytes()
+    assert RoundTask.from_bytes(canonical_json(_task_dict(base_version=4))).base_version == 4
 
 
 @settings(max_examples=60, deadline=None)
@@ -130,6 +137,9 @@ def _without(name: str) -> dict:
         (_task_dict(payload_dtype=["float32"]), Malformed),
         (_task_dict(round=-1), Malformed),
         (_task_dict(round="5"), Malformed),
+        (_task_dict(base_version=-1), Malformed),
+        (_task_dict(base_version=True), Malformed),
+        (_task_dict(base_version="3"), Malformed),
         (_task_dict(lora="q_proj"), Malformed),
         (_task_dict(lora={**_task_dict()["lora"], "target_modules": "q_proj"}), Malformed),
         (_task_dict(lora={**_task_dict()["lora"], "alpha": "big"}), Malformed),
@@ -150,6 +160,9 @@ def _without(name: str) -> dict:
         "dtype-list",
         "round-negative",
         "round-string",
+        "base-version-negative",
+        "base-version-bool",
+        "base-version-string",
         "lora-string",
         "modules-string",
         "alpha-string",
