@@ -316,10 +316,8 @@ def test_sent_status_compares_the_community_adapter_with_the_volunteers_last_upd
     assert [(d["community_loss"], d["own_loss"]) for d in sent[2:]] == [(None, None), (None, None)]
 
 
-def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, global_adapter, make_volunteer,
-                                                                  monkeypatch):
-    """`[train] keep_optimizer`: the carry of round r goes into round r + 1 only, in a mode that keeps A
-    frozen, under the same settings; a skipped round, another mode or the key off start afresh."""
+def carries_given(monkeypatch) -> list[object]:  # noqa: ANN001
+    """The `carry` each later `trainer.train` call is given, in order."""
     given: list[object] = []
     real = T.train
 
@@ -328,6 +326,14 @@ def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, glo
         return real(*args, carry=carry, **kwargs)
 
     monkeypatch.setattr(T, "train", train)
+    return given
+
+
+def test_optimizer_state_goes_on_only_into_the_round_that_follows(model_dir, global_adapter, make_volunteer,
+                                                                  monkeypatch):
+    """`[train] keep_optimizer`: the carry of round r goes into round r + 1 only, in a mode that keeps A
+    frozen, under the same settings; a skipped round, another mode or the key off start afresh."""
+    given = carries_given(monkeypatch)
     adapter_bytes = encode_tensors(global_adapter)
     volunteer = make_volunteer()
     for rnd in (3, 4, 5, 7):  # 6 missed: round 7's adapter is a version this volunteer did not train from
@@ -353,14 +359,7 @@ def test_async_tasks_keep_the_optimizer_going_across_versions(model_dir, global_
     """Async: a task's round is a serial number (other volunteers' tasks come between), so the carry
     goes on by version: into a task on the version the last one trained from or a later one, not into
     one on an older version, nor between an async task and a sync one."""
-    given: list[object] = []
-    real = T.train
-
-    def train(*args, carry=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        given.append(carry)
-        return real(*args, carry=carry, **kwargs)
-
-    monkeypatch.setattr(T, "train", train)
+    given = carries_given(monkeypatch)
     adapter_bytes = encode_tensors(global_adapter)
     volunteer = make_volunteer()
     for serial, base in ((10, 2), (13, 2), (17, 3), (25, 5), (26, 4)):  # the same version, later, older
