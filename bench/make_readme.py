@@ -933,7 +933,8 @@ def async_section(asy: dict) -> str:
         "one's skill into one version in five and the fast ones' updates would wear it down in between. "
         "An async volunteer's optimizer state goes on from task to task (`[train] keep_optimizer`, by the "
         "task's base version; until this run every async task restarted AdamW and its warmup, and at equal "
-        "speeds async trailed sync, 1.882 against 1.661 at sync's final time). Wall-clock on this shared machine is noisy: the load average (1 min) before / after each "
+        "speeds async trailed sync, 1.882 against 1.661 at sync's final time). "
+        "Wall-clock on this shared machine is noisy: the load average (1 min) before / after each "
         "run is in the last column.\n",
         table(["run", "schedule", "steps/s per volunteer", "rounds or versions", "first release s",
                "last release s", "final held-out loss", "updates admitted per volunteer (mean staleness)",
