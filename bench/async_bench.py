@@ -29,6 +29,8 @@ time, async's latest release is no worse.
 
     python bench/async_bench.py                      # ~9 min on 2 loaded cores
     python bench/async_bench.py --rounds 2 --steps 2 --out /tmp/async.json    # a smoke test
+    python bench/async_bench.py --runs equal-sync,equal-async,slow-async \
+        --out bench/results/async_repeat.json --plot /tmp/async_repeat.png   # the repeat (bench/README.md)
 """
 
 from __future__ import annotations
