@@ -249,8 +249,8 @@ def _loop(
             now = time.monotonic()
             if step < settings.max_steps and now + (now - start) / step > deadline:  # next step ends late
                 stopped_by = "max_minutes"
-                log.info("stopping at step %d of %d: %.2f minutes reached", step, settings.max_steps,
-                         settings.max_minutes)
+                log.info("stopping at step %d of %d: the next would end past %.2f minutes", step,
+                         settings.max_steps, settings.max_minutes)
                 break
     finally:
         model.eval()

@@ -54,8 +54,8 @@ class DemoSettings:
     78/95/89%, three of 90 x 10 at 88/95/86%, 88/97/94% and 70/94/91% (reverse varies from run to run
     around the 80% line), one of 100 x 10 at 86/94/95%; restarting the optimizer every round took
     120 x 10 for 83/92/91%; 10 x 30 ended at 12/75/41%. With the rate annealed over the rounds
-    (`lr_schedule`, below), eight runs of 90 x 10 ended at 88/95/91%, 95/95/91%, 94/92/92%, 91/94/89%,
-    92/92/89%, 97/97/88%, 95/95/89% and 97/92/91%.
+    (`lr_schedule`, below), nine runs of 90 x 10 ended at 88/95/91%, 95/95/91%, 94/92/92%, 91/94/89%,
+    92/92/89%, 97/97/88%, 95/95/89%, 97/92/91% and 91/94/91%.
     With the references shipped
     (`demo.references`), 80 rounds ran in 155 s on 2 idle cores; 90 keep the whole command from a
     fresh clone, install included, under 300 s (271 s, 299 s and 274 s measured; 254 s since rounds
