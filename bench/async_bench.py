@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -113,8 +114,6 @@ def run_one(settings: DemoSettings, work: Path, label: str, log) -> dict:  # noq
 
 def _steps_sent(path: Path) -> int:
     """The training steps of every update a volunteer's log says it sent."""
-    import re
-
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:

@@ -257,25 +257,14 @@ def cosine_ranks(c: dict | None, top: int) -> str:
 
 
 def async_repeat_checks(asy: dict, repeat: dict | None) -> dict[str, dict]:
-    """The two targets on a repeat run (results/async_repeat.json), each against its reference: the
-    repeat's own equal-speed sync run, and the recorded slow sync run (sync repeats bit for bit)."""
+    """The two targets on a repeat run (results/async_repeat.json), by the bench's own `verdicts`: its
+    runs in place of the recorded ones, the recorded sync runs where it has none (sync repeats bit for
+    bit)."""
     if not repeat:
         return {}
-    runs = {**asy["runs"], **repeat["runs"]}
-    out = {}
-    if "slow-async" in repeat["runs"]:
-        sync, asyn = runs["slow-sync"]["releases"], runs["slow-async"]["releases"]
-        final, seconds = sync[-1]["mean_heldout_loss"], sync[-1]["seconds"]
-        reached = next((x["seconds"] for x in asyn if x["mean_heldout_loss"] <= final + 1e-9), None)
-        out["slow"] = {"ratio": None if reached is None else reached / seconds,
-                       "met": reached is not None and reached <= 0.5 * seconds}
-    if "equal-async" in repeat["runs"]:
-        sync, asyn = runs["equal-sync"]["releases"], runs["equal-async"]["releases"]
-        final, seconds = sync[-1]["mean_heldout_loss"], sync[-1]["seconds"]
-        before = [x for x in asyn if x["seconds"] <= seconds]
-        loss = before[-1]["mean_heldout_loss"] if before else None
-        out["equal"] = {"loss": loss, "sync": final, "met": loss is not None and loss <= final + 1e-9}
-    return out
+    from async_bench import verdicts
+
+    return verdicts({**asy["runs"], **repeat["runs"]})
 
 
 def async_target_rows(asy: dict | None, repeat: dict | None = None) -> list[list]:
@@ -309,8 +298,8 @@ def async_target_rows(asy: dict | None, repeat: dict | None = None) -> list[list
                       f"{e['sync_mean_loss_over_run']:.3f}")
         r = again.get("equal")
         if r is not None:
-            shown = "-" if r["loss"] is None else f"{r['loss']:.3f}"
-            extra += f"; repeat: {shown} vs {r['sync']:.3f}"
+            shown = "-" if r["async_loss_at_that_time"] is None else f"{r['async_loss_at_that_time']:.3f}"
+            extra += f"; repeat: {shown} vs {r['sync_final_loss']:.3f}"
         rows.append(["async, equal speeds: held-out loss no worse than sync at the sync run's final time",
                      f"{got} vs {e['sync_final_loss']:.3f} at {e['sync_seconds']:.2f} s{extra}",
                      yes(e["met"] and (r is None or r["met"]))])
@@ -989,9 +978,10 @@ def _repeat(asy: dict) -> str:
     said = []
     if "slow" in again and again["slow"]["ratio"] is not None:
         said.append(f"slow: ratio {again['slow']['ratio']:.2f} against the recorded slow-sync run")
-    if "equal" in again and again["equal"]["loss"] is not None:
+    if "equal" in again and again["equal"]["async_loss_at_that_time"] is not None:
         e = again["equal"]
-        said.append(f"equal speeds: {e['loss']:.3f} against sync's {e['sync']:.3f} at sync's final time")
+        said.append(f"equal speeds: {e['async_loss_at_that_time']:.3f} against sync's "
+                    f"{e['sync_final_loss']:.3f} at sync's final time")
     return ("\nA repeat with the same code and keys (`results/async_repeat.json`; sync repeats bit for bit, "
             "async differs with the order replies arrive in): " + "; ".join(said) + ". At equal speeds async "
             "and sync close a version in the same time and end within noise of each other; which is ahead "

@@ -215,10 +215,11 @@ class Volunteer:
         (key, last_round, last_base), carry = kept
         if key != _carry_key(task):
             return None
-        if task.base_version is not None and last_base is not None:
-            return carry if task.base_version >= last_base else None
-        return carry if task.base_version is None and last_base is None and task.round == last_round + 1 \
-            else None
+        if task.base_version is None and last_base is None:  # sync: the very next round
+            return carry if task.round == last_round + 1 else None
+        if task.base_version is None or last_base is None:  # between a sync task and an async one
+            return None
+        return carry if task.base_version >= last_base else None  # async: the same or a later version
 
     def receive(self, task: RoundTask, data: bytes,
                 downlink: Downlink | None = None) -> dict[str, np.ndarray]:
