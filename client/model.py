@@ -27,6 +27,7 @@ from loracommons.protocol.lora import (
     lora_config,
     nested_settings,
     resolve_base_model,
+    rolled,
     take_rank,
 )
 from loracommons.protocol.task import LoraSettings
@@ -275,17 +276,20 @@ rank may take in `affordable_rank`'s estimate; the rest is left to activations a
 
 
 def apply_adapter_at_rank(
-    base: Any, settings: LoraSettings, tensors: dict[str, np.ndarray], mode: str, rank: int
+    base: Any, settings: LoraSettings, tensors: dict[str, np.ndarray], mode: str, rank: int,
+    start: int = 0,
 ) -> PeftModel:
     """`apply_adapter` for a volunteer of rank `rank` <= r (nested ranks, `Mode.nested_ranks`).
 
     The trainable PEFT layers are built at rank `rank` with alpha * rank / r
-    (`protocol.lora.nested_settings`: the same alpha / r scale as the project's) and hold A[:rank, :]
-    and B[:, :rank]; the other components, A[rank:, :] and B[:, rank:], are a frozen term added to
-    each adapted layer's output (`_hold_rest`). The forward pass is thus the whole global adapter:
-    the volunteer trains its columns in the model the community has (not in a truncated one, which
-    would pull the shared columns away from what the full ranks learn with every component present),
-    and can score that model. `extract_update` returns B[:, :rank], the columns the update carries.
+    (`protocol.lora.nested_settings`: the same alpha / r scale as the project's) and hold the window of
+    `rank` components from `start` (`protocol.lora.window_start`). Below, the adapter is taken rolled
+    to `start`, so the window is A[:rank, :] and B[:, :rank]; the other components, A[rank:, :] and
+    B[:, rank:], are a frozen term added to each adapted layer's output (`_hold_rest`). The forward
+    pass is thus the whole global adapter: the volunteer trains its columns in the model the community
+    has (not in a truncated one, which would pull the shared columns away from what the full ranks
+    learn with every component present), and can score that model. `extract_update` returns
+    B[:, :rank], the window's columns in window order: what the update carries.
     Memory: the frozen factors only (no gradients, no optimizer state, no saved activations: the
     backward pass through a frozen linear needs its weight only), so training costs rank `rank`.
     """
@@ -297,6 +301,7 @@ def apply_adapter_at_rank(
         narrow = nested_settings(settings, rank)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    tensors = rolled(tensors, start)
     cut = {name: np.ascontiguousarray(value) for name, value in take_rank(tensors, rank).items()}
     model = apply_adapter(base, narrow, cut, mode)
     _hold_rest(model, tensors, rank, settings.alpha / settings.r)

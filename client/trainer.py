@@ -59,6 +59,30 @@ class Carry:
     shapes: tuple[tuple[int, ...], ...]
     """Shapes of the trainable tensors, in order: a carry that does not fit them is not used."""
 
+    def shifted(self, shift: int) -> Carry:
+        """The carry for a window of components moved on by `shift` (nested ranks: a rank-r_i window
+        rolls on each round, `protocol.lora.window_start`). Each trainable tensor's last axis is its
+        components: the moments of the ones still in the window move to their new places; a component
+        entering it starts with a zero first moment and, as its second, the mean of the kept ones' per
+        row (a zero second moment, with the shared step count past Adam's bias correction, would make
+        its first steps several times too large). `shift` 0: this carry itself."""
+        if shift == 0:
+            return self
+        state: dict[Any, dict[str, Any]] = {}
+        for key, moments in self.optimizer["state"].items():
+            state[key] = dict(moments)
+            first, second = moments.get("exp_avg"), moments.get("exp_avg_sq")
+            if first is None or second is None or first.dim() == 0:
+                continue
+            keep = max(first.shape[-1] - shift, 0)
+            prior = (second[..., shift:] if keep else second).mean(dim=-1, keepdim=True)
+            fresh = first.shape[-1] - keep
+            state[key]["exp_avg"] = torch.cat(
+                [first[..., shift:], first.new_zeros((*first.shape[:-1], fresh))], dim=-1)
+            state[key]["exp_avg_sq"] = torch.cat(
+                [second[..., shift:], prior.expand(*second.shape[:-1], fresh)], dim=-1).contiguous()
+        return Carry({**self.optimizer, "state": state}, self.steps, self.shapes)
+
 
 @dataclass(frozen=True)
 class TrainResult:

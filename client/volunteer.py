@@ -99,9 +99,9 @@ class Volunteer:
         """Held-out loss of the adapter this volunteer trained in its last round, with the key of the
         held-out split it was measured on (the per-volunteer answer compares it with the next
         community adapter's)."""
-        self._carry: tuple[tuple[tuple, int, int | None], Carry | None] | None = None
-        """((the settings the next task must match, its round, its base version), the trainer's `Carry`)
-        of the last task."""
+        self._carry: tuple[tuple[tuple, int, int | None, int], Carry | None] | None = None
+        """((the settings the next task must match, its round, its base version, the first component of
+        its window), the trainer's `Carry`) of the last task."""
         self._initial: tuple[tuple, dict[str, np.ndarray]] | None = None  # version 0, from the seed
 
     @property
@@ -125,6 +125,7 @@ class Volunteer:
         from loracommons.client.evaluate import scored_loss
         from loracommons.client.model import apply_adapter_at_rank, load_base
         from loracommons.client.trainer import train
+        from loracommons.protocol.lora import window_start
 
         arrived = time.monotonic()  # the pace cap counts the whole task from here
         global_adapter = self.receive(task, adapter_bytes, downlink)
@@ -132,7 +133,8 @@ class Volunteer:
         base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
                                     device=self.settings.device)
         rank = self._round_rank(task, base)
-        model = apply_adapter_at_rank(base, task.lora, dict(global_adapter), task.mode, rank)
+        start = window_start(task.round, rank, task.lora.r)  # nested ranks: this round's window
+        model = apply_adapter_at_rank(base, task.lora, dict(global_adapter), task.mode, rank, start)
         data, heldout = self._tokenize(tokenizer, task)
         settings = self.settings.cap(task.train)
         capped = {name: [getattr(task.train, name), getattr(settings, name)]
@@ -159,13 +161,13 @@ class Volunteer:
                                         "loss": loss, "tokens_per_s": tokens_per_s})
 
         self.on_status("training", {"round": task.round, "step": 0, "max_steps": settings.max_steps})
-        carry = self._take_carry(task)
+        carry = self._take_carry(task, start)
         result = train(model, tokenizer, data, settings, task.mode, heldout=heldout, on_step=on_step,
                        payload_dtype=task.payload_dtype, threads=self.settings.threads,
                        max_steps_per_second=self.settings.max_steps_per_second, carry=carry,
                        paced_since=arrived)
         if task.train.keep_optimizer and not modes.get(task.mode).trains("lora_A"):
-            self._carry = ((_carry_key(task), task.round, task.base_version), result.carry)
+            self._carry = ((_carry_key(task), task.round, task.base_version, start), result.carry)
         payload = encode_tensors(result.update, dtype=task.payload_dtype)
         envelope = sign_update(
             self.key, payload, **task.claims(),
@@ -199,7 +201,7 @@ class Volunteer:
                                     "why": why})
         return rank
 
-    def _take_carry(self, task: RoundTask) -> Carry | None:
+    def _take_carry(self, task: RoundTask, start: int = 0) -> Carry | None:
         """The last task's optimizer state if this task goes on from it, else None (a fresh start).
 
         It goes on when the project keeps optimizers, the mode keeps A frozen (where A trains, the
@@ -207,19 +209,23 @@ class Volunteer:
         the task follows on: in sync, the round right after the one this volunteer trained last (one
         that sat out rounds missed versions); in async, a task on the version the last one trained
         from or a later one (its `round` is a serial number of tasks: other volunteers' tasks come
-        between, and a fresh start would spend every short task warming up again).
+        between, and a fresh start would spend every short task warming up again). Below the
+        project's rank the window of components this task trains from `start` has rolled on since the
+        last task's: the moments follow their components (`Carry.shifted`).
         """
         kept, self._carry = self._carry, None
         if kept is None or not task.train.keep_optimizer or modes.get(task.mode).trains("lora_A"):
             return None
-        (key, last_round, last_base), carry = kept
-        if key != _carry_key(task):
+        (key, last_round, last_base, last_start), carry = kept
+        if key != _carry_key(task) or carry is None:
             return None
         if task.base_version is None and last_base is None:  # sync: the very next round
-            return carry if task.round == last_round + 1 else None
-        if task.base_version is None or last_base is None:  # between a sync task and an async one
-            return None
-        return carry if task.base_version >= last_base else None  # async: the same or a later version
+            goes_on = task.round == last_round + 1
+        elif task.base_version is None or last_base is None:  # between a sync task and an async one
+            goes_on = False
+        else:  # async: the same or a later version
+            goes_on = task.base_version >= last_base
+        return carry.shifted((start - last_start) % task.lora.r) if goes_on else None
 
     def receive(self, task: RoundTask, data: bytes,
                 downlink: Downlink | None = None) -> dict[str, np.ndarray]:

@@ -9,9 +9,9 @@ Checks run cheapest first and stop at the first failure:
 
 Nested ranks (ffa): a manifest may declare the rank r_i it trained (absent: the project's r).
 It must be 1 <= r_i <= r (else `bad_rank`); below r only where the mode and every configured rule
-fold smaller ranks (else `rank_not_supported`); and the payload must hold exactly the first r_i
-columns of each B (else `rank_mismatch`). Its delta norm is taken against those columns of the
-global.
+fold smaller ranks (else `rank_not_supported`); and the payload must hold exactly r_i columns of
+each B (else `rank_mismatch`): the window of the update's signed round (`protocol.lora.window_start`).
+Its delta norm is taken against those columns of the global.
 
 `admit` is pure and never raises for a peer's bytes: every failure is a `Verdict`
 with a stable reason code (`protocol.errors.Reason`; REASONS below are those admission adds).
@@ -48,7 +48,7 @@ from loracommons.protocol.envelope import (
     open_envelope,
 )
 from loracommons.protocol.errors import BadTensor, NonFinite, ProtocolError, Reason
-from loracommons.protocol.lora import take_rank
+from loracommons.protocol.lora import take_window, window_start
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,12 @@ class AdmissionContext:
             return self.rank
         return next((t.shape[0] for n, t in self.global_tensors.items() if ".lora_A." in n), 0)
 
-    def at_rank(self, rank: int) -> AdmissionContext:
-        """The context for an update of declared rank `rank`: the spec and the global cut to it."""
+    def at_rank(self, rank: int, start: int = 0) -> AdmissionContext:
+        """The context for an update of declared rank `rank` whose window starts at `start`
+        (`protocol.lora.window_start`): the spec and the global cut to that window."""
         if rank == self.project_rank:
             return self
-        cut = take_rank(self.global_tensors, rank)
+        cut = take_window(self.global_tensors, rank, start)
         spec = TensorSpec({n: tuple(cut[n].shape) for n in self.expected.spec.shapes},
                           self.expected.spec.dtypes)
         return replace(self, expected=replace(self.expected, spec=spec), global_tensors=cut,
@@ -276,7 +277,8 @@ def _payload_of_rank(
 ) -> tuple[dict[str, np.ndarray], float]:
     """`_payload_and_norm` at the declared rank; a payload shaped as another rank's is a `rank_mismatch`."""
     try:
-        return _payload_and_norm(env, manifest, ctx.at_rank(rank))
+        start = window_start(manifest.round, rank, ctx.project_rank)
+        return _payload_and_norm(env, manifest, ctx.at_rank(rank, start))
     except BadTensor:
         carried = _rank_carried(env.payload, ctx)
         if carried is None or carried == rank:

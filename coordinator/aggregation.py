@@ -6,12 +6,14 @@ Modes (ΔW = alpha/r · B @ A; every mode returns A and B for every module):
     exact    B' A' = rank-r truncated SVD of Σ w_i B_i A_i / Σ w_i, split B' = U √S, A' = √S Vᵀ
     fedavg   A' and B' averaged separately (the common baseline; not the mean of the ΔW_i)
 
-Nested ranks (ffa only; `Mode.nested_ranks`). A volunteer of rank r_i <= r trains the first r_i
-columns of B against the first r_i rows of the shared, frozen A, and sends B_i[:, :r_i]. With
+Nested ranks (ffa only; `Mode.nested_ranks`). A volunteer of rank r_i < r trains a window of r_i
+components, the columns K_i = {t, t + 1, ..., t + r_i - 1} (mod r) of B against the same rows of the
+shared, frozen A, t = the update's signed round mod r (`protocol.lora.window_start`: the window rolls
+on by one each round, FedRolex's rolling sub-models), and sends B_i[:, K_i] in that order. With
 peft's scaling the volunteer's alpha is alpha r_i / r (`protocol.lora.nested_settings`), so
-its ΔW_i = (alpha/r) Σ_{j<r_i} B_i[:, j] A[j, :]: the first r_i rank-one components of the
-project's ΔW, on the same A rows as everyone else. Column j of the new B is a weighted mean
-over S_j = {i : r_i > j}, the volunteers who trained it, with weights v_i = w_i f_i:
+its ΔW_i = (alpha/r) Σ_{j∈K_i} B_i[:, j] A[j, :]: r_i rank-one components of the project's ΔW, on
+the same A rows as everyone else. Column j of the new B is a weighted mean over S_j = {i : j ∈ K_i},
+the volunteers who trained it, with weights v_i = w_i f_i:
 
     B'[:, j] = Σ_{i∈S_j} v_i B_i[:, j] / V_j,   V_j = Σ_{i∈S_j} v_i        (V_j > 0)
     B'[:, j] = B_g[:, j]                                                     (V_j = 0: nobody trained it)
@@ -96,6 +98,7 @@ from loracommons.coordinator.lowrank import LowRank
 from loracommons.coordinator.robust import HeldUpdates, module_pairs
 from loracommons.coordinator.rules import Held, HeldView, Rejection, Tally
 from loracommons.protocol import modes
+from loracommons.protocol.lora import window_columns, window_start
 
 if TYPE_CHECKING:
     from loracommons.coordinator.admission import Verdict
@@ -133,11 +136,16 @@ class Aggregator(ABC):
         """The aggregator for one round; options a mode does not use are ignored."""
         return cls(global_tensors)
 
-    def add(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float = 1.0) -> None:
-        """Fold one update; `scale` shrinks its delta toward the global (clipping)."""
+    def add(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float = 1.0,
+            start: int = 0) -> None:
+        """Fold one update; `scale` shrinks its delta toward the global (clipping). `start`: where the
+        window of a smaller rank's columns begins (nested ranks, `protocol.lora.window_start`)."""
         if not (weight > 0 and math.isfinite(weight)) or not 0 <= scale <= 1:
             raise ValueError(f"weight must be positive and scale in [0, 1], got {weight}, {scale}")
-        self._fold(tensors, float(weight), float(scale))
+        if start:
+            self._fold_window(tensors, float(weight), float(scale), start)
+        else:
+            self._fold(tensors, float(weight), float(scale))
         self.count += 1
         self.total_weight += weight
 
@@ -151,6 +159,10 @@ class Aggregator(ABC):
 
     @abstractmethod
     def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None: ...
+
+    def _fold_window(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float,
+                     start: int) -> None:
+        raise AggregationError(f"mode {self.mode!r} folds no window of columns (nested ranks are ffa's)")
 
     @abstractmethod
     def _result(self) -> dict[str, np.ndarray]: ...
@@ -222,8 +234,8 @@ class MeanAggregator(Aggregator):
 class FfaAggregator(MeanAggregator):
     """The mean of B per column, over the volunteers who trained each column (nested ranks: see the
     module doc). Per column j it keeps W_j = Σ w_i and C_j = Σ w_i s_i over S_j; the fold of a rank-r_i
-    update touches the first r_i columns of each sum. With every update at rank r, W_j and C_j equal the
-    scalars of `MeanAggregator` and the result is bit for bit its result."""
+    update touches the r_i columns of its window in each sum. With every update at rank r, W_j and C_j
+    equal the scalars of `MeanAggregator` and the result is bit for bit its result."""
 
     def __init__(self, global_tensors: Mapping[str, np.ndarray], weighting: str = NESTED_WEIGHTING) -> None:
         super().__init__(global_tensors)
@@ -245,18 +257,26 @@ class FfaAggregator(MeanAggregator):
         return 1.0 if self.weighting == "trained" or width == self.rank else self.rank / width
 
     def _fold(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+        self._fold_window(tensors, weight, scale, 0)
+
+    def _fold_window(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float,
+                     start: int) -> None:
         widths = {np.shape(tensors[n])[-1] for n in self.names}
         if len(widths) != 1 or not 1 <= (width := widths.pop()) <= self.rank:
             raise AggregationError(f"an update's B tensors must share one width in 1..{self.rank}")
+        if not 0 <= start < max(self.rank, 1) or (start and width == self.rank):
+            raise AggregationError(f"a window of {width} columns cannot start at {start} (rank {self.rank})")
+        # the window's columns: a slice from 0 (bit for bit the plain path), an index array otherwise
+        cols: slice | np.ndarray = slice(0, width) if start == 0 else window_columns(start, width, self.rank)
         factor = self._column_factor(width)
         coef = weight * scale * factor
         for name, acc in self._sum.items():
-            part = acc[..., :width]
-            tmp = self._scratch[: part.size].reshape(part.shape)
+            shape = (*acc.shape[:-1], width)
+            tmp = self._scratch[: math.prod(shape)].reshape(shape)
             np.multiply(tensors[name], coef, out=tmp, dtype=np.float64)
-            part += tmp
-        self._col_weight[:width] += weight * factor
-        self._col_coef[:width] += coef
+            acc[..., cols] += tmp
+        self._col_weight[cols] += weight * factor
+        self._col_coef[cols] += coef
         self._update_coef += coef
         self.narrow += width < self.rank
 
@@ -466,12 +486,14 @@ class RoundAggregator:
         self._offered += 1
         weight = self.weight(verdict.manifest.examples) * verdict.weight_factor
         norm = self._comparable_norm(verdict)
+        start = window_start(verdict.manifest.round, verdict.manifest.rank or self._project_rank,
+                             self._project_rank)  # nested ranks: where the update's columns belong
         if self._held is not None:
             self._held.add(digest, verdict.tensors)
-            self._pending.append(Held(digest, signer, weight, norm))
+            self._pending.append(Held(digest, signer, weight, norm, start))
             return
         scale = self._fixed_scale(norm)
-        self._fold_behind(verdict.tensors, weight, scale)
+        self._fold_behind(verdict.tensors, weight, scale, start)
         self._record(digest, weight, scale)
 
     def _comparable_norm(self, verdict: Verdict) -> float:
@@ -489,16 +511,17 @@ class RoundAggregator:
         """The clip scale of the rules with a fixed bound (dp), the same held or streamed."""
         return math.prod(rule.scale(norm) for rule in self.rules)
 
-    def _fold_behind(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
+    def _fold_behind(self, tensors: Mapping[str, np.ndarray], weight: float, scale: float,
+                     start: int = 0) -> None:
         """Fold on the helper thread (coordinator.background) while the caller admits the next
         update. One fold in flight at a time: the order of the sums is the order of
         the offers, and memory stays at one update."""
         self._wait_fold()
         thread = background.helper() if self.aggregator.overlaps else None
         if thread is None:
-            self.aggregator.add(tensors, weight, scale)
+            self.aggregator.add(tensors, weight, scale, start)
             return
-        self._folding = thread.submit(self.aggregator.add, tensors, weight, scale)
+        self._folding = thread.submit(self.aggregator.add, tensors, weight, scale, start)
 
     def _wait_fold(self) -> None:
         folding, self._folding = self._folding, None
@@ -559,7 +582,7 @@ class RoundAggregator:
         if len(tally.kept) >= need:
             for h, scale in zip(tally.kept, tally.scales, strict=True):
                 if tally.delta is None:
-                    self.aggregator.add(held.tensors(h.digest), h.weight, scale)
+                    self.aggregator.add(held.tensors(h.digest), h.weight, scale, h.start)
                 self._record(h.digest, h.weight, scale)
         return tally
 

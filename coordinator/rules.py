@@ -50,6 +50,8 @@ class Held:
     signer: str
     weight: float
     norm: float
+    start: int = 0
+    """Where a smaller rank's window of columns begins (`protocol.lora.window_start`)."""
 
 
 @dataclass(frozen=True)

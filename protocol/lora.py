@@ -111,6 +111,53 @@ def take_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndar
     return out
 
 
+def window_start(round_: int, rank: int, r: int) -> int:
+    """The first component of the window a rank-`rank` volunteer trains in round `round_` (nested ranks).
+
+    The window is the `rank` components start, start + 1, ... (mod r), and rolls on by one each round:
+    start = round mod r below the project's rank r (over r rounds every component is a first one once, so
+    a skill only small volunteers hold reaches every row of A, not its first `rank`: FedRolex's rolling
+    sub-models), 0 at rank r. Both sides compute it from the round the task and the update sign."""
+    return round_ % r if 0 < rank < r else 0
+
+
+def window_columns(start: int, rank: int, r: int) -> np.ndarray:
+    """The components of a window (`window_start`), in the order the volunteer holds them."""
+    return (start + np.arange(rank)) % r
+
+
+def rolled(tensors: Mapping[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+    """The adapter with its components reordered to start at `start` (A's rows, B's columns, rolled
+    alike: ΔW is unchanged); the tensors themselves at start 0."""
+    if start == 0:
+        return dict(tensors)
+    out = {}
+    for name, value in tensors.items():
+        if ".lora_B." in name:
+            out[name] = np.roll(value, -start, axis=-1)
+        elif ".lora_A." in name:
+            out[name] = np.roll(value, -start, axis=0)
+        else:
+            out[name] = value
+    return out
+
+
+def take_window(tensors: Mapping[str, np.ndarray], rank: int, start: int) -> dict[str, np.ndarray]:
+    """The `rank` components of the window at `start` (`window_start`), in window order: `take_rank`
+    of the adapter rolled to `start` (views at start 0; otherwise copies of those components only)."""
+    if start == 0:
+        return take_rank(tensors, rank)
+    out = {}
+    for name, value in tensors.items():
+        if ".lora_B." in name:
+            out[name] = np.take(value, window_columns(start, rank, value.shape[-1]), axis=-1)
+        elif ".lora_A." in name:
+            out[name] = np.take(value, window_columns(start, rank, value.shape[0]), axis=0)
+        else:
+            out[name] = value
+    return out
+
+
 def initial_adapter_for(model_id: str, revision: str | None, settings: LoraSettings,
                         seed: int) -> dict[str, np.ndarray]:
     """`init_adapter` on `model_id` loaded in float32 on the CPU: version 0 as the coordinator

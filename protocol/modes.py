@@ -11,8 +11,8 @@ admission spec); the coordinator's `aggregation` module registers, per mode, the
     exact   A and B trained and sent; the coordinator re-factorizes the mean of B_i A_i.
     fedavg  A and B trained and sent, averaged separately (the common baseline).
 
-Nested ranks (`Mode.nested_ranks`, ffa only): a volunteer of rank r_i <= r sends the first r_i
-columns of each B (`protocol.lora.take_rank` cuts an adapter to them).
+Nested ranks (`Mode.nested_ranks`, ffa only): a volunteer of rank r_i <= r sends the r_i columns of
+each B in its round's window (`protocol.lora.window_start`; `take_window` cuts an adapter to them).
 
 Adding a mode: `register(Mode(...))` here (or in a plugin/test), an `Aggregator`
 registered for its name on the coordinator, and tests. No torch, no flwr.
@@ -43,8 +43,8 @@ class Mode:
     """Where an update's delta is measured: `parameter` = flattened sent tensors minus the
     global's; `product` = B_i A_i - B_g A_g per module (Frobenius)."""
     nested_ranks: bool = False
-    """Whether a volunteer may train a smaller rank r_i <= r: the first r_i columns of B against the
-    first r_i rows of A, sending those columns alone. Sound only where A is frozen and shared (`ffa`):
+    """Whether a volunteer may train a smaller rank r_i <= r: a window of r_i columns of B against the
+    same rows of A (`protocol.lora.window_start`), sending those columns alone. Sound only where A is frozen and shared (`ffa`):
     each column of B then multiplies the same row of A on every volunteer."""
 
     def __post_init__(self) -> None:

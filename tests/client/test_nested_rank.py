@@ -11,7 +11,7 @@ import torch
 from loracommons.client import model as M
 from loracommons.client.volunteer import NodeSettings, Volunteer, VolunteerError, load_volunteer, round_rank
 from loracommons.protocol import SigningKey, TensorSpec, encode_tensors, verify_update
-from loracommons.protocol.lora import init_adapter, nested_settings, take_rank
+from loracommons.protocol.lora import init_adapter, nested_settings, take_rank, take_window, window_start
 
 from . import build_tiny_model, skill_records, write_jsonl
 from .test_volunteer import LORA, expected_for, make_task
@@ -86,6 +86,21 @@ def test_rank_2_model_computes_the_whole_adapter_and_trains_its_two_components(m
         M.apply_adapter_at_rank(base, LORA, global_adapter, "ffa", 5)
 
 
+def test_a_window_past_the_first_columns_holds_those_components(model_dir, global_adapter):
+    """At start 3 of rank 4 the rank-2 layers hold components 3 and 0; the forward is still the whole
+    adapter, and the update read back is those columns, in that order."""
+    base, _ = M.load_base(str(model_dir), device="cpu")
+    whole = _logits(M.apply_adapter(base, LORA, global_adapter, "ffa"))
+    narrow = M.apply_adapter_at_rank(base, LORA, global_adapter, "ffa", 2, start=3)
+    torch.testing.assert_close(_logits(narrow), whole, rtol=1e-5, atol=1e-5)
+    update = M.extract_update(narrow, "ffa")
+    want = take_window(global_adapter, 2, 3)
+    assert update and set(update) <= set(want)
+    for name, value in update.items():
+        np.testing.assert_array_equal(value, want[name])
+        np.testing.assert_array_equal(value, global_adapter[name][:, [3, 0]])
+
+
 def _volunteer(tmp_path, records: int = 24, **settings) -> Volunteer:
     data = write_jsonl(tmp_path / "data.jsonl", skill_records(records, seed=1))
     identity = tmp_path / "id"
@@ -111,8 +126,13 @@ def test_a_capped_volunteer_sends_its_columns_and_declares_its_rank(model_dir, g
     full, _ = verify_update(full_rank.run_round(task, adapter_bytes), expected)
     # its forward pass is the whole community adapter: the same score as a rank-4 volunteer's
     assert manifest.rank == 2 and manifest.eval_loss == pytest.approx(full.eval_loss, rel=1e-5)
+    # the round's window (window_start): not the first two components here; it trained from those
+    start = window_start(task.round, 2, LORA.r)
+    window = take_window(global_adapter, 2, start)
+    assert start not in (0, 1)
     for name, value in tensors.items():
-        assert value.shape == cut[name].shape and not np.array_equal(value, cut[name])  # it trained
+        assert value.shape == window[name].shape and not np.array_equal(value, window[name])  # it trained
+        assert np.abs(value - window[name]).mean() < 0.1 * np.abs(value - cut[name]).mean()
     assert ("rank", {"round": task.round, "rank": 2, "project_rank": 4, "why": "--max-rank 2"}) in statuses
 
 

@@ -14,7 +14,7 @@ from peft import get_peft_model_state_dict
 from loracommons.client import model as M
 from loracommons.client.data import DataError, tokenize
 from loracommons.client.evaluate import exact_match, generate_responses, heldout_loss, tokenized_loss
-from loracommons.client.trainer import carried_lr_factor, lr_factor, rich_progress, train
+from loracommons.client.trainer import Carry, carried_lr_factor, lr_factor, rich_progress, train
 from loracommons.protocol import (
     Expected,
     SigningKey,
@@ -306,3 +306,22 @@ def test_the_pace_cap_counts_the_whole_task_from_its_arrival(node):
     _, _, result = _round(node, SETTINGS, "ffa", settings, max_steps_per_second=2.0, paced_since=arrived)
     assert result.steps == 4 and result.seconds < 1.5, result.seconds
     assert time.monotonic() - arrived >= 4 / 2.0 - 0.01
+
+
+def test_a_carry_follows_its_window_of_components():
+    """`Carry.shifted`: a window rolled on by 1 keeps the moments of the components still in it, in
+    their new places; the entering one gets a zero first moment and its row's mean second moment."""
+    m = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    v = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    state = {"state": {0: {"step": torch.tensor(30.0), "exp_avg": m, "exp_avg_sq": v}}, "param_groups": []}
+    carry = Carry(state, steps=30, shapes=((2, 4),))
+    moved = carry.shifted(1).optimizer["state"][0]
+    torch.testing.assert_close(moved["exp_avg"], torch.tensor([[1.0, 2.0, 3.0, 0.0], [5.0, 6.0, 7.0, 0.0]]))
+    torch.testing.assert_close(moved["exp_avg_sq"],
+                               torch.tensor([[2.0, 3.0, 4.0, 3.0], [6.0, 7.0, 8.0, 7.0]]))
+    assert moved["step"] == 30 and carry.shifted(1).steps == 30
+    gone = carry.shifted(5).optimizer["state"][0]  # a window moved past all of them: every one fresh
+    torch.testing.assert_close(gone["exp_avg"], torch.zeros(2, 4))
+    torch.testing.assert_close(gone["exp_avg_sq"], torch.tensor([[2.5] * 4, [6.5] * 4]))
+    assert carry.shifted(0) is carry
+    torch.testing.assert_close(carry.optimizer["state"][0]["exp_avg"], m)  # the original is untouched

@@ -16,7 +16,7 @@ from loracommons.protocol import errors
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.envelope import DOMAIN, Envelope
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.lora import take_rank
+from loracommons.protocol.lora import take_rank, take_window, window_start
 
 from .conftest import Signer, make_global, make_update
 
@@ -344,7 +344,10 @@ def test_projects_that_cannot_fold_a_smaller_rank_refuse_it_and_say_why(world, s
 def test_a_narrow_update_is_measured_against_its_own_columns(world):
     _, g, signer, _ = world
     t = make_update(g, "ffa", np.random.default_rng(7))
-    narrow = {n: np.ascontiguousarray(v) for n, v in take_rank(t, 2).items()}
+    r = next(v.shape[0] for n, v in g.items() if ".lora_A." in n)
+    start = window_start(signer.round, 2, r)  # the round's window: columns start, start + 1
+    assert start == 1
+    narrow = {n: np.ascontiguousarray(v) for n, v in take_window(t, 2, start).items()}
     verdict = admit(signer.envelope(narrow, key=KEY, rank=2), _ctx(world))
-    expected = np.sqrt(sum(np.sum((narrow[n] - g[n][:, :2]) ** 2) for n in narrow))
+    expected = np.sqrt(sum(np.sum((narrow[n] - g[n][:, 1:3]) ** 2) for n in narrow))
     assert verdict.accepted and verdict.delta_norm == pytest.approx(expected, rel=1e-5)

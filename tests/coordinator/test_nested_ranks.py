@@ -11,7 +11,7 @@ from loracommons.coordinator.aggregation import AggregationError, make_aggregato
 from loracommons.coordinator.config import ConfigError, ProjectConfig
 from loracommons.coordinator.round import Round
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.lora import take_rank
+from loracommons.protocol.lora import take_rank, take_window, window_start
 
 from .conftest import Signer, make_global, make_update
 
@@ -109,7 +109,9 @@ def test_a_mixed_rank_round_under_median_clipping_compares_per_component_norms(r
     signer = Signer(cfg, g)
     rnd = Round(cfg, signer.round, signer.nonce, g, signer.digest)
     full = [make_update(g, "ffa", np.random.default_rng(s)) for s in (1, 2)]
-    small = _narrow(make_update(g, "ffa", np.random.default_rng(3)), 1)
+    start = window_start(signer.round, 1, 4)  # the round's rank-1 window
+    small = {n: np.ascontiguousarray(v)
+             for n, v in take_window(make_update(g, "ffa", np.random.default_rng(3)), 1, start).items()}
     records = [rnd.offer(signer.envelope(u, key=SigningKey.generate())) for u in full]
     records.append(rnd.offer(signer.envelope(small, key=SigningKey.generate(), rank=1)))
     assert all(r.accepted for r in records), [r.message for r in records]
@@ -117,11 +119,14 @@ def test_a_mixed_rank_round_under_median_clipping_compares_per_component_norms(r
     assert len(result.aggregated) == 3 and result.rejected == () and result.annotations == ()
     assert result.metrics["nested_rank_updates"] == 1 and result.metrics["untrained_columns"] == 0
     b = next(n for n in g if ".lora_B." in n)
-    # the default weighting (rank): the rank-1 update weighs r / r_i = 4 in its column
-    want0 = (full[0][b][:, 0].astype(np.float64) + full[1][b][:, 0] + 4 * small[b][:, 0]) / 6
-    np.testing.assert_allclose(result.tensors[b][:, 0], want0, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(result.tensors[b][:, 3], (full[0][b][:, 3] + full[1][b][:, 3]) / 2,
-                               rtol=1e-5, atol=1e-6)
+    # round 1: the rank-1 window is column 1 (window_start); the default weighting (rank): the rank-1
+    # update weighs r / r_i = 4 in its column
+    assert window_start(signer.round, 1, 4) == 1
+    want1 = (full[0][b][:, 1].astype(np.float64) + full[1][b][:, 1] + 4 * small[b][:, 0]) / 6
+    np.testing.assert_allclose(result.tensors[b][:, 1], want1, rtol=1e-5, atol=1e-6)
+    for j in (0, 2, 3):
+        np.testing.assert_allclose(result.tensors[b][:, j], (full[0][b][:, j] + full[1][b][:, j]) / 2,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def _two_narrow_updates(weighting: str) -> np.ndarray:
@@ -178,3 +183,45 @@ def test_mass_weighting_gives_each_volunteer_the_same_total_weight_whatever_its_
 def test_an_unknown_weighting_is_refused(rng):
     with pytest.raises(ConfigError, match="nested_weighting"):
         make_aggregator("ffa", make_global(rng), nested_weighting="heavy")
+
+
+def test_a_window_folds_into_its_own_columns_wrapping_past_the_last():
+    """A rank-2 window starting at column 3 of 4 is columns 3 and 0, in that order."""
+    g = {"m.lora_A.weight": np.ones((4, 2), np.float32),
+         "m.lora_B.weight": np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)}
+    agg = make_aggregator("ffa", g, nested_weighting="trained")
+    agg.add({"m.lora_B.weight": np.array([[10.0, 20.0, 30.0, 40.0]], np.float32)}, weight=1)
+    agg.add({"m.lora_B.weight": np.array([[50.0, 60.0]], np.float32)}, weight=1, start=3)
+    b = agg.result()["m.lora_B.weight"]
+    np.testing.assert_array_equal(b, np.array([[(10 + 60) / 2, 20.0, 30.0, (40 + 50) / 2]], np.float32))
+    assert agg.metrics() == {"nested_rank_updates": 1.0, "untrained_columns": 0.0}
+
+
+def test_a_window_at_zero_is_the_first_columns_bit_for_bit(rng):
+    g = make_global(rng, r=4)
+    update = _narrow(make_update(g, "ffa", np.random.default_rng(1)), 2)
+    plain, windowed = make_aggregator("ffa", g), make_aggregator("ffa", g)
+    plain.add(update, weight=3)
+    windowed.add(update, weight=3, start=0)
+    for name, value in plain.result().items():
+        np.testing.assert_array_equal(value, windowed.result()[name])
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "exact"])
+def test_modes_that_train_a_refuse_a_window(rng, mode):
+    g = make_global(rng, r=4)
+    agg = make_aggregator(mode, g)
+    with pytest.raises(AggregationError, match="folds no window"):
+        agg.add(make_update(g, mode, np.random.default_rng(1)), weight=1, start=1)
+
+
+def test_a_full_width_update_has_no_window(rng):
+    g = make_global(rng, r=4)
+    agg = make_aggregator("ffa", g)
+    with pytest.raises(AggregationError, match="cannot start at 2"):
+        agg.add(make_update(g, "ffa", np.random.default_rng(1)), weight=1, start=2)
+
+
+def test_the_window_rolls_on_one_column_a_round():
+    assert [window_start(t, 4, 16) for t in (1, 2, 15, 16, 17)] == [1, 2, 15, 0, 1]
+    assert window_start(5, 16, 16) == 0  # the project's rank: no window, every column

@@ -119,3 +119,20 @@ _NO_TORCH = textwrap.dedent("""
 def test_imports_without_torch_peft_or_transformers():
     done = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_take_window_is_the_rolled_adapter_cut_to_its_rank():
+    rng = np.random.default_rng(0)
+    t = {"m.lora_A.weight": rng.normal(size=(4, 3)), "m.lora_B.weight": rng.normal(size=(5, 4))}
+    cut = L.take_window(t, 2, 3)  # components 3 and 0
+    np.testing.assert_array_equal(cut["m.lora_B.weight"], t["m.lora_B.weight"][:, [3, 0]])
+    np.testing.assert_array_equal(cut["m.lora_A.weight"], t["m.lora_A.weight"][[3, 0]])
+    again = L.take_rank(L.rolled(t, 3), 2)
+    for name in t:
+        np.testing.assert_array_equal(cut[name], again[name])
+    # rolling A's rows with B's columns leaves the product alone
+    r = L.rolled(t, 3)
+    np.testing.assert_allclose(r["m.lora_B.weight"] @ r["m.lora_A.weight"],
+                               t["m.lora_B.weight"] @ t["m.lora_A.weight"])
+    assert L.take_window(t, 2, 0)["m.lora_B.weight"].base is t["m.lora_B.weight"]  # a view at 0
+    np.testing.assert_array_equal(L.window_columns(3, 2, 4), [3, 0])
