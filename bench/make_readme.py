@@ -213,9 +213,10 @@ def ranks_section(r: dict) -> str:
         "## Nested ranks (`quality_ranks.py`)\n",
         f"One `ffa` project of rank {cfg['project_rank']} on the demo's base and skills (non-IID, one skill "
         f"per volunteer), {cfg['rounds']} rounds of {cfg['steps']} steps, in process through the product's "
-        "`Volunteer` (with `max_rank`) and `Round`. Volunteers below the project's rank train the first r_i "
-        "columns of B against the first r_i rows of the shared A, with the global's other components in "
-        "their forward pass, frozen; the coordinator averages each column over those who trained it "
+        "`Volunteer` (with `max_rank`) and `Round`. Volunteers below the project's rank train a window of "
+        "r_i columns of B against the same rows of the shared A, rolling on by one column each round "
+        "(`protocol.lora.window_start`), with the global's other components in their forward pass, frozen; "
+        "the coordinator averages each column over those who trained it "
         f"(`[aggregation] nested_weighting = \"{cfg.get('nested_weighting', 'trained')}\"`; "
         "`coordinator/aggregation.py`). "
         f"`two-{top}` is the community without the four smaller volunteers. "
@@ -250,7 +251,8 @@ def cosine_ranks(c: dict | None, top: int) -> str:
         return ""
     k = c["checks"]
     return (f"\nThe same three communities with the learning rate annealed over the {c['config']['rounds']} "
-            f"rounds (`--lr-schedule cosine`, `results/quality_ranks_cosine.json`): mixed "
+            f"rounds (`--lr-schedule cosine`, `results/quality_ranks_cosine.json`, before the rolling "
+            "window: the first r_i columns): mixed "
             f"{k['mixed_heldout_loss']:.3f}, all-{top} {k[f'all_{top}_heldout_loss']:.3f} "
             f"({100 * k[f'gap_to_all_{top}']:+.0f}%), two-{top} {k[f'two_{top}_heldout_loss']:.3f}: the "
             "schedule moves both full and mixed alike and leaves the gap where it was.\n")
@@ -342,7 +344,7 @@ def other_seed_table(runs: list[dict], top: int) -> str:
     return "\n".join([
         f"\nThe same with seed {seed} (other data and initial adapter; `bench/results/quality_ranks_seed1/`, "
         f"one run per weighting, all-{top} {full:.3f} and two-{top} {two:.3f} from the first; not a target "
-        "row):\n",
+        "row; measured before the rolling window, with every small volunteer on the first r_i columns):\n",
         table(["weighting", "mixed held-out loss", f"vs all-{top}", *skills], rows),
     ])
 
