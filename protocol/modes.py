@@ -44,8 +44,8 @@ class Mode:
     global's; `product` = B_i A_i - B_g A_g per module (Frobenius)."""
     nested_ranks: bool = False
     """Whether a volunteer may train a smaller rank r_i <= r: a window of r_i columns of B against the
-    same rows of A (`protocol.lora.window_start`), sending those columns alone. Sound only where A is frozen and shared (`ffa`):
-    each column of B then multiplies the same row of A on every volunteer."""
+    same rows of A (`protocol.lora.window_start`), sending those columns alone. Sound only where A is
+    frozen and shared (`ffa`): each column of B then multiplies the same row of A on every volunteer."""
 
     def __post_init__(self) -> None:
         if not self.sends or any(f not in FACTORS for f in self.sends):
