@@ -133,7 +133,7 @@ class Volunteer:
         base, tokenizer = load_base(task.base_model_id, task.base_model_revision or None,
                                     device=self.settings.device)
         rank = self._round_rank(task, base)
-        start = window_start(task.round, rank, task.lora.r)  # nested ranks: this round's window
+        start = window_start(task.round, rank, task.lora.r, self.fingerprint)  # nested ranks: its window
         model = apply_adapter_at_rank(base, task.lora, dict(global_adapter), task.mode, rank, start)
         data, heldout = self._tokenize(tokenizer, task)
         settings = self.settings.cap(task.train)

@@ -10,8 +10,8 @@ Checks run cheapest first and stop at the first failure:
 Nested ranks (ffa): a manifest may declare the rank r_i it trained (absent: the project's r).
 It must be 1 <= r_i <= r (else `bad_rank`); below r only where the mode and every configured rule
 fold smaller ranks (else `rank_not_supported`); and the payload must hold exactly r_i columns of
-each B (else `rank_mismatch`): the window of the update's signed round (`protocol.lora.window_start`).
-Its delta norm is taken against those columns of the global.
+each B (else `rank_mismatch`): the window of the update's signed round and signer
+(`protocol.lora.window_start`). Its delta norm is taken against those columns of the global.
 
 `admit` is pure and never raises for a peer's bytes: every failure is a `Verdict`
 with a stable reason code (`protocol.errors.Reason`; REASONS below are those admission adds).
@@ -239,7 +239,7 @@ def admit(env: Envelope, ctx: AdmissionContext) -> Verdict:
             raise _Reject(Reason.NO_EXAMPLES, "update reports 0 training examples")
         # The norm doubles as the finiteness check: computed from float32 values it is finite
         # exactly when every value is (see robust.delta_norm), so the payload is read once less.
-        tensors, norm = _payload_of_rank(env, manifest, ctx, _declared_rank(manifest, ctx))
+        tensors, norm = _payload_of_rank(env, manifest, ctx, _declared_rank(manifest, ctx), signer)
         if not math.isfinite(norm):
             bad = next((n for n, t in tensors.items() if not np.isfinite(t).all()), "?")
             raise NonFinite(f"tensor {bad!r} holds NaN or Inf")
@@ -273,11 +273,12 @@ def _declared_rank(manifest: UpdateManifest, ctx: AdmissionContext) -> int:
 
 
 def _payload_of_rank(
-    env: Envelope, manifest: UpdateManifest, ctx: AdmissionContext, rank: int
+    env: Envelope, manifest: UpdateManifest, ctx: AdmissionContext, rank: int, signer: str
 ) -> tuple[dict[str, np.ndarray], float]:
-    """`_payload_and_norm` at the declared rank; a payload shaped as another rank's is a `rank_mismatch`."""
+    """`_payload_and_norm` at the declared rank, against the global's columns of the signer's window;
+    a payload shaped as another rank's is a `rank_mismatch`."""
     try:
-        start = window_start(manifest.round, rank, ctx.project_rank)
+        start = window_start(manifest.round, rank, ctx.project_rank, signer)
         return _payload_and_norm(env, manifest, ctx.at_rank(rank, start))
     except BadTensor:
         carried = _rank_carried(env.payload, ctx)

@@ -8,8 +8,9 @@ Modes (ΔW = alpha/r · B @ A; every mode returns A and B for every module):
 
 Nested ranks (ffa only; `Mode.nested_ranks`). A volunteer of rank r_i < r trains a window of r_i
 components, the columns K_i = {t, t + 1, ..., t + r_i - 1} (mod r) of B against the same rows of the
-shared, frozen A, t = the update's signed round mod r (`protocol.lora.window_start`: the window rolls
-on by one each round, FedRolex's rolling sub-models), and sends B_i[:, K_i] in that order. With
+shared, frozen A, t = (the update's signed round + s_i) mod r, s_i from the signer's fingerprint
+(`protocol.lora.window_start`: the window rolls on by one each round, FedRolex's rolling sub-models,
+from a place of each volunteer's own), and sends B_i[:, K_i] in that order. With
 peft's scaling the volunteer's alpha is alpha r_i / r (`protocol.lora.nested_settings`), so
 its ΔW_i = (alpha/r) Σ_{j∈K_i} B_i[:, j] A[j, :]: r_i rank-one components of the project's ΔW, on
 the same A rows as everyone else. Column j of the new B is a weighted mean over S_j = {i : j ∈ K_i},
@@ -488,7 +489,7 @@ class RoundAggregator:
         weight = self.weight(verdict.manifest.examples) * verdict.weight_factor
         norm = self._comparable_norm(verdict)
         start = window_start(verdict.manifest.round, verdict.manifest.rank or self._project_rank,
-                             self._project_rank)  # nested ranks: where the update's columns belong
+                             self._project_rank, signer)  # nested ranks: where the update's columns belong
         if self._held is not None:
             self._held.add(digest, verdict.tensors)
             self._pending.append(Held(digest, signer, weight, norm, start))

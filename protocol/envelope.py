@@ -112,9 +112,9 @@ class UpdateManifest:
     """Labelled tokens that loss was measured on (0: no evaluation)."""
     rank: int | None = None
     """The LoRA rank r_i the signer trained (nested ranks, `Mode.nested_ranks`): its update carries the
-    r_i columns of each B in the round's window (`protocol.lora.window_start`). Absent: the project's
-    rank. Admission checks it (1 <= r_i <= r, the mode and rules allow it, the tensors have exactly r_i
-    columns)."""
+    r_i columns of each B in its window for the round (`protocol.lora.window_start`: round and signer).
+    Absent: the project's rank. Admission checks it (1 <= r_i <= r, the mode and rules allow it, the
+    tensors have exactly r_i columns)."""
 
     @classmethod
     def from_dict(cls, obj: dict) -> UpdateManifest:

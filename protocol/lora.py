@@ -111,14 +111,18 @@ def take_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndar
     return out
 
 
-def window_start(round_: int, rank: int, r: int) -> int:
+def window_start(round_: int, rank: int, r: int, signer: str = "") -> int:
     """The first component of the window a rank-`rank` volunteer trains in round `round_` (nested ranks).
 
     The window is the `rank` components start, start + 1, ... (mod r), and rolls on by one each round:
-    start = round mod r below the project's rank r (over r rounds every component is a first one once, so
-    a skill only small volunteers hold reaches every row of A, not its first `rank`: FedRolex's rolling
-    sub-models), 0 at rank r. Both sides compute it from the round the task and the update sign."""
-    return round_ % r if 0 < rank < r else 0
+    start = (round + s) mod r below the project's rank r (over r rounds every component is a first one
+    once, so a skill only small volunteers hold reaches every row of A, not its first `rank`: FedRolex's
+    rolling sub-models), 0 at rank r. s = the signer's fingerprint (hex) as a number: volunteers' windows
+    are staggered, so small volunteers share fewer columns with each other. Both sides compute it from
+    the round the task and the update sign and from the signing key."""
+    if not 0 < rank < r:
+        return 0
+    return (round_ + (int(signer[:8], 16) if signer else 0)) % r
 
 
 def window_columns(start: int, rank: int, r: int) -> np.ndarray:

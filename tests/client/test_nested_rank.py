@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -112,7 +113,9 @@ def _volunteer(tmp_path, records: int = 24, **settings) -> Volunteer:
 def test_a_capped_volunteer_sends_its_columns_and_declares_its_rank(model_dir, global_adapter, tmp_path):
     adapter_bytes = encode_tensors(global_adapter)
     task = make_task(model_dir, adapter_bytes, "ffa")
-    volunteer = _volunteer(tmp_path, records=48, max_rank=2)  # 5 held out: it scores the received adapter
+    tries = (tmp_path / f"try{i}" for i in itertools.count())  # a volunteer whose window is past the first
+    volunteer = next(v for v in (_volunteer(d, records=48, max_rank=2) for d in tries if d.mkdir() is None)
+                     if window_start(task.round, 2, LORA.r, v.fingerprint))  # 5 held out: it scores
     statuses = []
     volunteer.on_status = lambda state, details: statuses.append((state, details))
     envelope = volunteer.run_round(task, adapter_bytes)
@@ -126,10 +129,9 @@ def test_a_capped_volunteer_sends_its_columns_and_declares_its_rank(model_dir, g
     full, _ = verify_update(full_rank.run_round(task, adapter_bytes), expected)
     # its forward pass is the whole community adapter: the same score as a rank-4 volunteer's
     assert manifest.rank == 2 and manifest.eval_loss == pytest.approx(full.eval_loss, rel=1e-5)
-    # the round's window (window_start): not the first two components here; it trained from those
-    start = window_start(task.round, 2, LORA.r)
-    window = take_window(global_adapter, 2, start)
-    assert start not in (0, 1)
+    # its window this round (window_start: the round and its key), not the first two components; it
+    # trained from those
+    window = take_window(global_adapter, 2, window_start(task.round, 2, LORA.r, volunteer.fingerprint))
     for name, value in tensors.items():
         assert value.shape == window[name].shape and not np.array_equal(value, window[name])  # it trained
         assert np.abs(value - window[name]).mean() < 0.1 * np.abs(value - cut[name]).mean()

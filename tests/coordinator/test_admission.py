@@ -16,7 +16,7 @@ from loracommons.protocol import errors
 from loracommons.protocol.canonical import canonical_json
 from loracommons.protocol.envelope import DOMAIN, Envelope
 from loracommons.protocol.identity import SigningKey
-from loracommons.protocol.lora import take_rank, take_window, window_start
+from loracommons.protocol.lora import take_rank, take_window, window_columns, window_start
 
 from .conftest import Signer, make_global, make_update
 
@@ -345,9 +345,11 @@ def test_a_narrow_update_is_measured_against_its_own_columns(world):
     _, g, signer, _ = world
     t = make_update(g, "ffa", np.random.default_rng(7))
     r = next(v.shape[0] for n, v in g.items() if ".lora_A." in n)
-    start = window_start(signer.round, 2, r)  # the round's window: columns start, start + 1
-    assert start == 1
-    narrow = {n: np.ascontiguousarray(v) for n, v in take_window(t, 2, start).items()}
-    verdict = admit(signer.envelope(narrow, key=KEY, rank=2), _ctx(world))
-    expected = np.sqrt(sum(np.sum((narrow[n] - g[n][:, 1:3]) ** 2) for n in narrow))
+    # a signer whose window this round is not the first columns (window_start: round and signer)
+    key = next(k for k in iter(SigningKey.generate, None)
+               if window_start(signer.round, 2, r, k.public.fingerprint))
+    cols = window_columns(window_start(signer.round, 2, r, key.public.fingerprint), 2, r)
+    narrow = {n: np.ascontiguousarray(v) for n, v in take_window(t, 2, int(cols[0])).items()}
+    verdict = admit(signer.envelope(narrow, key=key, rank=2), _ctx(world))
+    expected = np.sqrt(sum(np.sum((narrow[n] - g[n][:, cols]) ** 2) for n in narrow))
     assert verdict.accepted and verdict.delta_norm == pytest.approx(expected, rel=1e-5)

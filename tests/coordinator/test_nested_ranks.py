@@ -109,22 +109,22 @@ def test_a_mixed_rank_round_under_median_clipping_compares_per_component_norms(r
     signer = Signer(cfg, g)
     rnd = Round(cfg, signer.round, signer.nonce, g, signer.digest)
     full = [make_update(g, "ffa", np.random.default_rng(s)) for s in (1, 2)]
-    start = window_start(signer.round, 1, 4)  # the round's rank-1 window
+    start = 2
+    key = next(k for k in iter(SigningKey.generate, None)  # a signer whose rank-1 window is column 2
+               if window_start(signer.round, 1, 4, k.public.fingerprint) == start)
     small = {n: np.ascontiguousarray(v)
              for n, v in take_window(make_update(g, "ffa", np.random.default_rng(3)), 1, start).items()}
     records = [rnd.offer(signer.envelope(u, key=SigningKey.generate())) for u in full]
-    records.append(rnd.offer(signer.envelope(small, key=SigningKey.generate(), rank=1)))
+    records.append(rnd.offer(signer.envelope(small, key=key, rank=1)))
     assert all(r.accepted for r in records), [r.message for r in records]
     result = rnd.close()
     assert len(result.aggregated) == 3 and result.rejected == () and result.annotations == ()
     assert result.metrics["nested_rank_updates"] == 1 and result.metrics["untrained_columns"] == 0
     b = next(n for n in g if ".lora_B." in n)
-    # round 1: the rank-1 window is column 1 (window_start); the default weighting (rank): the rank-1
-    # update weighs r / r_i = 4 in its column
-    assert window_start(signer.round, 1, 4) == 1
-    want1 = (full[0][b][:, 1].astype(np.float64) + full[1][b][:, 1] + 4 * small[b][:, 0]) / 6
-    np.testing.assert_allclose(result.tensors[b][:, 1], want1, rtol=1e-5, atol=1e-6)
-    for j in (0, 2, 3):
+    # the default weighting (rank): the rank-1 update weighs r / r_i = 4 in its column
+    want = (full[0][b][:, start].astype(np.float64) + full[1][b][:, start] + 4 * small[b][:, 0]) / 6
+    np.testing.assert_allclose(result.tensors[b][:, start], want, rtol=1e-5, atol=1e-6)
+    for j in {0, 1, 2, 3} - {start}:
         np.testing.assert_allclose(result.tensors[b][:, j], (full[0][b][:, j] + full[1][b][:, j]) / 2,
                                    rtol=1e-5, atol=1e-6)
 
@@ -222,6 +222,10 @@ def test_a_full_width_update_has_no_window(rng):
         agg.add(make_update(g, "ffa", np.random.default_rng(1)), weight=1, start=2)
 
 
-def test_the_window_rolls_on_one_column_a_round():
+def test_the_window_rolls_on_one_column_a_round_from_the_signers_place():
     assert [window_start(t, 4, 16) for t in (1, 2, 15, 16, 17)] == [1, 2, 15, 0, 1]
-    assert window_start(5, 16, 16) == 0  # the project's rank: no window, every column
+    signer = "00000005" + "ab" * 28  # a fingerprint: its first 8 hex digits place the window
+    assert [window_start(t, 4, 16, signer) for t in (1, 2, 10, 11)] == [6, 7, 15, 0]
+    starts = {window_start(1, 4, 16, SigningKey.generate().public.fingerprint) for _ in range(40)}
+    assert len(starts) > 4  # volunteers' windows are staggered
+    assert window_start(5, 16, 16, signer) == 0  # the project's rank: no window, every column
