@@ -345,7 +345,7 @@ def other_seed_table(runs: list[dict], top: int) -> str:
     return "\n".join([
         f"\nThe same with seed {seed} (other data and initial adapter; `bench/results/quality_ranks_seed1/`, "
         f"one run per weighting, all-{top} {full:.3f} and two-{top} {two:.3f} from the first; not a target "
-        "row; measured before the rolling window, with every small volunteer on the first r_i columns):\n",
+        "row):\n",
         table(["weighting", "mixed held-out loss", f"vs all-{top}", *skills], rows),
     ])
 

@@ -34,8 +34,9 @@ delta moves each of its parameters about alike: under `trained` a skill held by 
 alone reaches the new B through 4 columns at 1/N weight where at rank 16 it had 16, while the columns
 only large volunteers train are averaged over few of them (quality bench, ranks {4, 4, 8, 8, 16, 16},
 one skill each, 30 rounds x 10 steps, held-out loss against all at 16; on the first r_i columns, seeds
-0 / 1: `trained` +53% / +57%, `rank` +29% / +39%, `mass` +12% / +3%; with the rolling window, seed 0:
-`trained` +46%, `rank` +28%, `mass` +0.3%; bench/README.md). `rank` is the default although `mass`
+0 / 1: `trained` +53% / +57%, `rank` +29% / +39%, `mass` +12% / +3%; with the windows rolling from
+each volunteer's own place: `rank` +8% / +5%, `mass` +5% / +0.2%, `trained` +27% (seed 0);
+bench/README.md). `rank` is the default although `mass`
 measured better: it keeps each column a convex mean (no column moves further than its trainers'
 deltas, so a clip bound still bounds every column's move) and a community all at one rank r_i < r
 gets the plain mean; `mass` makes the total move per volunteer equal by extrapolating the low
